@@ -1,0 +1,178 @@
+"""Modality pre-fusion, computed whole (the paper's one pass) or split at the image placeholder.
+
+The pre-fusion mask is causal, so for the sequence [patches, compressed, P, <image>, Q] everything a frame
+contributes before Q — the fused compressed token, the fused prefix text P' and every pre-fusion layer's
+keys/values — is independent of the question. `prefuse_prefix` computes that once per frame;
+`prefuse_question` later runs only Q's tokens against it. Both give the numbers `prefuse_full` gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.llama import attention, finish_layer, project_qkv
+from engine.model import LlavaMiniModel
+
+
+def _positions(valid: torch.Tensor, start: int) -> torch.Tensor:
+    """Position ids counting only valid tokens from `start`; invalid ones get 1 (the reference's fill)."""
+    pos = valid.long().cumsum(-1) - 1 + start
+    return pos.masked_fill(~valid, 1)
+
+
+def _visual_sequence(
+    model: LlavaMiniModel, patches: torch.Tensor, compressed: torch.Tensor, text_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[patches, compressed, embed(text)] for a batch of frames, its key validity and raw text embeddings."""
+    b = patches.shape[0]
+    text = model.embed(text_ids)
+    x = torch.cat([patches, compressed, text.unsqueeze(0).expand(b, -1, -1)], dim=1)
+    n_vis = patches.shape[1] + compressed.shape[1]
+    valid = torch.cat([torch.ones(n_vis, dtype=torch.bool, device=x.device), text_ids.to(x.device) > 0])
+    return x, valid, text
+
+
+@torch.no_grad()
+def prefuse_full(
+    model: LlavaMiniModel, patches: torch.Tensor, compressed: torch.Tensor, text_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference computation: all pre-fusion layers over [patches, compressed, text] at once.
+
+    Keys at ids <= 0 (placeholder, padding) are masked; those positions keep their raw embeddings.
+    Returns the fused compressed tokens (B, q, d) and the fused text (B, T, d).
+    """
+    x, valid, text = _visual_sequence(model, patches, compressed, text_ids)
+    n = x.shape[1]
+    mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril() & valid[None, :]
+    cos, sin = model.rope(_positions(valid, 0)[None])
+    for layer in model.model.prefusion_layers:
+        q, k, v = project_qkv(layer, x, cos, sin)
+        x = finish_layer(layer, x, attention(q, k, v, mask, causal=False, impl=model.attn_impl))
+    t, nq = text_ids.shape[0], compressed.shape[1]
+    fused_text = torch.where((text_ids.to(x.device) > 0)[None, :, None], x[:, n - t :], text)
+    return x[:, n - t - nq : n - t], fused_text
+
+
+@dataclass
+class FrameStates:
+    """What ingest keeps per frame; nothing here depends on the question.
+
+    compressed: fused compressed tokens c'_f, (F, q, d).
+    prefix_text: fused prompt prefix P'_f, (F, |P|, d).
+    keys / values: per pre-fusion layer, (F, kv_heads, S, head_dim) over [patches, compressed, P].
+    key_valid: (S,) which of those S positions are attendable (P's ids <= 0 are not).
+    prefix_ids: the P token ids these states were built for.
+    next_position: the position id the first valid question token takes.
+    """
+
+    compressed: torch.Tensor
+    prefix_text: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_valid: torch.Tensor
+    prefix_ids: torch.Tensor
+    next_position: int
+
+    @property
+    def num_frames(self) -> int:
+        return self.compressed.shape[0]
+
+    def select(self, index: torch.Tensor | slice | list[int]) -> FrameStates:
+        """The states of a subset of frames, in the given order."""
+        return FrameStates(
+            compressed=self.compressed[index],
+            prefix_text=self.prefix_text[index],
+            keys=[k[index] for k in self.keys],
+            values=[v[index] for v in self.values],
+            key_valid=self.key_valid,
+            prefix_ids=self.prefix_ids,
+            next_position=self.next_position,
+        )
+
+    def to(self, device: torch.device | str) -> FrameStates:
+        return FrameStates(
+            self.compressed.to(device), self.prefix_text.to(device), [k.to(device) for k in self.keys],
+            [v.to(device) for v in self.values], self.key_valid.to(device), self.prefix_ids, self.next_position,
+        )
+
+    @staticmethod
+    def concat(parts: list[FrameStates]) -> FrameStates:
+        first = parts[0]
+        for p in parts[1:]:
+            if not torch.equal(p.prefix_ids, first.prefix_ids):
+                raise ValueError("frame states built for different prompt prefixes cannot be joined")
+        return FrameStates(
+            compressed=torch.cat([p.compressed for p in parts]),
+            prefix_text=torch.cat([p.prefix_text for p in parts]),
+            keys=[torch.cat([p.keys[i] for p in parts]) for i in range(len(first.keys))],
+            values=[torch.cat([p.values[i] for p in parts]) for i in range(len(first.values))],
+            key_valid=first.key_valid,
+            prefix_ids=first.prefix_ids,
+            next_position=first.next_position,
+        )
+
+    def nbytes(self) -> int:
+        tensors = [self.compressed, self.prefix_text, *self.keys, *self.values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def prefuse_prefix(
+    model: LlavaMiniModel, patches: torch.Tensor, compressed: torch.Tensor, prefix_ids: torch.Tensor
+) -> FrameStates:
+    """The question-independent part of pre-fusion for a batch of frames."""
+    x, valid, text = _visual_sequence(model, patches, compressed, prefix_ids)
+    n = x.shape[1]
+    mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril() & valid[None, :]
+    cos, sin = model.rope(_positions(valid, 0)[None])
+    keys, values = [], []
+    for layer in model.model.prefusion_layers:
+        q, k, v = project_qkv(layer, x, cos, sin)
+        keys.append(k)
+        values.append(v)
+        x = finish_layer(layer, x, attention(q, k, v, mask, causal=False, impl=model.attn_impl))
+    t, nq = prefix_ids.shape[0], compressed.shape[1]
+    fused_prefix = torch.where((prefix_ids.to(x.device) > 0)[None, :, None], x[:, n - t :], text)
+    return FrameStates(
+        compressed=x[:, n - t - nq : n - t],
+        prefix_text=fused_prefix,
+        keys=keys,
+        values=values,
+        key_valid=valid,
+        prefix_ids=prefix_ids.cpu(),
+        next_position=int(valid.sum().item()),
+    )
+
+
+@torch.no_grad()
+def prefuse_question(
+    model: LlavaMiniModel, states: FrameStates, question_ids: torch.Tensor, chunk_frames: int = 256
+) -> torch.Tensor:
+    """Q's tokens through the pre-fusion layers of every frame, against that frame's cached states.
+
+    Returns the fused question (F, |Q|, d); positions at ids <= 0 keep their raw embeddings.
+    """
+    q_valid = question_ids.to(model.device) > 0
+    text = model.embed(question_ids)
+    t = question_ids.shape[0]
+    cos, sin = model.rope(_positions(q_valid, states.next_position)[None])
+    causal = torch.ones(t, t, dtype=torch.bool, device=model.device).tril() & q_valid[None, :]
+    mask = torch.cat([states.key_valid.to(model.device)[None, :].expand(t, -1), causal], dim=1)
+    outs = []
+    for start in range(0, states.num_frames, chunk_frames):
+        stop = min(start + chunk_frames, states.num_frames)
+        x = text.unsqueeze(0).expand(stop - start, -1, -1)
+        for i, layer in enumerate(model.model.prefusion_layers):
+            q, k, v = project_qkv(layer, x, cos, sin)
+            keys = torch.cat([states.keys[i][start:stop].to(model.device), k], dim=2)
+            values = torch.cat([states.values[i][start:stop].to(model.device), v], dim=2)
+            x = finish_layer(layer, x, attention(q, keys, values, mask, causal=False, impl=model.attn_impl))
+        outs.append(torch.where(q_valid[None, :, None], x, text))
+    return torch.cat(outs)
+
+
+def mean_over_frames(fused: torch.Tensor) -> torch.Tensor:
+    """The reference's video text: the float32 mean over frames, cast back."""
+    return (fused.float().sum(0) / fused.shape[0]).to(fused.dtype)

@@ -1,0 +1,187 @@
+"""The engine's public face: encode frames once, answer many questions against the cached states.
+
+`Engine.encode_frames` → `FrameStates` (question-independent), `Engine.answer` (only the question's tokens
+through pre-fusion, then the LLM), `Engine.forward_full` (the paper's one pass, the baseline).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.fusion import FrameStates, mean_over_frames, prefuse_full, prefuse_prefix, prefuse_question
+from engine.generate import SamplingConfig, TokenEvent, allocate_cache, decode, prefill
+from engine.llama import KVCache
+from engine.model import LlavaMiniModel
+from engine.prompt import PromptIds, build_prompt
+from engine.vision import preprocess_frames, preprocess_image
+
+
+@dataclass
+class PrefixCache:
+    """The LLM's keys/values for [mean P', c'_1 … c'_N]: exact for exactly the frames it was built from."""
+
+    cache: KVCache
+    length: int
+    num_frames: int
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    frames: int
+    prompt_tokens: int
+    ttft_ms: float
+    tokens_per_s: float
+    logprobs: list[list[dict]] = field(default_factory=list)
+
+
+@dataclass
+class Engine:
+    """A loaded model with its tokenizer, image processor and prompt conventions."""
+
+    model: LlavaMiniModel
+    tokenizer: object
+    processor: object
+    eos_ids: tuple[int, ...]
+    name: str = "model"
+    prompt_style: str = "reference"
+    encode_batch: int = 16
+    is_demo: bool = False
+
+    # ---- prompt -------------------------------------------------------------------------------------------
+    def prompt(self, question: str) -> PromptIds:
+        return build_prompt(self.tokenizer, question, self.prompt_style)
+
+    @property
+    def prefix_ids(self) -> torch.Tensor:
+        return self.prompt("").prefix
+
+    # ---- pixels -------------------------------------------------------------------------------------------
+    def image_pixels(self, image: Image.Image) -> torch.Tensor:
+        """One image → (1, parts, 3, S, S)."""
+        cfg = self.model.config
+        return preprocess_image(image, self.processor, cfg.resolution_ratio, cfg.image_aspect_ratio)[None]
+
+    def frame_pixels(self, frames: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """Video frames (H, W, 3 uint8) → (F, parts, 3, S, S)."""
+        return preprocess_frames(frames, self.processor, self.model.config.resolution_ratio)
+
+    # ---- the split ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_frames(self, pixels: torch.Tensor, batch_size: int | None = None) -> FrameStates:
+        """Vision tower, compressor, projector and the question-independent pre-fusion, in batches."""
+        batch = batch_size or self.encode_batch
+        prefix = self.prefix_ids
+        parts = []
+        for start in range(0, pixels.shape[0], batch):
+            patches, compressed = self.model.encode_visual(pixels[start : start + batch])
+            parts.append(prefuse_prefix(self.model, patches, compressed, prefix))
+        return parts[0] if len(parts) == 1 else FrameStates.concat(parts)
+
+    def _check_states(self, states: FrameStates, prompt: PromptIds) -> None:
+        if states.num_frames == 0:
+            raise ValueError("no frames to answer about")
+        if not torch.equal(states.prefix_ids, prompt.prefix):
+            raise ValueError("these frame states were encoded for another prompt prefix (model or prompt style)")
+
+    def _llm_inputs(self, prefix_text: torch.Tensor, compressed: torch.Tensor, fused_q: torch.Tensor) -> torch.Tensor:
+        """[mean P', c'_1 … c'_N, mean Q'], cut to `tokenizer_model_max_length` as the reference cuts it."""
+        seq = torch.cat([mean_over_frames(prefix_text), compressed.flatten(0, 1), mean_over_frames(fused_q)])
+        limit = self.model.config.tokenizer_model_max_length
+        return (seq[:limit] if limit else seq)[None]
+
+    @torch.no_grad()
+    def build_prefix_cache(self, states: FrameStates, extra_capacity: int = 1024) -> PrefixCache:
+        """LLM keys/values of the question-independent prefix, reused by every question on these frames."""
+        prefix = torch.cat([mean_over_frames(states.prefix_text), states.compressed.flatten(0, 1)])[None]
+        cache = allocate_cache(self.model, prefix.shape[1] + extra_capacity)
+        prefill(self.model, prefix.to(self.model.device), cache)
+        return PrefixCache(cache, cache.length, states.num_frames)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        question: str,
+        states: FrameStates,
+        sampling: SamplingConfig | None = None,
+        prefix_cache: PrefixCache | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Stream the answer: Q through pre-fusion against the cached states, mean over frames, the LLM."""
+        sampling = sampling or SamplingConfig(stop_ids=self.eos_ids)
+        prompt = self.prompt(question)
+        self._check_states(states, prompt)
+        fused_q = prefuse_question(self.model, states, prompt.question)
+        limit = self.model.config.tokenizer_model_max_length
+        cached_len = prefix_cache.length if prefix_cache is not None else 0
+        over_limit = bool(limit) and cached_len + fused_q.shape[1] > limit
+        if prefix_cache is not None and not over_limit:
+            if prefix_cache.num_frames != states.num_frames:
+                raise ValueError("the prefix cache was built for another frame set")
+            cache = prefix_cache.cache
+            cache.length = prefix_cache.length
+            try:
+                first = prefill(self.model, mean_over_frames(fused_q)[None], cache)
+                yield from decode(self.model, first, cache, sampling, cancel)
+            finally:
+                cache.length = prefix_cache.length  # leave the prefix for the next question
+            return
+        embeds = self._llm_inputs(states.prefix_text, states.compressed, fused_q)
+        yield from self._generate(embeds, sampling, cancel)
+
+    @torch.no_grad()
+    def forward_full(
+        self,
+        pixels: torch.Tensor,
+        question: str,
+        sampling: SamplingConfig | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[TokenEvent]:
+        """The paper's computation in one pass per frame over [patches, compressed, P, Q]; no caches kept."""
+        sampling = sampling or SamplingConfig(stop_ids=self.eos_ids)
+        prompt = self.prompt(question)
+        full_ids = prompt.full()
+        compressed, texts = [], []
+        for f in range(pixels.shape[0]):
+            patches, comp = self.model.encode_visual(pixels[f : f + 1])
+            c, text = prefuse_full(self.model, patches, comp, full_ids)
+            compressed.append(c)
+            texts.append(text)
+        fused_text = torch.cat(texts)
+        cut = prompt.prefix.shape[0]
+        embeds = self._llm_inputs(fused_text[:, :cut], torch.cat(compressed), fused_text[:, cut + 1 :])
+        yield from self._generate(embeds, sampling, cancel)
+
+    def _generate(
+        self, embeds: torch.Tensor, sampling: SamplingConfig, cancel: threading.Event | None
+    ) -> Iterator[TokenEvent]:
+        cache = allocate_cache(self.model, embeds.shape[1] + sampling.max_new_tokens + 1)
+        first = prefill(self.model, embeds, cache)
+        yield from decode(self.model, first, cache, sampling, cancel)
+
+    # ---- convenience --------------------------------------------------------------------------------------
+    def collect(self, events: Iterator[TokenEvent], frames: int, prompt_tokens: int = 0) -> Answer:
+        """Drain a token stream into an `Answer` with timing (TTFT counted from this call)."""
+        t0 = time.perf_counter()
+        ids, logprobs, first_at = [], [], None
+        for ev in events:
+            if first_at is None:
+                first_at = time.perf_counter()
+            ids.append(ev.token_id)
+            if ev.top:
+                logprobs.append([
+                    {"id": i, "token": self.tokenizer.decode([i]), "logprob": lp} for i, lp in ev.top
+                ])
+        end = time.perf_counter()
+        ttft = ((first_at or end) - t0) * 1000
+        rate = (len(ids) - 1) / (end - first_at) if first_at and len(ids) > 1 and end > first_at else 0.0
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Answer(text, ids, frames, prompt_tokens, ttft, rate, logprobs)
