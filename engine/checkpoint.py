@@ -204,10 +204,14 @@ def load_checkpoint(
     model.rotary = type(model.rotary)(config.llama).to(device)  # buffers computed, not stored
     model.model.vision_tower = tower
     model.eval()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads config.json and warns that llava_mini_llama is not a Llama
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:  # noqa: BLE001 - tokenizers fail with many error types
         raise CheckpointError(f"{directory}: tokenizer does not load: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     processor = load_image_processor(vision_dir)
     return Loaded(model, tokenizer, processor, eos_ids_of(directory, config), directory)
 

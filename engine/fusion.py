@@ -113,6 +113,23 @@ class FrameStates:
             next_position=first.next_position,
         )
 
+    @staticmethod
+    def empty_like_batch(batch: FrameStates, num_frames: int, device: torch.device | str) -> FrameStates:
+        """Room for `num_frames` frames shaped like `batch`, to be filled in place (no concat copies)."""
+
+        def room(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty((num_frames, *t.shape[1:]), dtype=t.dtype, device=device)
+
+        return FrameStates(room(batch.compressed), room(batch.prefix_text), [room(k) for k in batch.keys],
+                           [room(v) for v in batch.values], batch.key_valid, batch.prefix_ids, batch.next_position)
+
+    def write(self, start: int, batch: FrameStates) -> None:
+        stop = start + batch.num_frames
+        self.compressed[start:stop] = batch.compressed
+        self.prefix_text[start:stop] = batch.prefix_text
+        for mine, theirs in zip(self.keys + self.values, batch.keys + batch.values, strict=True):
+            mine[start:stop] = theirs
+
     def nbytes(self) -> int:
         tensors = [self.compressed, self.prefix_text, *self.keys, *self.values]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -148,29 +165,28 @@ def prefuse_prefix(
 
 @torch.no_grad()
 def prefuse_question(
-    model: LlavaMiniModel, states: FrameStates, question_ids: torch.Tensor, chunk_frames: int = 256
+    model: LlavaMiniModel, states: FrameStates, question_ids: torch.Tensor, chunk_frames: int = 128
 ) -> torch.Tensor:
-    """Q's tokens through the pre-fusion layers of every frame, against that frame's cached states.
-
-    Returns the fused question (F, |Q|, d); positions at ids <= 0 keep their raw embeddings.
-    """
+    """Q's tokens through the pre-fusion layers of every frame, against that frame's cached states, then the
+    float32 mean over frames (the video's fused question), (|Q|, d). Positions at ids <= 0 keep their raw
+    embeddings. Frames go in chunks so memory stays bounded; states may live on another device."""
     q_valid = question_ids.to(model.device) > 0
     text = model.embed(question_ids)
     t = question_ids.shape[0]
     cos, sin = model.rope(_positions(q_valid, states.next_position)[None])
     causal = torch.ones(t, t, dtype=torch.bool, device=model.device).tril() & q_valid[None, :]
     mask = torch.cat([states.key_valid.to(model.device)[None, :].expand(t, -1), causal], dim=1)
-    outs = []
+    total = torch.zeros(t, text.shape[-1], dtype=torch.float32, device=model.device)
     for start in range(0, states.num_frames, chunk_frames):
         stop = min(start + chunk_frames, states.num_frames)
         x = text.unsqueeze(0).expand(stop - start, -1, -1)
         for i, layer in enumerate(model.model.prefusion_layers):
             q, k, v = project_qkv(layer, x, cos, sin)
-            keys = torch.cat([states.keys[i][start:stop].to(model.device), k], dim=2)
-            values = torch.cat([states.values[i][start:stop].to(model.device), v], dim=2)
+            keys = torch.cat([states.keys[i][start:stop].to(model.device, non_blocking=True), k], dim=2)
+            values = torch.cat([states.values[i][start:stop].to(model.device, non_blocking=True), v], dim=2)
             x = finish_layer(layer, x, attention(q, keys, values, mask, causal=False, impl=model.attn_impl))
-        outs.append(torch.where(q_valid[None, :, None], x, text))
-    return torch.cat(outs)
+        total += torch.where(q_valid[None, :, None], x, text).float().sum(0)
+    return (total / states.num_frames).to(text.dtype)
 
 
 def mean_over_frames(fused: torch.Tensor) -> torch.Tensor:

@@ -76,15 +76,23 @@ class Engine:
 
     # ---- the split ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_frames(self, pixels: torch.Tensor, batch_size: int | None = None) -> FrameStates:
-        """Vision tower, compressor, projector and the question-independent pre-fusion, in batches."""
+    def encode_frames(
+        self, pixels: torch.Tensor, batch_size: int | None = None, out_device: torch.device | str | None = None
+    ) -> FrameStates:
+        """Vision tower, compressor, projector and the question-independent pre-fusion, in batches, written
+        into one preallocated set of tensors (on `out_device`, default the model's)."""
         batch = batch_size or self.encode_batch
         prefix = self.prefix_ids
-        parts = []
+        out: FrameStates | None = None
         for start in range(0, pixels.shape[0], batch):
             patches, compressed = self.model.encode_visual(pixels[start : start + batch])
-            parts.append(prefuse_prefix(self.model, patches, compressed, prefix))
-        return parts[0] if len(parts) == 1 else FrameStates.concat(parts)
+            part = prefuse_prefix(self.model, patches, compressed, prefix)
+            if out is None:
+                out = FrameStates.empty_like_batch(part, pixels.shape[0], out_device or self.model.device)
+            out.write(start, part)
+        if out is None:
+            raise ValueError("no frames to encode")
+        return out
 
     def _check_states(self, states: FrameStates, prompt: PromptIds) -> None:
         if states.num_frames == 0:
@@ -92,19 +100,49 @@ class Engine:
         if not torch.equal(states.prefix_ids, prompt.prefix):
             raise ValueError("these frame states were encoded for another prompt prefix (model or prompt style)")
 
-    def _llm_inputs(self, prefix_text: torch.Tensor, compressed: torch.Tensor, fused_q: torch.Tensor) -> torch.Tensor:
+    def _llm_inputs(self, prefix_mean: torch.Tensor, compressed: torch.Tensor, question_mean: torch.Tensor
+                    ) -> torch.Tensor:
         """[mean P', c'_1 … c'_N, mean Q'], cut to `tokenizer_model_max_length` as the reference cuts it."""
-        seq = torch.cat([mean_over_frames(prefix_text), compressed.flatten(0, 1), mean_over_frames(fused_q)])
+        seq = torch.cat([prefix_mean, compressed.flatten(0, 1).to(prefix_mean.device), question_mean])
         limit = self.model.config.tokenizer_model_max_length
         return (seq[:limit] if limit else seq)[None]
 
     @torch.no_grad()
     def build_prefix_cache(self, states: FrameStates, extra_capacity: int = 1024) -> PrefixCache:
         """LLM keys/values of the question-independent prefix, reused by every question on these frames."""
-        prefix = torch.cat([mean_over_frames(states.prefix_text), states.compressed.flatten(0, 1)])[None]
+        prefix_mean = mean_over_frames(states.prefix_text.to(self.model.device))
+        prefix = torch.cat([prefix_mean, states.compressed.flatten(0, 1).to(self.model.device)])[None]
         cache = allocate_cache(self.model, prefix.shape[1] + extra_capacity)
         prefill(self.model, prefix.to(self.model.device), cache)
         return PrefixCache(cache, cache.length, states.num_frames)
+
+    def _prefill_question(
+        self, question: str, states: FrameStates, prefix_cache: PrefixCache | None, capacity: int
+    ) -> tuple[torch.Tensor, KVCache, int]:
+        """Fuse the question against the states and prefill the LLM; returns first logits, the cache, and
+        the length to roll the cache back to afterwards."""
+        prompt = self.prompt(question)
+        self._check_states(states, prompt)
+        fused_q = prefuse_question(self.model, states, prompt.question)
+        limit = self.model.config.tokenizer_model_max_length
+        if prefix_cache is not None and not (limit and prefix_cache.length + fused_q.shape[0] > limit):
+            if prefix_cache.num_frames != states.num_frames:
+                raise ValueError("the prefix cache was built for another frame set")
+            cache = prefix_cache.cache
+            cache.length = prefix_cache.length
+            return prefill(self.model, fused_q[None], cache), cache, prefix_cache.length
+        embeds = self._llm_inputs(mean_over_frames(states.prefix_text.to(self.model.device)), states.compressed,
+                                  fused_q)
+        cache = allocate_cache(self.model, embeds.shape[1] + capacity + 1)
+        return prefill(self.model, embeds, cache), cache, 0
+
+    @torch.no_grad()
+    def first_logits(self, question: str, states: FrameStates, prefix_cache: PrefixCache | None = None
+                     ) -> torch.Tensor:
+        """Logits of the first answer token from cached states (for tests and comparisons)."""
+        logits, cache, rollback = self._prefill_question(question, states, prefix_cache, 0)
+        cache.length = rollback
+        return logits
 
     @torch.no_grad()
     def answer(
@@ -115,27 +153,39 @@ class Engine:
         prefix_cache: PrefixCache | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[TokenEvent]:
-        """Stream the answer: Q through pre-fusion against the cached states, mean over frames, the LLM."""
+        """Stream the answer: Q through pre-fusion against the cached states, mean over frames, the LLM.
+
+        With a `prefix_cache` only Q' is prefilled; the cache is rolled back afterwards (not thread-safe:
+        one question at a time per prefix cache).
+        """
         sampling = sampling or SamplingConfig(stop_ids=self.eos_ids)
+        first, cache, rollback = self._prefill_question(question, states, prefix_cache, sampling.max_new_tokens)
+        try:
+            yield from decode(self.model, first, cache, sampling, cancel)
+        finally:
+            cache.length = rollback
+
+    @torch.no_grad()
+    def full_inputs(self, pixels: torch.Tensor, question: str) -> torch.Tensor:
+        """The paper's computation in one pass per frame over [patches, compressed, P, <image>, Q]: the LLM's
+        input embeddings (1, L, d). No caches kept."""
         prompt = self.prompt(question)
-        self._check_states(states, prompt)
-        fused_q = prefuse_question(self.model, states, prompt.question)
-        limit = self.model.config.tokenizer_model_max_length
-        cached_len = prefix_cache.length if prefix_cache is not None else 0
-        over_limit = bool(limit) and cached_len + fused_q.shape[1] > limit
-        if prefix_cache is not None and not over_limit:
-            if prefix_cache.num_frames != states.num_frames:
-                raise ValueError("the prefix cache was built for another frame set")
-            cache = prefix_cache.cache
-            cache.length = prefix_cache.length
-            try:
-                first = prefill(self.model, mean_over_frames(fused_q)[None], cache)
-                yield from decode(self.model, first, cache, sampling, cancel)
-            finally:
-                cache.length = prefix_cache.length  # leave the prefix for the next question
-            return
-        embeds = self._llm_inputs(states.prefix_text, states.compressed, fused_q)
-        yield from self._generate(embeds, sampling, cancel)
+        full_ids = prompt.full()
+        compressed, text_sum = [], None
+        for start in range(0, pixels.shape[0], self.encode_batch):  # frames are independent; batch them
+            patches, comp = self.model.encode_visual(pixels[start : start + self.encode_batch])
+            c, text = prefuse_full(self.model, patches, comp, full_ids)
+            compressed.append(c)
+            part = text.float().sum(0)  # the reference's float32 running sum over frames
+            text_sum = part if text_sum is None else text_sum + part
+        text_mean = (text_sum / pixels.shape[0]).to(self.model.dtype)
+        cut = prompt.prefix.shape[0]
+        return self._llm_inputs(text_mean[:cut], torch.cat(compressed), text_mean[cut + 1 :])
+
+    @torch.no_grad()
+    def first_logits_full(self, pixels: torch.Tensor, question: str) -> torch.Tensor:
+        embeds = self.full_inputs(pixels, question)
+        return prefill(self.model, embeds, allocate_cache(self.model, embeds.shape[1]))
 
     @torch.no_grad()
     def forward_full(
@@ -145,24 +195,9 @@ class Engine:
         sampling: SamplingConfig | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[TokenEvent]:
-        """The paper's computation in one pass per frame over [patches, compressed, P, Q]; no caches kept."""
+        """Answer with the plain one-pass computation (the baseline for tests and benchmarks)."""
         sampling = sampling or SamplingConfig(stop_ids=self.eos_ids)
-        prompt = self.prompt(question)
-        full_ids = prompt.full()
-        compressed, texts = [], []
-        for f in range(pixels.shape[0]):
-            patches, comp = self.model.encode_visual(pixels[f : f + 1])
-            c, text = prefuse_full(self.model, patches, comp, full_ids)
-            compressed.append(c)
-            texts.append(text)
-        fused_text = torch.cat(texts)
-        cut = prompt.prefix.shape[0]
-        embeds = self._llm_inputs(fused_text[:, :cut], torch.cat(compressed), fused_text[:, cut + 1 :])
-        yield from self._generate(embeds, sampling, cancel)
-
-    def _generate(
-        self, embeds: torch.Tensor, sampling: SamplingConfig, cancel: threading.Event | None
-    ) -> Iterator[TokenEvent]:
+        embeds = self.full_inputs(pixels, question)
         cache = allocate_cache(self.model, embeds.shape[1] + sampling.max_new_tokens + 1)
         first = prefill(self.model, embeds, cache)
         yield from decode(self.model, first, cache, sampling, cancel)
