@@ -189,6 +189,12 @@ def prefuse_question(
     return (total / states.num_frames).to(text.dtype)
 
 
-def mean_over_frames(fused: torch.Tensor) -> torch.Tensor:
-    """The reference's video text: the float32 mean over frames, cast back."""
-    return (fused.float().sum(0) / fused.shape[0]).to(fused.dtype)
+def mean_over_frames(fused: torch.Tensor, device: torch.device | str | None = None, chunk: int = 256
+                     ) -> torch.Tensor:
+    """The reference's video text: the float32 mean over frames (dim 0), cast back; summed in chunks so a long
+    video needs no float32 copy of the whole tensor."""
+    device = device or fused.device
+    total = torch.zeros(fused.shape[1:], dtype=torch.float32, device=device)
+    for start in range(0, fused.shape[0], chunk):
+        total += fused[start : start + chunk].to(device).float().sum(0)
+    return (total / fused.shape[0]).to(fused.dtype)

@@ -110,7 +110,7 @@ class Engine:
     @torch.no_grad()
     def build_prefix_cache(self, states: FrameStates, extra_capacity: int = 1024) -> PrefixCache:
         """LLM keys/values of the question-independent prefix, reused by every question on these frames."""
-        prefix_mean = mean_over_frames(states.prefix_text.to(self.model.device))
+        prefix_mean = mean_over_frames(states.prefix_text, self.model.device)
         prefix = torch.cat([prefix_mean, states.compressed.flatten(0, 1).to(self.model.device)])[None]
         cache = allocate_cache(self.model, prefix.shape[1] + extra_capacity)
         prefill(self.model, prefix.to(self.model.device), cache)
@@ -131,7 +131,7 @@ class Engine:
             cache = prefix_cache.cache
             cache.length = prefix_cache.length
             return prefill(self.model, fused_q[None], cache), cache, prefix_cache.length
-        embeds = self._llm_inputs(mean_over_frames(states.prefix_text.to(self.model.device)), states.compressed,
+        embeds = self._llm_inputs(mean_over_frames(states.prefix_text, self.model.device), states.compressed,
                                   fused_q)
         cache = allocate_cache(self.model, embeds.shape[1] + capacity + 1)
         return prefill(self.model, embeds, cache), cache, 0

@@ -47,8 +47,14 @@ def attention(
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    if groups > 1 and mask is not None and mask.dim() == 2:
+        # SDPA's GQA path does not take a mask on every backend. Fold each key/value head's query heads into
+        # its query rows instead (head h reads kv head h // groups), so keys/values are never repeated.
+        b, h, _, d = q.shape
+        folded = q.reshape(b, h // groups, groups * t, d)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(groups, 1))
+        return out.reshape(b, h, t, d)
     if groups > 1 and mask is not None:
-        # SDPA's GQA path does not take every mask on every backend; repeat instead.
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         groups = 1
     return F.scaled_dot_product_attention(

@@ -1,0 +1,39 @@
+# Quick start: `make run` and `make test` do all set-up on a fresh clone (venv, Python packages, ffmpeg).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SAMPLE ?= ../shared/fixtures/videos/safari.mp4
+QUESTION ?= What is happening in this video?
+
+.PHONY: install sysdeps run test lint bench clean
+
+# torch is pinned to the CPU wheel this machine carries; a GPU user installs their own torch first.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q "torch>=2.4,<=2.14.1"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+sysdeps:
+	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg) \
+	    >/dev/null || echo "warning: could not install ffmpeg (tests that need the ffmpeg CLI will skip)"; }
+
+install: $(STAMP) sysdeps
+
+run: install
+	$(BIN)/vidmini ask "$(SAMPLE)" "$(QUESTION)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/qa_latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
