@@ -63,8 +63,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     if args.logprobs < 0 or args.max_new_tokens < 0 or args.fps <= 0:
         raise UsageError("--logprobs and --max-new-tokens must be >= 0 and --fps > 0")
+    from ingest.simple_decode import media_kind
+
     if not Path(args.media).exists():
         raise UsageError(f"no such file: {args.media}")
+    media_kind(args.media)  # bad media fails before the model loads
     choice = choose_model(args.model)
     if choice.is_random:
         print(RANDOM_BANNER, file=sys.stderr)

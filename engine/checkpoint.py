@@ -117,12 +117,16 @@ def resolve_vision_tower(config: LlavaMiniConfig, model_dir: Path) -> Path:
 def load_vision_tower(path: Path, config: LlavaMiniConfig, dtype: torch.dtype, device: str) -> VisionTower:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         clip, info = CLIPVisionModel.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"vision tower at {path} does not load: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if info["missing_keys"]:
         raise CheckpointError(f"vision tower at {path} lacks weights: {_names(info['missing_keys'])}")
     return VisionTower(clip.to(device).eval(), config.mm_vision_select_layer, config.mm_vision_select_feature)

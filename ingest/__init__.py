@@ -1,0 +1,1 @@
+"""Media ingest: turning image and video files into frames for the engine."""
