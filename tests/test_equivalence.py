@@ -58,12 +58,15 @@ def tokens(events) -> list[int]:
     return [e.token_id for e in events]
 
 
-@pytest.mark.parametrize("kind", ["image", "hd_image", "video16"])
+@pytest.mark.parametrize("kind", ["image", "hd_image", "video16", "hd_video4"])
 def test_split_equals_full(kind, engine, hd_engine):
-    eng = hd_engine if kind == "hd_image" else engine
+    eng = hd_engine if kind.startswith("hd") else engine
     if kind == "video16":
         pixels = eng.frame_pixels(random_frames(3, 16))
         assert pixels.shape[:2] == (16, 1)
+    elif kind == "hd_video4":
+        pixels = eng.frame_pixels(random_frames(3, 4))
+        assert pixels.shape[:2] == (4, 5)  # 2×2 crops + the whole frame
     else:
         pixels = eng.image_pixels(random_image(4))
         assert pixels.shape[1] == (5 if kind == "hd_image" else 1)
@@ -74,7 +77,8 @@ def test_split_equals_full(kind, engine, hd_engine):
     full = eng.first_logits_full(pixels, QUESTION)
     assert rel_err(cached, full) < 1e-4
     # the logits must depend on the pixels at all, or the comparison above proves little
-    other_pixels = eng.image_pixels(random_image(99)) if kind != "video16" else eng.frame_pixels(random_frames(9, 16))
+    other_pixels = (eng.frame_pixels(random_frames(9, pixels.shape[0])) if "video" in kind
+                    else eng.image_pixels(random_image(99)))
     assert rel_err(eng.first_logits_full(other_pixels, QUESTION), full) > 1e-3
 
     assert tokens(eng.answer(QUESTION, states, greedy(16))) == tokens(eng.forward_full(pixels, QUESTION, greedy(16)))
@@ -219,3 +223,17 @@ def test_logprobs_are_log_softmax_of_logits(engine):
     assert [i for i, _ in ev.top] == top.indices.tolist()
     np.testing.assert_allclose([lp for _, lp in ev.top], top.values.numpy(), rtol=1e-5)
     assert ev.token_id == top.indices[0].item()
+
+
+def test_half_precision_split_stays_close_to_full(tmp_path):
+    """bf16: the split and the one pass round differently, but must stay close and agree on the top token."""
+    directory = build_tiny_checkpoint(tmp_path, seed=6)
+    loaded = load_checkpoint(directory, dtype="bf16")
+    eng = Engine(loaded.model, loaded.tokenizer, loaded.processor, loaded.eos_ids)
+    assert eng.model.lm_head.weight.dtype == torch.bfloat16
+    pixels = eng.frame_pixels(random_frames(15, 6))
+    states = eng.encode_frames(pixels)
+    assert states.keys[0].dtype == torch.bfloat16
+    cached, full = eng.first_logits(QUESTION, states), eng.first_logits_full(pixels, QUESTION)
+    assert rel_err(cached, full) < 3e-2
+    assert cached.argmax() == full.argmax()
