@@ -34,17 +34,77 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ask.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ask.add_argument("--fps", type=float, default=1.0, help="video sampling rate (frames per second)")
-    ask.add_argument("--max-frames", type=int, default=None)
+    ask.add_argument("--max-frames", type=int, default=None, help="with --no-store: stop after N frames")
     ask.add_argument("--prompt-style", choices=PROMPT_STYLES, default="reference",
                      help="reference: the reference's prompt, quirks included; corrected: assistant header, one BOS")
+    _ingest_options(ask)
+    ask.add_argument("--no-store", action="store_true", help="decode and encode in memory; store nothing")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("--logprobs", type=int, default=0, metavar="K", help="with --json: top-K log-probs per token")
+
+    ing = sub.add_parser("ingest", help="sample, encode and store videos or streams (resumable)")
+    ing.add_argument("sources", nargs="+", metavar="PATH_OR_URL")
+    _ingest_options(ing)
+    ing.add_argument("--model", help="checkpoint directory or Hugging Face id")
+    ing.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ing.add_argument("--device", default="cpu")
+    ing.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
+
+    ls = sub.add_parser("list", help="list stored videos")
+    ls.add_argument("--json", action="store_true")
+
+    rm = sub.add_parser("rm", help="delete a stored video")
+    rm.add_argument("video_id")
 
     dl = sub.add_parser("download", help="fetch a checkpoint and its vision tower into the Hugging Face cache")
     dl.add_argument("model_id", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--vision-tower", default=None, help=f"default: the checkpoint's mm_vision_tower ({CLIP_REPO})")
     return p
+
+
+def _ingest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fps", type=float, default=1.0, help="sampling rate, 0.05 to 30 frames per second")
+    p.add_argument("--every-k", type=int, default=None, help="instead of --fps: every k-th frame")
+    p.add_argument("--mode", choices=["exact", "fast"], default="exact",
+                   help="exact: the frame displayed at each time; fast: within one frame, quicker")
+    p.add_argument("--stream", type=int, default=None, help="video stream index (default: the main one)")
+    p.add_argument("--backend", choices=["pyav", "ffmpeg", "decord"], default="pyav")
+
+
+def _options(args: argparse.Namespace):
+    from ingest.job import IngestOptions
+
+    if not 0.05 <= args.fps <= 30:
+        raise UsageError("--fps must be between 0.05 and 30")
+    if args.every_k is not None and args.every_k < 1:
+        raise UsageError("--every-k must be >= 1")
+    return IngestOptions(fps=args.fps, every_k=args.every_k, mode=args.mode, stream=args.stream,
+                         backend=args.backend)
+
+
+def _progress_bar(label: str):
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def update(p) -> None:
+        bar.total = p.total
+        bar.n = p.frames_done
+        bar.set_postfix_str(f"{p.rate_fps:.1f} fr/s" + (f", ETA {p.eta_s:.0f}s" if p.eta_s is not None else ""))
+        bar.refresh()
+
+    return bar, update
+
+
+def _ingest_one(engine, source: str, options):
+    from app.models import data_home
+    from ingest.job import run_ingest
+
+    bar, update = _progress_bar(Path(source).name or source)
+    try:
+        return run_ingest(source, engine, data_home(), options, on_progress=update)
+    finally:
+        bar.close()
 
 
 def _read_media(engine, path: str, fps: float, max_frames: int | None):
@@ -61,20 +121,39 @@ def _read_media(engine, path: str, fps: float, max_frames: int | None):
 def cmd_ask(args: argparse.Namespace) -> int:
     from app.models import RANDOM_BANNER, choose_model, open_engine
 
-    if args.logprobs < 0 or args.max_new_tokens < 0 or args.fps <= 0:
-        raise UsageError("--logprobs and --max-new-tokens must be >= 0 and --fps > 0")
+    if args.logprobs < 0 or args.max_new_tokens < 0:
+        raise UsageError("--logprobs and --max-new-tokens must be >= 0")
+    options = _options(args)
+    from app.models import data_home
+    from ingest.job import load_states
     from ingest.simple_decode import media_kind
+    from ingest.store import Library
 
+    stored = None
     if not Path(args.media).exists():
-        raise UsageError(f"no such file: {args.media}")
-    media_kind(args.media)  # bad media fails before the model loads
+        try:
+            stored = Library(data_home()).get(args.media)  # a stored video's id
+        except KeyError:
+            raise UsageError(f"no such file or stored video: {args.media}") from None
+    else:
+        kind = media_kind(args.media)  # bad media fails before the model loads
     choice = choose_model(args.model)
     if choice.is_random:
         print(RANDOM_BANNER, file=sys.stderr)
     engine = open_engine(choice, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
     t0 = time.perf_counter()
-    pixels, timestamps = _read_media(engine, args.media, args.fps, args.max_frames)
-    states = engine.encode_frames(pixels)
+    video_id = None
+    if stored is not None:
+        states, timestamps, video_id = load_states(stored, engine.model.device), stored.timestamps().tolist(), \
+            stored.video_id
+    elif kind == "image" or args.no_store:
+        pixels, timestamps = _read_media(engine, args.media, options.fps, args.max_frames)
+        states = engine.encode_frames(pixels)
+    else:
+        result = _ingest_one(engine, args.media, options)
+        store = Library(data_home()).get(result.video_id)
+        states, timestamps, video_id = load_states(store, engine.model.device), store.timestamps().tolist(), \
+            result.video_id
     encode_ms = (time.perf_counter() - t0) * 1000
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               stop_ids=engine.eos_ids, logprobs=args.logprobs, seed=args.seed)
@@ -89,6 +168,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             "tokens_per_s": round(answer.tokens_per_s, 3),
             "encode_ms": round(encode_ms, 3),
             "model": engine.name,
+            "video_id": video_id,
             "random_weights": choice.is_random,
         }
         if args.logprobs:
@@ -98,6 +178,73 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(answer.text)
         print(f"[{engine.name}; {answer.frames} frame(s); first token {answer.ttft_ms:.1f} ms; "
               f"{answer.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from app.models import RANDOM_BANNER, choose_model, open_engine
+    from ingest.errors import IngestError
+
+    options = _options(args)
+    choice = choose_model(args.model)
+    if choice.is_random:
+        print(RANDOM_BANNER, file=sys.stderr)
+    engine = open_engine(choice, dtype=args.dtype, device=args.device)
+    failures = 0
+    for source in args.sources:
+        try:
+            result = _ingest_one(engine, source, options)
+        except IngestError as e:  # one bad input does not stop the others
+            failures += 1
+            print(f"vidmini: error: {e}".splitlines()[0], file=sys.stderr)
+            if args.json:
+                print(json.dumps({"source": source, "error": str(e).splitlines()[0]}))
+            continue
+        if args.json:
+            print(json.dumps({"id": result.video_id, "source": source, "frames": result.frames,
+                              "duration": result.duration_s, "gaps": result.gaps, "store": result.store_path,
+                              "seconds": round(result.seconds, 3), "reused": result.reused,
+                              "resumed_from": result.resumed_from}), flush=True)
+        else:
+            state = "reused" if result.reused else f"{result.frames} frames in {result.seconds:.1f}s"
+            gaps = f", gaps {result.gaps}" if result.gaps else ""
+            print(f"{result.video_id}  {source}  ({state}{gaps})", flush=True)
+    return 2 if failures else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from app.models import data_home
+    from ingest.store import Library
+
+    infos = Library(data_home()).list()
+    if args.json:
+        print(json.dumps([_info_dict(i) for i in infos]))
+        return 0
+    for i in infos:
+        d = _info_dict(i)
+        status = "complete" if d.get("complete") else "incomplete"
+        print(f"{d.get('video_id')}  {d.get('frames')} frames  {status}  {d.get('source')}")
+    return 0
+
+
+def _info_dict(info) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    d = asdict(info) if is_dataclass(info) else dict(info)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from app.models import data_home
+    from ingest.store import Library
+
+    lib = Library(data_home())
+    try:
+        store = lib.get(args.video_id)
+    except KeyError:
+        raise UsageError(f"no stored video {args.video_id}") from None
+    lib.remove(store.video_id)
+    print(f"removed {store.video_id}")
     return 0
 
 
@@ -119,13 +266,13 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from ingest.errors import IngestError
+    from ingest.simple_decode import MediaError
+
+    commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download}
     try:
-        from ingest.simple_decode import MediaError
-    except ImportError:  # pragma: no cover
-        MediaError = UsageError  # noqa: N806
-    try:
-        return {"ask": cmd_ask, "download": cmd_download}[args.command](args)
-    except (UsageError, CheckpointError, MediaError, FileNotFoundError) as e:
+        return commands[args.command](args)
+    except (UsageError, CheckpointError, MediaError, IngestError, FileNotFoundError) as e:
         print(f"vidmini: error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,9 +27,14 @@ def ckpt(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("cli_ckpt"), seed=5)
 
 
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDMINI_HOME", str(tmp_path / "vidmini-home"))
+    monkeypatch.delenv("VIDMINI_MODEL", raising=False)
+
+
 def vidmini(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    full_env.pop("VIDMINI_MODEL", None) if env is None or "VIDMINI_MODEL" not in env else None
     return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env=full_env, timeout=300)
 
