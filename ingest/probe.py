@@ -72,6 +72,9 @@ def open_container(source, timeout_s: float = OPEN_TIMEOUT_S) -> av.container.In
             raise SourceUnreachable(f"{name}: cannot open stream ({one_line(e)})") from None
         if getattr(e, "errno", None) == errno.EACCES:
             raise SourcePermissionError(f"{name}: permission denied") from None
+        text = str(e).lower()
+        if "moov atom not found" in text or "truncat" in text or "end of file" in text:
+            raise CorruptMedia(f"{name}: truncated or missing its index ({one_line(e)})") from None
         raise NotAVideo(f"{name}: not a readable video ({one_line(e)})") from None
     except OSError as e:
         raise SourceUnreachable(f"{name}: {one_line(e)}") from None
@@ -104,6 +107,11 @@ def probe(source, stream: int | None = None, scan_packets: int = 120) -> ProbeIn
     name = str(getattr(source, "name", source))
     live = isinstance(source, str) and is_stream_url(source)
     with open_container(source) as container:
+        fmt_name = container.format.name if container.format else ""
+        if fmt_name.endswith("_pipe") or fmt_name in ("image2", "gif", "apng", "webp"):
+            if fmt_name not in ("gif", "apng", "webp") or sum(1 for _ in container.decode(video=0)) < 2:
+                raise NotAVideo(f"{name}: is an image ({fmt_name}), not a video")
+            container.seek(0)
         vs = pick_stream(container, stream, name)
         cc = vs.codec_context
         if cc is None or cc.name in ("", "none"):
@@ -137,6 +145,8 @@ def probe(source, stream: int | None = None, scan_packets: int = 120) -> ProbeIn
         is_vfr = bool(deltas) and max(deltas) > 1.5 * min(deltas)
         rotation = 0
         try:
+            if pts:
+                container.seek(0, stream=vs)
             for frame in container.decode(vs):
                 rotation = int(round(frame.rotation or 0)) % 360
                 break

@@ -90,15 +90,24 @@ class FrameSampler:
         rate = vs.average_rate or vs.guessed_rate
         step = 1 / Fraction(rate) if rate else Fraction(1, 25)
         origin = last_t = None
+        resync = False  # after damage, frames until the next keyframe are concealment guesses: dropped
         try:
             for packet in container.demux(vs):
+                if packet.is_corrupt:
+                    self.decode_errors += 1
+                    resync = True
                 try:
                     frames = packet.decode()
                 except av.FFmpegError as e:
                     self.decode_errors += 1
+                    resync = True
                     log.warning("%s: skipped a damaged packet: %s", self.name, one_line(e))
                     continue
                 for frame in frames:
+                    if resync and origin is not None:
+                        if not frame.key_frame:
+                            continue
+                        resync = False
                     ts = frame.pts if frame.pts is not None else frame.dts
                     if ts is None:
                         t = Fraction(0) if last_t is None else last_t + step
