@@ -63,11 +63,20 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 def _read_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path.name} needs full unpickling (arbitrary code) and is refused; only tensors are accepted: {e}"
-        ) from None
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"{path.name} needs full unpickling (arbitrary code) and is refused; only "
+                                  f"tensors are accepted: {' '.join(str(e).split())[:200]}") from None
+        raise CheckpointError(f"{path.name} is not a readable .bin file: {' '.join(str(e).split())[:200]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name} is not a readable .bin file: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name} holds a {type(state).__name__}, not a dict of tensors")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path.name}: entries that are not tensors: {_names([str(k) for k in bad])}")
+    return state
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -78,7 +87,10 @@ def weight_files(directory: Path) -> list[Path]:
     ):
         index = directory / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
             missing = [s for s in shards if not (directory / s).exists()]
             if missing:
                 raise CheckpointError(f"{directory}: shard files missing: {_names(missing)}")
@@ -121,8 +133,8 @@ def load_vision_tower(path: Path, config: LlavaMiniConfig, dtype: torch.dtype, d
     hf_logging.disable_progress_bar()
     try:
         clip, info = CLIPVisionModel.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"vision tower at {path} does not load: {e}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"vision tower at {path} does not load: {' '.join(str(e).split())[:300]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -137,7 +149,10 @@ def eos_ids_of(directory: Path, config: LlavaMiniConfig) -> tuple[int, ...]:
     value = None
     gen = directory / "generation_config.json"
     if gen.exists():
-        value = json.loads(gen.read_text()).get("eos_token_id")
+        try:
+            value = json.loads(gen.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{gen}: not valid JSON ({e})") from None
     if value is None:
         value = config.llama.eos_token_id
     if value is None:
@@ -190,7 +205,7 @@ def load_checkpoint(
     torch_dtype = DTYPES[dtype]
     state = read_state_dict(directory)
     vision_state = {k[len(VISION_PREFIX) :]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
-    state = {k: v for k, v in state.items() if not k.startswith("model.vision_tower.")}
+    state = {k: v for k, v in state.items() if not k.startswith(VISION_PREFIX)}
     if config.llama.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
 
@@ -236,6 +251,9 @@ def save_checkpoint(
         for k, v in model.state_dict().items()
         if include_vision or not k.startswith("model.vision_tower.")
     }
+    embed = state.get("model.embed_tokens.weight")
+    if embed is not None and "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == embed.data_ptr():
+        del state["lm_head.weight"]  # tied: the reference layout stores the embedding once
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,21 @@ def preprocess_image(
     return _pixels(processor, parts)
 
 
+@functools.lru_cache(maxsize=64)
+def _nearest_index(src: int, dst: int) -> np.ndarray:
+    """The source rows/columns torch's nearest interpolation picks for src → dst (computed by torch itself, so
+    the gather below is bit-identical to `F.interpolate(mode="nearest")` without converting frames to float)."""
+    picked = F.interpolate(torch.arange(src, dtype=torch.float32)[None, None], size=dst, mode="nearest")
+    return picked[0, 0].round().long().numpy()
+
+
+def resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 → (size, size, 3), as the reference's `F.interpolate(frames, (size, size))`."""
+    if arr.shape[0] == size and arr.shape[1] == size:
+        return arr
+    return np.ascontiguousarray(arr[_nearest_index(arr.shape[0], size)][:, _nearest_index(arr.shape[1], size)])
+
+
 def preprocess_frames(
     frames: list[np.ndarray] | np.ndarray, processor: _ClipProcessor, resolution_ratio: int = 1
 ) -> torch.Tensor:
@@ -104,10 +120,7 @@ def preprocess_frames(
     size = processor_size(processor)
     out = []
     for frame in frames:
-        arr = np.asarray(frame)
-        if arr.shape[0] != size or arr.shape[1] != size:
-            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
-            arr = F.interpolate(t, size=(size, size)).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+        arr = resize_nearest(np.asarray(frame), size)
         parts = split_grid(Image.fromarray(arr), resolution_ratio)
         out.append(_pixels(processor, parts))
     return torch.stack(out)

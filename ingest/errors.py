@@ -1,4 +1,8 @@
-"""Typed ingest errors; every message is one line naming the input and the cause."""
+"""Typed ingest errors; every message is one line naming the input and the cause.
+
+They subclass `ValueError` (as `ingest.simple_decode.MediaError` does, without being related to it), so a
+caller that catches ValueError for bad media keeps working whichever decoder it uses.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,19 @@ class IngestError(ValueError):
 
 
 class SourceNotFound(IngestError):
-    pass
+    """A path that does not exist."""
 
 
 class SourcePermissionError(IngestError):
-    pass
+    """A path that exists but this process may not read."""
 
 
 class NotAVideo(IngestError):
-    """Zero bytes, text, an image, audio only."""
+    """Zero bytes, text, an image, audio only, a directory, or no such video stream."""
 
 
 class UnsupportedCodec(IngestError):
-    pass
+    """A video stream whose codec this FFmpeg build cannot decode."""
 
 
 class CorruptMedia(IngestError):
@@ -32,5 +36,6 @@ class SourceUnreachable(IngestError):
 
 
 def one_line(e: BaseException) -> str:
+    """FFmpeg messages may span lines; ours are one line."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -69,6 +69,16 @@ class IngestResult:
         return asdict(self)
 
 
+@dataclass
+class PreparedChunk:
+    """A chunk ready for the engine: sampling times, real pts, model-input pixels, JPEG thumbnails."""
+
+    timestamps: list[float]
+    pts: list[float]
+    pixels: torch.Tensor
+    thumbnails: list[bytes]
+
+
 def model_fingerprint(engine: Engine) -> tuple[str, str]:
     """(model id, config hash): the hash covers the config and the prompt prefix the states were built for."""
     cfg = json.dumps(engine.model.config.to_dict(), sort_keys=True, default=str)
@@ -122,9 +132,9 @@ class _Producer(threading.Thread):
 
     _END = object()
 
-    def __init__(self, frames: Iterator, chunk: int, depth: int) -> None:
+    def __init__(self, frames: Iterator, chunk: int, depth: int, prepare: Callable[[list], object]) -> None:
         super().__init__(daemon=True)
-        self.frames, self.chunk = frames, chunk
+        self.frames, self.chunk, self.prepare = frames, chunk, prepare
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.stop = threading.Event()
@@ -132,6 +142,7 @@ class _Producer(threading.Thread):
     def run(self) -> None:
         try:
             for batch in _chunks(self.frames, self.chunk):
+                batch = self.prepare(batch)  # in this thread: full-size frames never wait in the queue
                 while not self.stop.is_set():
                     try:
                         self.q.put(batch, timeout=0.2)
@@ -203,24 +214,24 @@ def run_ingest(
     sampler = FrameSampler(reader, fps=None if options.every_k else options.fps, every_k=options.every_k,
                            mode=options.mode, stream=options.stream, backend=options.backend)
     frames = (f for i, f in enumerate(sampler) if i >= resumed_from)  # resume: skip committed frames exactly
-    producer = _Producer(frames, options.chunk_frames, options.queue_chunks)
+    def prepare(batch: list) -> PreparedChunk:
+        return PreparedChunk([f.t for f in batch], [f.pts for f in batch],
+                             engine.frame_pixels([f.image for f in batch]),
+                             [thumbnail_jpeg(f.image) for f in batch])
+
+    producer = _Producer(frames, options.chunk_frames, options.queue_chunks, prepare)
     producer.start()
     started = time.perf_counter()
     try:
         for batch in producer:
             if cancel is not None and cancel.is_set():
                 break
-            pixels = engine.frame_pixels([f.image for f in batch])
-            states = engine.encode_frames(pixels, out_device="cpu")
+            states = engine.encode_frames(batch.pixels, out_device="cpu")
             if "key_valid" not in store.manifest.get("meta", {}):
                 store.update_meta({"key_valid": states.key_valid.tolist(), "next_position": states.next_position})
-            store.append_chunk(
-                timestamps=[f.t for f in batch],
-                pts=[f.pts for f in batch],
-                tensors=states_to_tensors(states),
-                thumbnails=[thumbnail_jpeg(f.image) for f in batch],
-            )
-            done += len(batch)
+            store.append_chunk(timestamps=batch.timestamps, pts=batch.pts, tensors=states_to_tensors(states),
+                               thumbnails=batch.thumbnails)
+            done += len(batch.timestamps)
             if on_progress is not None:
                 rate = (done - resumed_from) / max(time.perf_counter() - started, 1e-9)
                 eta = (total - done) / rate if total and rate > 0 else None

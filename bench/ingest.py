@@ -1,0 +1,124 @@
+"""Decode and ingest throughput: sampler strategies against the ffmpeg CLI pipe on the same file, same run.
+
+  python bench/ingest.py                       # 10-min 1080p30 and 3-hour 360p30 H.264 (generated once)
+  python bench/ingest.py --short-min 1 --long-min 10   # quicker
+
+Each strategy runs in its own subprocess so its peak RSS is its own. Prints a Markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+
+STRATEGIES = {
+    "pyav exact": {"mode": "exact"},
+    "pyav fast": {"mode": "fast"},
+    "pyav exact, 336² in reformat": {"mode": "exact", "size": [336, 336]},
+    "pyav fast, 336² in reformat": {"mode": "fast", "size": [336, 336]},
+}
+
+CHILD = """
+import json, sys, time, resource
+sys.path.insert(0, {repo!r})
+from ingest.sampler import FrameSampler
+args = json.loads(sys.argv[1])
+size = tuple(args["size"]) if args.get("size") else None
+t0 = time.perf_counter(); n = 0
+for f in FrameSampler(args["path"], mode=args["mode"], size=size):
+    n += 1
+print(json.dumps({{"frames": n, "seconds": time.perf_counter() - t0,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+INGEST_CHILD = """
+import json, sys, time, resource, tempfile
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from app.models import choose_model, open_engine
+from ingest.job import IngestOptions, run_ingest
+engine = open_engine(choose_model(None))
+with tempfile.TemporaryDirectory() as root:
+    t0 = time.perf_counter()
+    r = run_ingest(sys.argv[1], engine, Path(root), IngestOptions(mode=sys.argv[2]))
+    print(json.dumps({{"frames": r.frames, "seconds": time.perf_counter() - t0, "model": engine.name,
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def generate(path: Path, minutes: float, size: str) -> Path:
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"testsrc2=size={size}:rate=30:duration={minutes * 60}", "-c:v", "libx264", "-preset",
+                    "ultrafast", "-x264-params", "bframes=3:b-adapt=0", "-g", "250", "-pix_fmt", "yuv420p",
+                    str(path) + ".tmp.mp4"], check=True)  # B-frames, as in most real footage
+    Path(str(path) + ".tmp.mp4").rename(path)
+    print(f"generated {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def ffmpeg_pipe(path: Path) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["ffmpeg", "-v", "error", "-i", str(path), "-vf", "fps=1", "-f", "rawvideo",
+                             "-pix_fmt", "rgb24", "-"], stdout=subprocess.PIPE)
+    nbytes = 0
+    while chunk := proc.stdout.read(1 << 20):
+        nbytes += len(chunk)
+    proc.wait()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def child(code: str, *args: str) -> dict:
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--short-min", type=float, default=10.0)
+    ap.add_argument("--long-min", type=float, default=180.0)
+    ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--ingest", action="store_true", help="also time the whole ingest with the default model")
+    args = ap.parse_args()
+    files = [(generate(OUT / f"bench-{args.short_min:g}min-1080p-b3.mp4", args.short_min, "1920x1080"),
+              args.short_min)]
+    if not args.skip_long:
+        files.append((generate(OUT / f"bench-{args.long_min:g}min-360p-b3.mp4", args.long_min, "640x360"),
+                      args.long_min))
+    rows = []
+    for path, minutes in files:
+        base = ffmpeg_pipe(path)
+        print(f"{path.name}: ffmpeg pipe {base['seconds']:.1f} s", flush=True)
+        for name, opts in STRATEGIES.items():
+            r = child(CHILD.format(repo=str(REPO)), json.dumps({"path": str(path), **opts}))
+            rows.append((path.name, minutes, name, r, base))
+            print(path.name, name, r, flush=True)
+        if args.ingest:
+            for mode in ("exact", "fast"):
+                r = child(INGEST_CHILD.format(repo=str(REPO)), str(path), mode)
+                rows.append((path.name, minutes, f"whole ingest ({mode}), {r['model']}", r, base))
+                print(path.name, "ingest", mode, r, flush=True)
+    print()
+    print("| file | strategy | frames | seconds | frames/s | × real time | ffmpeg pipe (s) | vs ffmpeg pipe | "
+          "peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for fname, minutes, name, r, base in rows:
+        print(f"| {fname} | {name} | {r['frames']:,} | {r['seconds']:.1f} | {r['frames'] / r['seconds']:.1f} | "
+              f"{minutes * 60 / r['seconds']:.0f}× | {base['seconds']:.1f} | {base['seconds'] / r['seconds']:.2f}× | "
+              f"{r['rss_mb']:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""PyAV backend: decode only what the sampling times need, and keep the pts and frame number of everything.
+
+Strategy, chosen per file from the probe (`choose_plan`):
+- sequential: every packet is demuxed, so frame numbers are exact and damage shows up where it happens.
+- skip non-reference frames: a packet whose frame is displayed at no sampling time is decoded with
+  `skip_frame=NONREF`; the decoder then drops it if nothing references it (B-frames). In exact mode a frame
+  is skipped only when a look-ahead over the next packets proves it: no sampling time lies between its pts
+  and the next pts. Fast mode assumes the next pts is pts + frame duration (exact for constant frame rates;
+  on irregular ones it may return a frame up to about one frame older) and needs no look-ahead.
+- seek: when sampling is much sparser than keyframes (interval >= 2 keyframe intervals in exact mode, >= 1 in
+  fast mode) or decoding starts after 0, each sampling time whose keyframe lies more than a keyframe interval
+  ahead is reached by `container.seek(backward=True, any_frame=False)` to that keyframe, then decoding forward.
+  Exact in both modes: a seek that lands after its sampling time is retried one keyframe earlier.
+Frame numbers after a seek come from the container index when it lists every frame (MP4/MOV), otherwise
+they are estimated from the average rate (`stats.index_exact` becomes False).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import partial
+
+import av
+import numpy as np
+
+from ingest.decode_common import (
+    Decoded,
+    SampledFrame,
+    SamplerStats,
+    SampleSpec,
+    deinterlace,
+    display_size,
+    every_k,
+    hold,
+    materialize,
+    rotate,
+)
+from ingest.errors import CorruptMedia, one_line
+from ingest.probe import ProbeInfo, check_decodable, open_container, pick_stream, source_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    skip_nonref: bool
+    lookahead: int  # packets held back to prove a frame is not needed (exact mode)
+    seek: bool
+
+
+def choose_plan(spec: SampleSpec, info: ProbeInfo | None, nominal: Fraction, reorder: int) -> Plan:
+    """Pick the decode strategy from the sampling interval and the file's keyframe spacing."""
+    if spec.every_k:
+        return Plan("sequential, every frame", False, 0, False)
+    step = spec.step
+    skip = step > nominal  # sampling sparser than the frames: some frames are displayed at no sampling time
+    lookahead = 0 if spec.mode == "fast" else max(8, 2 * reorder + 4)
+    gop = info.keyframe_interval_s if info is not None else None
+    ratio = 1.0 if spec.mode == "fast" else 2.0
+    sparse = bool(gop) and float(step) >= ratio * gop
+    seek = bool(info is not None and info.seekable and (sparse or spec.start > 0))
+    parts = ["seek to keyframes" if seek and sparse else "sequential" + (" from a seek" if seek else "")]
+    if skip:
+        parts.append("skip non-reference frames" + (" (proved by look-ahead)" if lookahead else ""))
+    return Plan(", ".join(parts), skip, lookahead, seek)
+
+
+@dataclass
+class _Ticks:
+    """Sampling times in stream time-base ticks, with integer arithmetic (runs once per packet)."""
+
+    origin: int
+    num: int  # one sampling interval = num / den ticks
+    den: int
+    k0: int
+    kend: int | None
+
+    def covers(self, p: int, q: int) -> bool:
+        """Is some sampling time in [p, q)?"""
+        k = max(self.k0, -((-(p - self.origin) * self.den) // self.num))
+        return (self.kend is None or k < self.kend) and k * self.num < (q - self.origin) * self.den
+
+    def next_after(self, d: int) -> int | None:
+        """The first k whose time is > d ticks, or None when no sampling time is left."""
+        k = max(self.k0, (d - self.origin) * self.den // self.num + 1)
+        return None if self.kend is not None and k >= self.kend else k
+
+    def tick(self, k: int) -> int:
+        return self.origin + k * self.num // self.den
+
+
+class _Window:
+    """The pts of the last n packets, sorted: the next pts after a frame, for the exact skip proof."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.order, self.sorted = n, deque(), []
+
+    def add(self, x: int) -> None:
+        self.order.append(x)
+        bisect.insort(self.sorted, x)
+        if len(self.order) > self.n:
+            del self.sorted[bisect.bisect_left(self.sorted, self.order.popleft())]
+
+    def next_after(self, x: int) -> int | None:
+        i = bisect.bisect_right(self.sorted, x)
+        return self.sorted[i] if i < len(self.sorted) else None
+
+    def clear(self) -> None:
+        self.order.clear()
+        self.sorted.clear()
+
+
+class _Decoder:
+    """One pass over one stream: yields `Decoded` frames in presentation order, seeking when the plan says."""
+
+    def __init__(self, container, vs, spec: SampleSpec, stats: SamplerStats, plan: Plan,
+                 info: ProbeInfo | None) -> None:
+        self.container, self.vs, self.cc = container, vs, vs.codec_context
+        self.spec, self.stats, self.plan, self.info = spec, stats, plan, info
+        self.name = source_name(spec.source)
+        self.tb = vs.time_base or Fraction(1, 90000)
+        rate = vs.average_rate or vs.guessed_rate
+        self.rate = Fraction(rate) if rate else Fraction(25)
+        self.nominal_ticks = max(1, round(1 / (self.rate * self.tb)))
+        step_ticks = spec.step / self.tb
+        self.step_num, self.step_den = step_ticks.numerator, step_ticks.denominator
+        self.cfr = info is not None and not info.is_vfr and not info.is_live
+        self.jump_ticks = max(4 * self.nominal_ticks, math.ceil(2 * step_ticks))
+        self.margin_ticks = (int(self.cc.has_b_frames or 0) + 2) * self.nominal_ticks
+        self.gop_ticks = (info.keyframe_interval_s or 0) / self.tb if info is not None else 0
+        self.entries = vs.index_entries if plan.seek else None
+        self.ticks: _Ticks | None = None
+        self.origin: int | None = None
+        self.heap: list[int] = []
+        self.passed: int | None = 0  # frames (presentation order) before the heap's smallest pts
+        self.prev_popped: int | None = None
+        self.last_t: Fraction | None = None
+        self.damage = self.resync = self.after_seek = False
+        self.pending: deque = deque()
+        self.window = _Window(64 + plan.lookahead)
+        self.skip_state: str | None = None
+        self.checked_k: int | None = None
+        self.seek_check: tuple[int, int] | None = None  # (entry index, target tick) of the last seek
+        self.reseek: tuple[int, int] | None = None  # a seek to redo one keyframe earlier
+
+    # -- packets -------------------------------------------------------------------------------------------
+    def frames(self) -> Iterator[Decoded]:
+        demux = self.container.demux(self.vs)
+        while True:
+            try:
+                packet = next(demux)
+            except StopIteration:
+                break
+            except av.FFmpegError as e:  # the demuxer gave up: a truncated or damaged tail
+                self.stats.error(self.name, f"reading stopped: {one_line(e)}")
+                self.damage = True
+                break
+            if packet.size == 0 and packet.pts is None and packet.dts is None:
+                continue  # PyAV's end-of-stream packet: draining is done below
+            if packet.pts is not None:
+                heapq.heappush(self.heap, packet.pts)
+                self.window.add(packet.pts)
+            self.pending.append(packet)
+            while len(self.pending) > self.plan.lookahead:
+                p = self.pending.popleft()
+                yield from self._feed(p)
+                target = self.reseek or self._seek_choice(p)
+                if target is not None:
+                    yield from self._drain(flush=True)
+                    self._seek(*target)
+                    demux = self.container.demux(self.vs)
+                    break
+        while self.pending:
+            yield from self._feed(self.pending.popleft())
+        yield from self._drain(flush=False)
+
+    def _wanted(self, packet) -> bool:
+        """Is this packet's frame displayed at some sampling time? (True when it cannot be ruled out.)"""
+        if self.ticks is None or packet.pts is None:
+            return True
+        p = packet.pts
+        if self.plan.lookahead:
+            q = self.window.next_after(p)
+            if q is None:
+                return True
+        else:
+            q = p + (packet.duration or self.nominal_ticks)
+        return self.ticks.covers(p, q)
+
+    def _feed(self, packet) -> Iterator[Decoded]:
+        if self.plan.skip_nonref:
+            mode = "DEFAULT" if self._wanted(packet) else "NONREF"
+            if mode != self.skip_state:
+                self.cc.skip_frame = mode
+                self.skip_state = mode
+        if packet.is_corrupt:
+            self.stats.error(self.name, f"damaged packet at pts {packet.pts}")
+            self.damage = self.resync = True
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as e:
+            self.stats.error(self.name, f"skipped a packet that does not decode: {one_line(e)}")
+            self.damage = self.resync = True
+            return
+        for frame in frames:
+            yield from self._accept(frame)
+
+    def _drain(self, flush: bool) -> Iterator[Decoded]:
+        try:
+            frames = self.cc.decode(None)
+        except av.FFmpegError as e:
+            self.stats.error(self.name, f"draining the decoder failed: {one_line(e)}")
+            frames = []
+        for frame in frames:
+            yield from self._accept(frame)
+        if flush:
+            self.cc.flush_buffers()
+
+    # -- frames --------------------------------------------------------------------------------------------
+    def _accept(self, frame) -> Iterator[Decoded]:
+        self.stats.frames_decoded += 1
+        if self.reseek is not None:
+            return  # a failed seek: everything until the retry is discarded
+        if frame.is_corrupt:
+            self.stats.error(self.name, f"dropped a frame the decoder concealed (pts {frame.pts})")
+            self.damage = self.resync = True
+            return
+        if self.resync and self.origin is not None:
+            if not frame.key_frame:
+                return  # after damage, frames until the next keyframe are concealment guesses
+            self.resync = False
+        ts = frame.pts if frame.pts is not None else frame.dts
+        if ts is None:  # no timestamp at all: right after the previous frame
+            ts = (self.origin or 0) + (0 if self.last_t is None else round(self.last_t / self.tb) + self.nominal_ticks)
+        if self.origin is None:
+            self._set_origin(ts)
+        if self.seek_check is not None:
+            entry, target = self.seek_check
+            self.seek_check = None
+            earlier = self._keyframe_at_or_before(entry - 1) if ts > target else None
+            if earlier is not None:  # landed after the sampling time: its frame is earlier, go back a keyframe
+                log.debug("%s: seek landed at %s > %s, retrying one keyframe earlier", self.name, ts, target)
+                self.reseek = (earlier, target)
+                return
+        t = Fraction(ts - self.origin) * self.tb
+        if self.last_t is not None and t <= self.last_t:
+            return  # repeated or out of order (after damage or a seek): keep presentation order
+        index = self._index(ts)
+        duration = Fraction(frame.duration) * self.tb if frame.duration else None
+        d = Decoded(t, index, duration, partial(self._rgb, frame), damaged=self.damage, after_seek=self.after_seek)
+        self.damage = self.after_seek = False
+        self.last_t = t
+        yield d
+
+    def _set_origin(self, ts: int) -> None:
+        self.origin = ts
+        self.ticks = _Ticks(ts, self.step_num, self.step_den, self.spec.first_k(), self.spec.end_k())
+
+    def _index(self, ts: int) -> int:
+        """Frames before this one in presentation order: packets demuxed with a smaller pts."""
+        if self.passed is None:
+            return round((ts - self.origin) * self.tb * self.rate)
+        while self.heap and self.heap[0] < ts:
+            x = heapq.heappop(self.heap)
+            if self.cfr and self.prev_popped is not None and x - self.prev_popped > self.jump_ticks:
+                self._jump(self.prev_popped, x)
+            self.prev_popped = x
+            self.passed += 1
+        index = self.passed
+        if self.heap and self.heap[0] == ts:
+            heapq.heappop(self.heap)
+            if self.cfr and self.prev_popped is not None and ts - self.prev_popped > self.jump_ticks:
+                self._jump(self.prev_popped, ts)
+            self.prev_popped = ts
+            self.passed += 1
+        return index
+
+    def _jump(self, a: int, b: int) -> None:
+        self.stats.error(self.name, f"timestamps jump from {float((a - self.origin) * self.tb):.3f} s to "
+                                    f"{float((b - self.origin) * self.tb):.3f} s in a constant-rate stream: lost data")
+        self.damage = True
+
+    def _rgb(self, frame) -> np.ndarray:
+        rotation = frame.rotation or 0
+        spec = self.spec
+        if spec.deinterlace and frame.interlaced_frame:
+            rgb = deinterlace(frame.to_ndarray(format="rgb24"))
+            if spec.size is not None:
+                w, h = display_size(spec.size, rotation)
+                rgb = av.VideoFrame.from_ndarray(rgb, format="rgb24").to_ndarray(
+                    width=w, height=h, format="rgb24", interpolation=spec.sws_interpolation)
+        elif spec.size is not None:
+            w, h = display_size(spec.size, rotation)
+            rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation=spec.sws_interpolation)
+        else:
+            rgb = frame.to_ndarray(format="rgb24")
+        return rotate(rgb, rotation) if rotation else rgb
+
+    # -- seeking -------------------------------------------------------------------------------------------
+    def _keyframe_at_or_before(self, i: int) -> int | None:
+        while i >= 0 and not self.entries[i].is_keyframe:
+            i -= 1
+        return i if i >= 0 else None
+
+    def _seek_choice(self, packet) -> tuple[int, int] | None:
+        """(index entry of the keyframe, target tick) to seek to, when the next sampling time is over a GOP ahead."""
+        if not self.plan.seek or self.ticks is None or packet.dts is None:
+            return None
+        k = self.ticks.next_after(packet.dts)
+        if k is None or k == self.checked_k:
+            return None
+        self.checked_k = k
+        target = self.ticks.tick(k)
+        i = bisect.bisect_right(self.entries, target - self.margin_ticks, key=lambda e: e.timestamp) - 1
+        i = self._keyframe_at_or_before(i)
+        if i is None or self.entries[i].timestamp - packet.dts <= max(self.gop_ticks, 2 * self.margin_ticks):
+            return None
+        return i, target
+
+    def _seek(self, i: int, target: int) -> None:
+        self.container.seek(self.entries[i].timestamp, stream=self.vs, backward=True, any_frame=False)
+        self.seek_check = (i, target)
+        self.reseek = None
+        self.pending.clear()
+        self.window.clear()
+        self.heap.clear()
+        self.prev_popped = None
+        self.resync = False
+        self.after_seek = True
+        if self.info is not None and self.info.full_index:
+            self.passed = i  # frames before this keyframe in decode order = in presentation order
+        else:
+            self.passed = None
+            self.stats.index_exact = False
+
+    def expected_end(self) -> Fraction | None:
+        """Where the header says the video stream ends, from the origin (files only)."""
+        vs = self.vs
+        if self.info is None or self.info.is_live or not vs.duration or self.origin is None:
+            return None
+        return Fraction((vs.start_time or 0) + vs.duration - self.origin) * self.tb
+
+
+def rate_and_reorder(vs) -> tuple[Fraction, int]:
+    rate = vs.average_rate or vs.guessed_rate
+    return (1 / Fraction(rate) if rate else Fraction(1, 25)), int(vs.codec_context.has_b_frames or 0)
+
+
+def sample_pyav(spec: SampleSpec, stats: SamplerStats, info: ProbeInfo | None) -> Iterator[SampledFrame]:
+    """The PyAV backend: `SampledFrame`s for `spec`, damage recorded in `stats`."""
+    name = source_name(spec.source)
+    container = open_container(spec.source, hwaccel=spec.hwaccel)
+    with container:
+        vs = pick_stream(container, spec.stream, name)
+        check_decodable(vs, name)
+        vs.thread_type = "AUTO"
+        discard_all = getattr(getattr(av.stream, "Discard", None), "all", None)
+        for other in container.streams:
+            if other.index != vs.index and discard_all is not None:
+                other.discard = discard_all  # the demuxer skips their packets instead of reading them
+        nominal, reorder = rate_and_reorder(vs)
+        plan = choose_plan(spec, info, nominal, reorder)
+        stats.strategy = plan.name
+        decoder = _Decoder(container, vs, spec, stats, plan, info)
+        got = False
+        if spec.every_k:
+            for f in every_k(decoder.frames(), spec):
+                got = True
+                yield f
+        else:
+            events = hold(decoder.frames(), spec, stats, nominal, decoder.expected_end)
+            for f in materialize(events, spec.step):
+                got = True
+                yield f
+        if not got and decoder.origin is None:
+            raise CorruptMedia(f"{name}: no decodable video frames ({stats.decode_errors} decode errors)")
