@@ -19,17 +19,19 @@ after logged errors; every error line is counted and logged.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import subprocess
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from ingest.decode_common import SWS_FLAGS, Decoded, SampledFrame, SamplerStats, SampleSpec, hold
+from ingest.decode_common import SWS_FLAGS, SampledFrame, SamplerStats, SampleSpec
 from ingest.errors import CorruptMedia, IngestError
 from ingest.probe import ProbeInfo, source_name
 
@@ -84,57 +86,53 @@ def build_command(spec: SampleSpec, info: ProbeInfo | None, exe: str) -> list[st
     return [cmd[0], "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+info", *cmd[1:]]
 
 
+@dataclass
+class _Frame:
+    t: Fraction  # from the origin
+    index: int
+    damaged: bool  # ffmpeg logged errors since the previous frame
+
+
 class _Run:
-    """One ffmpeg process: its log lines in order, and its frames on demand."""
+    """One ffmpeg process, read strictly in the order it writes: a picture is read as soon as its log line is,
+    so ffmpeg never waits on a full pipe while we wait on its log (no deadlock, no picture buffered)."""
 
     def __init__(self, spec: SampleSpec, stats: SamplerStats, info: ProbeInfo | None) -> None:
         self.spec, self.stats, self.name = spec, stats, source_name(spec.source)
         self.proc = subprocess.Popen(build_command(spec, info, ffmpeg_exe()), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         w, h = spec.size or ((info.display_width, info.display_height) if info else (0, 0))
-        self.frame_bytes = w * h * 3
-        self.shape = (h, w, 3)
+        self.frame_bytes, self.shape = w * h * 3, (h, w, 3)
         self.tb: dict[int, Fraction] = {}
-        self.outputs: deque = deque()  # (n, pts) of output lines read while looking for frames
-        self.frames: deque = deque()  # (n, pts) of decoded-frame lines read while looking for outputs
         self.pre_filter: int | None = None  # the showinfo instance that logs decoded frames
         self.errors = 0
-        self.done = False
-        self.out_count = 0
+        self.outputs = 0
 
-    def _read_line(self) -> bool:
-        raw = self.proc.stderr.readline()
-        if not raw:
-            self.done = True
-            return False
-        line = raw.decode("utf-8", "replace").rstrip()
-        if m := _LINE.match(line):
-            if m.group(1) == "showinfo":
+    def events(self) -> Iterator[tuple[str, int, int, object]]:
+        """("frame", n, pts, errors before it) for each decoded frame, ("out", n, pts, picture) for each output."""
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if m := _LINE.match(line):
+                if m.group(1) != "showinfo":
+                    continue
                 idx, n, pts = int(m.group(2)), int(m.group(3)), int(m.group(4))
                 if self.pre_filter is None:
                     self.pre_filter = idx
-                (self.frames if idx == self.pre_filter else self.outputs).append((n, pts, self.errors))
-                self.errors = 0
-        elif m := _TB.match(line):
-            self.tb.setdefault(int(m.group(1)), Fraction(int(m.group(2)), int(m.group(3))))
-        elif _ERROR.search(line):
-            self.errors += 1
-            self.stats.error(self.name, "ffmpeg: " + line.split("] ", 1)[-1])
-        return True
+                if idx == self.pre_filter:
+                    yield "frame", n, pts, self.errors
+                    self.errors = 0
+                else:
+                    picture = self._picture()
+                    if picture is None:
+                        return
+                    yield "out", n, pts, picture
+            elif m := _TB.match(line):
+                self.tb.setdefault(int(m.group(1)), Fraction(int(m.group(2)), int(m.group(3))))
+            elif _ERROR.search(line):
+                self.errors += 1
+                self.stats.error(self.name, "ffmpeg: " + line.split("] ", 1)[-1])
 
-    def next_frame(self) -> tuple[int, int, int] | None:
-        """(n, pts, errors before it) of the next decoded frame, or None at the end."""
-        while not self.frames:
-            if self.done or not self._read_line():
-                return None
-        return self.frames.popleft()
-
-    def next_output(self) -> tuple[int, np.ndarray] | None:
-        """(pts of the output tick or frame, its picture) of the next frame on the pipe, or None at the end."""
-        while not self.outputs:
-            if self.done or not self._read_line():
-                return None
-        _, pts, _ = self.outputs.popleft()
+    def _picture(self) -> np.ndarray | None:
         buf = bytearray(self.frame_bytes)  # writable: the caller owns the array, no copy needed
         view, got = memoryview(buf), 0
         while got < self.frame_bytes:
@@ -142,10 +140,10 @@ class _Run:
             if not n:
                 return None
             got += n
-        self.out_count += 1
-        return pts, np.frombuffer(buf, np.uint8).reshape(self.shape)
+        self.outputs += 1
+        return np.frombuffer(buf, np.uint8).reshape(self.shape)
 
-    def pre_tb(self) -> Fraction:
+    def frame_tb(self) -> Fraction:
         return self.tb.get(self.pre_filter or 0, Fraction(1, 90000))
 
     def close(self) -> None:
@@ -156,20 +154,63 @@ class _Run:
             pipe.close()
 
 
-def _decoded(run: _Run, rate: Fraction, index_exact: bool) -> Iterator[Decoded]:
-    last_t: Fraction | None = None
-    while (item := run.next_frame()) is not None:
-        n, pts, errors = item
-        t = Fraction(pts) * run.pre_tb()
-        if last_t is not None and t <= last_t:
+def _by_time(run: _Run, spec: SampleSpec, stats: SamplerStats, rate: Fraction, index_exact: bool,
+             expected_end: Fraction | None) -> Iterator[SampledFrame]:
+    """Name the frame behind each output tick with the `hold` rule (and its gap rule) over the logged frames."""
+    step, k0, end_k = spec.step, spec.first_k(), spec.end_k()
+    nominal = 1 / rate
+    gap_after = max(3 * nominal, step)
+    frames: deque[_Frame] = deque()  # from the frame displayed at the last tick on
+    interval = None
+    for kind, n, pts, payload in run.events():
+        if kind == "frame":
+            t = Fraction(pts) * run.frame_tb()
+            if frames and t <= frames[-1].t:
+                continue
+            if frames:
+                interval = t - frames[-1].t
+            frames.append(_Frame(t, n if index_exact else round(t * rate), payload > 0))
             continue
-        last_t = t
-        index = n if index_exact else round(t * rate)
-        yield Decoded(t, index, None, _no_image, damaged=errors > 0)
+        k, t_k = pts, pts * step  # the fps filter's output time base is one sampling interval
+        while len(frames) > 1 and frames[1].t <= t_k:
+            frames.popleft()
+        if end_k is not None and k >= end_k:
+            return
+        if not frames or k < k0 or frames[0].t > t_k:
+            continue
+        held, nxt = frames[0], frames[1] if len(frames) > 1 else None
+        if nxt is None and t_k >= held.t + (interval or nominal):
+            continue  # ffmpeg's end rule gave one tick more than ours
+        if nxt is not None and nxt.damaged and nxt.t - held.t > gap_after and t_k >= held.t + nominal:
+            if stats.gaps and stats.gaps[-1][1] == float(nxt.t):
+                continue
+            stats.gaps.append((float(t_k), float(nxt.t)))
+            continue
+        yield SampledFrame(float(t_k), float(held.t), held.index, payload)
+    if frames and expected_end is not None:
+        end = frames[-1].t + (interval or nominal)
+        if expected_end - end > gap_after:
+            first = max(k0, math.ceil(end / step))
+            if first * step < expected_end and (end_k is None or first < end_k):
+                stats.gaps.append((float(first * step), float(expected_end)))
+                stats.error(run.name, f"video stops at {float(end):.3f} s but its header says "
+                                      f"{float(expected_end):.3f} s: truncated?")
 
 
-def _no_image():  # pragma: no cover - pictures come from the pipe, never from Decoded
-    raise RuntimeError("ffmpeg backend frames carry no picture")
+def _every_k(run: _Run, spec: SampleSpec, rate: Fraction, index_exact: bool) -> Iterator[SampledFrame]:
+    index: dict[int, int] = {}  # pts -> frame number, for frames selected but not yet output
+    for kind, n, pts, payload in run.events():
+        t = Fraction(pts) * run.frame_tb()
+        if kind == "frame":
+            number = n if index_exact else round(t * rate)
+            if number % spec.every_k == 0:
+                index[pts] = number
+            continue
+        if spec.end is not None and t >= spec.end:
+            return
+        number = index.pop(pts, round(t * rate))
+        if t >= spec.start:
+            yield SampledFrame(float(t), float(t), number, payload)
 
 
 def sample_ffmpeg(spec: SampleSpec, stats: SamplerStats, info: ProbeInfo | None) -> Iterator[SampledFrame]:
@@ -182,42 +223,20 @@ def sample_ffmpeg(spec: SampleSpec, stats: SamplerStats, info: ProbeInfo | None)
     index_exact = not (info is not None and info.seekable and spec.start > 0)
     stats.index_exact = index_exact
     stats.strategy = "ffmpeg CLI: " + ("select every k-th frame" if spec.every_k else "fps filter, round=up")
+    expected = None
+    if info is not None and info.duration_s and info.first_pts is not None:
+        first = info.first_pts * Fraction(info.time_base)
+        expected = Fraction(info.start_time_s + info.duration_s).limit_denominator(10**9) - first
     run = _Run(spec, stats, info)
     got = False
     try:
-        frames = _decoded(run, rate, index_exact)
-        if spec.every_k:
-            for d in frames:
-                if d.index % spec.every_k:
-                    continue
-                out = run.next_output()
-                if out is None:
-                    break
-                if d.t >= spec.start and (spec.end is None or d.t < spec.end):
-                    got = True
-                    yield SampledFrame(float(d.t), float(d.t), d.index, out[1])
-                elif spec.end is not None and d.t >= spec.end:
-                    break
-        else:
-            expected = None
-            if info is not None and info.duration_s and info.first_pts is not None:
-                tb = Fraction(info.time_base)
-                expected = Fraction(info.start_time_s + info.duration_s).limit_denominator(10**9) - info.first_pts * tb
-            last: tuple[int, np.ndarray] | None = None
-            for k, d in hold(frames, spec, stats, 1 / rate, (lambda: expected) if expected else None):
-                first_use = False
-                while last is None or last[0] < k:
-                    last = run.next_output()
-                    first_use = True
-                    if last is None:
-                        break
-                if last is None or last[0] != k:
-                    log.warning("%s: ffmpeg gave no picture for t=%.3f s", run.name, float(k * spec.step))
-                    break
-                got = True
-                yield SampledFrame(float(k * spec.step), float(d.t), d.index, last[1] if first_use else last[1].copy())
-        stats.frames_decoded = run.out_count
+        frames = (_every_k(run, spec, rate, index_exact) if spec.every_k
+                  else _by_time(run, spec, stats, rate, index_exact, expected))
+        for f in frames:
+            got = True
+            yield f
     finally:
+        stats.frames_decoded = run.outputs
         run.close()
     if not got and run.pre_filter is None:
         raise CorruptMedia(f"{run.name}: ffmpeg decoded no video frames ({stats.decode_errors} errors)")

@@ -148,8 +148,9 @@ class _Decoder:
         self.window = _Window(64 + plan.lookahead)
         self.skip_state: str | None = None
         self.checked_k: int | None = None
-        self.seek_check: tuple[int, int] | None = None  # (entry index, target tick) of the last seek
-        self.reseek: tuple[int, int] | None = None  # a seek to redo one keyframe earlier
+        self.seek_check: int | None = None  # the sampling time (ticks) the last seek must land before
+        self.reseek: tuple[int, int] | None = None  # (seek to, sampling time): a seek to redo earlier
+        self.find_base = False  # the first packet after a seek gives the frame number from the index
 
     # -- packets -------------------------------------------------------------------------------------------
     def frames(self) -> Iterator[Decoded]:
@@ -165,6 +166,8 @@ class _Decoder:
                 break
             if packet.size == 0 and packet.pts is None and packet.dts is None:
                 continue  # PyAV's end-of-stream packet: draining is done below
+            if self.find_base:
+                self._base_from_index(packet)
             if packet.pts is not None:
                 heapq.heappush(self.heap, packet.pts)
                 self.window.add(packet.pts)
@@ -243,12 +246,10 @@ class _Decoder:
         if self.origin is None:
             self._set_origin(ts)
         if self.seek_check is not None:
-            entry, target = self.seek_check
-            self.seek_check = None
-            earlier = self._keyframe_at_or_before(entry - 1) if ts > target else None
-            if earlier is not None:  # landed after the sampling time: its frame is earlier, go back a keyframe
+            target, self.seek_check = self.seek_check, None
+            if ts > target:  # landed after the sampling time: its frame is earlier, go back a keyframe
                 log.debug("%s: seek landed at %s > %s, retrying one keyframe earlier", self.name, ts, target)
-                self.reseek = (earlier, target)
+                self.reseek = (ts - 1, target)
                 return
         t = Fraction(ts - self.origin) * self.tb
         if self.last_t is not None and t <= self.last_t:
@@ -311,7 +312,7 @@ class _Decoder:
         return i if i >= 0 else None
 
     def _seek_choice(self, packet) -> tuple[int, int] | None:
-        """(index entry of the keyframe, target tick) to seek to, when the next sampling time is over a GOP ahead."""
+        """(seek position, sampling time) in ticks, when that time's keyframe is over a GOP ahead."""
         if not self.plan.seek or self.ticks is None or packet.dts is None:
             return None
         k = self.ticks.next_after(packet.dts)
@@ -323,11 +324,13 @@ class _Decoder:
         i = self._keyframe_at_or_before(i)
         if i is None or self.entries[i].timestamp - packet.dts <= max(self.gop_ticks, 2 * self.margin_ticks):
             return None
-        return i, target
+        return target, target
 
-    def _seek(self, i: int, target: int) -> None:
-        self.container.seek(self.entries[i].timestamp, stream=self.vs, backward=True, any_frame=False)
-        self.seek_check = (i, target)
+    def _seek(self, position: int, target: int) -> None:
+        """Seek to the last keyframe at or before `position` (demuxers that seek by dts may land later:
+        the first frame is checked against `target`)."""
+        self.container.seek(position, stream=self.vs, backward=True, any_frame=False)
+        self.seek_check = target
         self.reseek = None
         self.pending.clear()
         self.window.clear()
@@ -335,11 +338,19 @@ class _Decoder:
         self.prev_popped = None
         self.resync = False
         self.after_seek = True
-        if self.info is not None and self.info.full_index:
-            self.passed = i  # frames before this keyframe in decode order = in presentation order
-        else:
-            self.passed = None
-            self.stats.index_exact = False
+        self.passed = None
+        self.find_base = True
+
+    def _base_from_index(self, packet) -> None:
+        """Frame number after a seek: the keyframe's place in an index that lists every frame (decode order =
+        presentation order at a keyframe that starts a closed GOP); else estimated from the rate."""
+        self.find_base = False
+        if self.info is not None and self.info.full_index and packet.pos is not None and packet.pos >= 0:
+            i = bisect.bisect_left(self.entries, packet.pos, key=lambda e: e.pos)
+            if i < len(self.entries) and self.entries[i].pos == packet.pos:
+                self.passed = i
+                return
+        self.stats.index_exact = False
 
     def expected_end(self) -> Fraction | None:
         """Where the header says the video stream ends, from the origin (files only)."""

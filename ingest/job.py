@@ -194,7 +194,8 @@ def run_ingest(
     meta = {
         "source": str(source),
         "probe": probe_meta,
-        "sampling": asdict(options),
+        # only what defines the frames: a resume with another chunk size or queue depth is still the same video
+        "sampling": {"fps": options.fps, "every_k": options.every_k, "mode": options.mode, "stream": options.stream},
         "model": {"id": model_id, "config_hash": config_hash, "dtype": str(engine.model.dtype),
                   "prompt_style": engine.prompt_style},
         "prefix_ids": prefix.tolist(),
@@ -230,7 +231,7 @@ def run_ingest(
             if "key_valid" not in store.manifest.get("meta", {}):
                 store.update_meta({"key_valid": states.key_valid.tolist(), "next_position": states.next_position})
             store.append_chunk(timestamps=batch.timestamps, pts=batch.pts, tensors=states_to_tensors(states),
-                               thumbnails=batch.thumbnails)
+                               thumbnails=batch.thumbnails, start_frame=done)
             done += len(batch.timestamps)
             if on_progress is not None:
                 rate = (done - resumed_from) / max(time.perf_counter() - started, 1e-9)

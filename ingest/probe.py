@@ -75,7 +75,8 @@ class ProbeInfo:
 
 
 def source_name(source) -> str:
-    return str(getattr(source, "name", source))
+    """How messages name a source: the path or URL as given, or a file object's name."""
+    return str(source) if isinstance(source, str | Path) else str(getattr(source, "name", source))
 
 
 def _is_url(source) -> bool:
@@ -275,4 +276,6 @@ def _scan(container, vs, name: str, n: int, max_packets: int = 400):
     except av.FFmpegError as e:
         if not pts and first is None:
             raise CorruptMedia(f"{name}: cannot read packets ({one_line(e)})") from None
-    return sorted(pts), keys, first
+    # B-frames of the last packets may come after the scan: keep only the run of pts known to be complete
+    complete = min(pts[-16:]) if len(pts) > 32 else None
+    return sorted(x for x in pts if complete is None or x <= complete), keys, first

@@ -198,12 +198,13 @@ class VideoStore:
             if folder.is_dir():
                 for f in folder.iterdir():
                     if f.name.endswith(".tmp") or f.name.split(".")[0] not in listed:
-                        f.unlink()
+                        shutil.rmtree(f) if f.is_dir() else f.unlink()
 
     @contextmanager
     def _commit(self) -> Iterator[dict]:
         """Under the folder lock: check the disk still holds what this handle read, yield a copy to change,
-        then replace the manifest. An exception inside leaves disk and handle as they were."""
+        then replace the manifest. An exception inside leaves the manifest and the handle as they were (at most an
+        unlisted chunk file stays, which the next append overwrites and the next open deletes)."""
         if not self._path.is_dir():
             raise StoreConflict(f"store {self._path} was removed")
         with _locked(self._path):
