@@ -28,7 +28,8 @@ from ingest.decode_common import (
 from ingest.errors import CorruptMedia, IngestError, NotAVideo, one_line
 from ingest.probe import ProbeInfo, probe, source_name
 
-CHUNK = 512
+CHUNK = 512  # frame times read per call
+BATCH_BYTES = 192 << 20  # pictures decoded per get_batch call: at most this much RGB (1080p: 32 frames)
 
 
 def _frames(vr, tb: Fraction, stats: SamplerStats) -> Iterator[Decoded]:
@@ -75,12 +76,15 @@ def sample_decord(spec: SampleSpec, stats: SamplerStats, info: ProbeInfo | None)
                     width=spec.size[0], height=spec.size[1], format="rgb24", interpolation=spec.sws_interpolation)
         return rgb
 
+    w, h = spec.size or (info.display_width, info.display_height)
+    batch_len = max(1, min(CHUNK, BATCH_BYTES // max(1, w * h * 3)))
+
     def batches(events, by_frame: bool) -> Iterator[SampledFrame]:
-        """Decode the picked frames CHUNK at a time (decord is fastest on sorted batches)."""
+        """Decode the picked frames a bounded batch at a time (decord is fastest on sorted batches)."""
         pending: list[tuple[int, Decoded]] = []
         for event in events:
             pending.append(event)
-            if len(pending) == CHUNK:
+            if len(pending) == batch_len:
                 yield from flush(pending, by_frame)
                 pending = []
         yield from flush(pending, by_frame)

@@ -37,7 +37,7 @@ from ingest.probe import ProbeInfo, source_name
 
 log = logging.getLogger(__name__)
 
-_LINE = re.compile(r"^\[Parsed_(\w+?)_(\d+) @ [^\]]*\] \[info\] n:\s*(\d+) pts:\s*(-?\d+)")
+_LINE = re.compile(r"^\[Parsed_(\w+?)_(\d+) @ [^\]]*\] \[info\] n:\s*(\d+) pts:\s*(-?\d+).* s:(\d+)x(\d+)")
 _TB = re.compile(r"^\[Parsed_showinfo_(\d+) @ [^\]]*\] \[info\] config in time_base: (\d+)/(\d+)")
 _ERROR = re.compile(r"\[(error|fatal|panic)\]")
 
@@ -101,8 +101,6 @@ class _Run:
         self.spec, self.stats, self.name = spec, stats, source_name(spec.source)
         self.proc = subprocess.Popen(build_command(spec, info, ffmpeg_exe()), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        w, h = spec.size or ((info.display_width, info.display_height) if info else (0, 0))
-        self.frame_bytes, self.shape = w * h * 3, (h, w, 3)
         self.tb: dict[int, Fraction] = {}
         self.pre_filter: int | None = None  # the showinfo instance that logs decoded frames
         self.errors = 0
@@ -121,8 +119,9 @@ class _Run:
                 if idx == self.pre_filter:
                     yield "frame", n, pts, self.errors
                     self.errors = 0
-                else:
-                    picture = self._picture()
+                else:  # the output picture's size: the requested one, else as logged (after autorotation)
+                    w, h = self.spec.size or (int(m.group(5)), int(m.group(6)))
+                    picture = self._picture(w, h)
                     if picture is None:
                         return
                     yield "out", n, pts, picture
@@ -132,16 +131,17 @@ class _Run:
                 self.errors += 1
                 self.stats.error(self.name, "ffmpeg: " + line.split("] ", 1)[-1])
 
-    def _picture(self) -> np.ndarray | None:
-        buf = bytearray(self.frame_bytes)  # writable: the caller owns the array, no copy needed
+    def _picture(self, w: int, h: int) -> np.ndarray | None:
+        size = w * h * 3
+        buf = bytearray(size)  # writable: the caller owns the array, no copy needed
         view, got = memoryview(buf), 0
-        while got < self.frame_bytes:
+        while got < size:
             n = self.proc.stdout.readinto(view[got:])
             if not n:
                 return None
             got += n
         self.outputs += 1
-        return np.frombuffer(buf, np.uint8).reshape(self.shape)
+        return np.frombuffer(buf, np.uint8).reshape(h, w, 3)
 
     def frame_tb(self) -> Fraction:
         return self.tb.get(self.pre_filter or 0, Fraction(1, 90000))

@@ -7,10 +7,14 @@ Strategy, chosen per file from the probe (`choose_plan`):
   is skipped only when a look-ahead over the next packets proves it: no sampling time lies between its pts
   and the next pts. Fast mode assumes the next pts is pts + frame duration (exact for constant frame rates;
   on irregular ones it may return a frame up to about one frame older) and needs no look-ahead.
-- seek: when sampling is much sparser than keyframes (interval >= 2 keyframe intervals in exact mode, >= 1 in
-  fast mode) or decoding starts after 0, each sampling time whose keyframe lies more than a keyframe interval
-  ahead is reached by `container.seek(backward=True, any_frame=False)` to that keyframe, then decoding forward.
-  Exact in both modes: a seek that lands after its sampling time is retried one keyframe earlier.
+- seek: in a file whose index lists keyframes, once every frame up to a sampling time is decoded, if the next
+  sampling time's keyframe lies more than SEEK_MIN_FRAMES ahead, `container.seek(t, backward=True,
+  any_frame=False)` jumps to it and decoding goes forward from there: with sampling much sparser than keyframes
+  (1 frame per 10 s over 1 s GOPs) that skips whole GOPs; with long GOPs it still skips the frames after a
+  GOP's last sampling time. Used when the index lists every frame (MP4/MOV: frame numbers stay exact), when
+  sampling is sparse (interval >= 2 keyframe intervals in exact mode, >= 1 in fast mode) or when start > 0.
+  Exact in both modes: a seek that lands after its sampling time is retried one keyframe earlier, and frames
+  before a keyframe's pts (open-GOP leading frames) are never the frame displayed at a later time.
 Frame numbers after a seek come from the container index when it lists every frame (MP4/MOV), otherwise
 they are estimated from the average rate (`stats.index_exact` becomes False).
 """
@@ -46,6 +50,7 @@ from ingest.errors import CorruptMedia, one_line
 from ingest.probe import ProbeInfo, check_decodable, open_container, pick_stream, source_name
 
 log = logging.getLogger(__name__)
+SEEK_MIN_FRAMES = 12
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,10 @@ def choose_plan(spec: SampleSpec, info: ProbeInfo | None, nominal: Fraction, reo
     gop = info.keyframe_interval_s if info is not None else None
     ratio = 1.0 if spec.mode == "fast" else 2.0
     sparse = bool(gop) and float(step) >= ratio * gop
-    seek = bool(info is not None and info.seekable and (sparse or spec.start > 0))
-    parts = ["seek to keyframes" if seek and sparse else "sequential" + (" from a seek" if seek else "")]
+    # Seeking is exact either way; without a full index it costs exact frame numbers, so only when it pays most.
+    seek = bool(info is not None and info.seekable and (sparse or spec.start > 0 or info.full_index))
+    parts = ["seek to keyframes" if seek and sparse else
+             "sequential, seeking past unneeded GOP tails" if seek else "sequential"]
     if skip:
         parts.append("skip non-reference frames" + (" (proved by look-ahead)" if lookahead else ""))
     return Plan(", ".join(parts), skip, lookahead, seek)
@@ -134,9 +141,11 @@ class _Decoder:
         self.step_num, self.step_den = step_ticks.numerator, step_ticks.denominator
         self.cfr = info is not None and not info.is_vfr and not info.is_live
         self.jump_ticks = max(4 * self.nominal_ticks, math.ceil(2 * step_ticks))
-        self.margin_ticks = (int(self.cc.has_b_frames or 0) + 2) * self.nominal_ticks
-        self.gop_ticks = (info.keyframe_interval_s or 0) / self.tb if info is not None else 0
+        self.margin_ticks = int(self.cc.has_b_frames or 0) * self.nominal_ticks  # keyframe pts - dts, at most
+        # a seek (decoder drain, flush, refill) pays when it skips more than this many frames
+        self.min_skip_ticks = max(SEEK_MIN_FRAMES * self.nominal_ticks, 2 * self.margin_ticks)
         self.entries = vs.index_entries if plan.seek else None
+        self.seeking = plan.seek
         self.ticks: _Ticks | None = None
         self.origin: int | None = None
         self.heap: list[int] = []
@@ -313,7 +322,7 @@ class _Decoder:
 
     def _seek_choice(self, packet) -> tuple[int, int] | None:
         """(seek position, sampling time) in ticks, when that time's keyframe is over a GOP ahead."""
-        if not self.plan.seek or self.ticks is None or packet.dts is None:
+        if not self.seeking or self.ticks is None or packet.dts is None:
             return None
         k = self.ticks.next_after(packet.dts)
         if k is None or k == self.checked_k:
@@ -322,16 +331,26 @@ class _Decoder:
         target = self.ticks.tick(k)
         i = bisect.bisect_right(self.entries, target - self.margin_ticks, key=lambda e: e.timestamp) - 1
         i = self._keyframe_at_or_before(i)
-        if i is None or self.entries[i].timestamp - packet.dts <= max(self.gop_ticks, 2 * self.margin_ticks):
+        if i is None or self.entries[i].timestamp - packet.dts <= self.min_skip_ticks:
             return None
         return target, target
 
     def _seek(self, position: int, target: int) -> None:
         """Seek to the last keyframe at or before `position` (demuxers that seek by dts may land later:
-        the first frame is checked against `target`)."""
-        self.container.seek(position, stream=self.vs, backward=True, any_frame=False)
-        self.seek_check = target
+        the first frame is checked against `target`). A failed seek ends seeking: decoding goes on from the
+        last keyframe before what was already delivered, and repeats are dropped by the pts order check."""
         self.reseek = None
+        try:
+            self.container.seek(position, stream=self.vs, backward=True, any_frame=False)
+            self.seek_check = target
+        except av.FFmpegError as e:
+            log.warning("%s: seeking failed, decoding sequentially from here: %s", self.name, one_line(e))
+            self.seeking = False
+            back = self.origin + round((self.last_t or 0) / self.tb)
+            try:
+                self.container.seek(back, stream=self.vs, backward=True, any_frame=False)
+            except av.FFmpegError as e2:
+                raise CorruptMedia(f"{self.name}: cannot seek back after a failed seek ({one_line(e2)})") from None
         self.pending.clear()
         self.window.clear()
         self.heap.clear()

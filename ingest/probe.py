@@ -50,7 +50,7 @@ class ProbeInfo:
     avg_fps: float
     is_vfr: bool
     start_time_s: float
-    rotation_deg: int  # counter-clockwise, as the display matrix says; frames come out upright
+    rotation_deg: int  # the display matrix's rotation as PyAV's frame.rotation gives it; frames come out upright
     codec: str
     pix_fmt: str
     bit_depth: int
@@ -132,7 +132,7 @@ def open_container(source, timeout_s: float = OPEN_TIMEOUT_S, hwaccel: str | Non
         except (ImportError, av.FFmpegError, ValueError) as e:
             log.warning("%s: hardware decoding (%s) unavailable, decoding in software: %s", name, hwaccel,
                         one_line(e))
-            if hasattr(target, "seek"):
+            if hasattr(target, "seekable") and target.seekable():
                 target.seek(0)
     try:
         return av.open(target, **kwargs)
@@ -228,6 +228,8 @@ def probe(source, stream: int | None = None, scan_packets: int = 120) -> ProbeIn
         keys = [] if live else keyframe_times(vs)
         full_index = bool(vs.frames) and len(vs.index_entries) == vs.frames
         scanned, scan_keys, first = _scan(container, vs, name, 0 if live else scan_packets)
+        if first is None and not live:
+            raise CorruptMedia(f"{name}: no video frame decodes (stream {vs.index}, {cc.name})")
         deltas = [b - a for a, b in zip(scanned, scanned[1:], strict=False) if b > a]
         is_vfr = bool(deltas) and max(deltas) > 1.5 * min(deltas)
         rotation = int(round(first.rotation or 0)) % 360 if first is not None else 0

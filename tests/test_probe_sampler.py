@@ -275,19 +275,21 @@ def test_variable_frame_rate(tmp_path: Path, codec: str) -> None:
 
 
 @needs_ffmpeg
-def test_rotation_90_is_upright(tmp_path: Path) -> None:
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotation_is_upright(tmp_path: Path, degrees: int) -> None:
     plain = _make_coded(tmp_path / "plain.mp4", 25, 25, CODECS["mp4-x264"][1])
     rotated = tmp_path / "rotated.mp4"
-    ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))  # ffmpeg 5 syntax
+    ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", f"rotate={degrees}", str(rotated))  # ffmpeg 5
     info = probe(rotated)
     if info.rotation_deg == 0:
         pytest.skip("this ffmpeg wrote no display matrix")
-    assert info.rotation_deg in (90, 270)
-    assert (info.width, info.height, info.display_width, info.display_height) == (W, H, H, W)
-    ref = ffmpeg_rgb(rotated, H, W)  # ffmpeg autorotates: width and height swapped
+    assert info.rotation_deg in (degrees, 360 - degrees)  # the direction is checked below, on the pictures
+    w, h = (H, W) if degrees != 180 else (W, H)
+    assert (info.width, info.height, info.display_width, info.display_height) == (W, H, w, h)
+    ref = ffmpeg_rgb(rotated, w, h)  # ffmpeg autorotates
     for backend in ("pyav", "ffmpeg") + (("decord",) if HAVE_DECORD else ()):
         got = list(sample(rotated, backend=backend))
-        assert got[0].image.shape == (W, H, 3)
+        assert got[0].image.shape == (h, w, 3), backend
         assert mad(got[0].image, ref[0]) < 1.0, backend
         small = next(sample(rotated, backend=backend, size=(20, 100))).image
         assert small.shape == (100, 20, 3), backend  # size is the upright output size
@@ -451,6 +453,20 @@ def test_truncated_with_index_first_keeps_what_decodes(tmp_path: Path) -> None:
     assert 3 <= len(got) < 10
     assert all(_read_code(f.image) == round(f.pts * 25) for f in got)
     assert sampler.gaps and sampler.gaps[-1][1] == pytest.approx(10.0) and sampler.gaps[-1][0] == len(got)
+
+
+def test_no_decodable_frame_is_corrupt(tmp_path: Path) -> None:
+    """realshort.mp4 with its mdat payload zeroed: the container opens, no frame decodes."""
+    data = bytearray(fixture("realshort.mp4").read_bytes())
+    at = data.find(b"mdat")
+    size = int.from_bytes(data[at - 4 : at], "big")
+    data[at + 4 : at - 4 + size] = bytes(size - 8)
+    path = tmp_path / "zeroed.mp4"
+    path.write_bytes(bytes(data))
+    for call in (probe, lambda p: next(sample(p)), lambda p: next(sample(p, backend="ffmpeg"))):
+        with pytest.raises(CorruptMedia, match="decod") as exc:
+            call(path)
+        _check_error(exc, path)
 
 
 def test_permission_denied_simulated(monkeypatch: pytest.MonkeyPatch) -> None:
