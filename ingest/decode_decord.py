@@ -29,7 +29,7 @@ from ingest.errors import CorruptMedia, IngestError, NotAVideo, one_line
 from ingest.probe import ProbeInfo, probe, source_name
 
 CHUNK = 512  # frame times read per call
-BATCH_BYTES = 192 << 20  # pictures decoded per get_batch call: at most this much RGB (1080p: 32 frames)
+BATCH_BYTES = 48 << 20  # pictures decoded per get_batch call: at most this much RGB (1080p: 8 frames)
 
 
 def _frames(vr, tb: Fraction, stats: SamplerStats) -> Iterator[Decoded]:

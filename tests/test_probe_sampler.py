@@ -193,6 +193,24 @@ def test_sparse_sampling_seeks_and_stays_exact() -> None:
     assert [f.index for f in run("safari.mp4", fps=0.3)[0]] == [0, 99, 199, 299]  # from the MP4 index
 
 
+def test_seek_that_lands_late_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Demuxers that seek by dts can land on a keyframe after the sampling time: simulate that once."""
+    from ingest import decode_pyav
+
+    real_seek, calls = decode_pyav._Decoder._seek, []
+
+    def late_seek(self, position: int, target: int) -> None:
+        calls.append(position)
+        real_seek(self, position + (45_000 if len(calls) == 1 else 0), target)  # 1.5 s later, first time
+
+    monkeypatch.setattr(decode_pyav._Decoder, "_seek", late_seek)
+    got = list(sample(fixture("safari.mp4"), fps=0.1))
+    ref = sample_frames(fixture("safari.mp4"), fps=0.1)
+    assert len(calls) >= 2 and calls[1] < calls[0] + 45_000  # retried, from an earlier keyframe
+    assert [f.t for f in got] == ref.timestamps
+    assert all(np.array_equal(a.image, b) for a, b in zip(got, ref.frames, strict=True))
+
+
 def test_every_k(coded: Path) -> None:
     got = list(sample(coded, every_k=10))
     assert codes(got) == list(range(0, 125, 10)) == [f.index for f in got]
