@@ -69,6 +69,8 @@ def _ingest_options(p: argparse.ArgumentParser) -> None:
                    help="exact: the frame displayed at each time; fast: within one frame, quicker")
     p.add_argument("--stream", type=int, default=None, help="video stream index (default: the main one)")
     p.add_argument("--backend", choices=["pyav", "ffmpeg", "decord"], default="pyav")
+    p.add_argument("--hwaccel", choices=["cuda"], default=None,
+                   help="decode on the GPU (NVDEC, pyav backend); falls back to software when unavailable")
 
 
 def _options(args: argparse.Namespace):
@@ -79,7 +81,7 @@ def _options(args: argparse.Namespace):
     if args.every_k is not None and args.every_k < 1:
         raise UsageError("--every-k must be >= 1")
     return IngestOptions(fps=args.fps, every_k=args.every_k, mode=args.mode, stream=args.stream,
-                         backend=args.backend)
+                         backend=args.backend, hwaccel=args.hwaccel)
 
 
 def _progress_bar(label: str):

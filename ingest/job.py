@@ -34,6 +34,7 @@ class IngestOptions:
     mode: str = "exact"
     stream: int | None = None
     backend: str = "pyav"
+    hwaccel: str | None = None  # "cuda": NVDEC through PyAV when available, else software (same frames)
     chunk_frames: int = 32
     queue_chunks: int = 2
     live: bool = False  # a file still being written: follow it until it stops growing
@@ -213,7 +214,8 @@ def run_ingest(
 
     reader = FollowFile(source, options.idle_timeout) if options.live and not url else source
     sampler = FrameSampler(reader, fps=None if options.every_k else options.fps, every_k=options.every_k,
-                           mode=options.mode, stream=options.stream, backend=options.backend)
+                           mode=options.mode, stream=options.stream, backend=options.backend,
+                           hwaccel=options.hwaccel)
     frames = (f for i, f in enumerate(sampler) if i >= resumed_from)  # resume: skip committed frames exactly
     def prepare(batch: list) -> PreparedChunk:
         return PreparedChunk([f.t for f in batch], [f.pts for f in batch],
