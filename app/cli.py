@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="delete a stored video")
     rm.add_argument("video_id")
 
+    demo = sub.add_parser("demo", help="make a synthetic-world video, ingest it, ask one question per family")
+    demo.add_argument("--model", help="checkpoint directory (default: the shipped demo model)")
+    demo.add_argument("--seconds", type=int, default=120, help="length of the generated video")
+    demo.add_argument("--seed", type=int, default=7)
+
     dl = sub.add_parser("download", help="fetch a checkpoint and its vision tower into the Hugging Face cache")
     dl.add_argument("model_id", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--vision-tower", default=None, help=f"default: the checkpoint's mm_vision_tower ({CLIP_REPO})")
@@ -250,6 +255,47 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The offline end-to-end demo: a synthetic video (made once), ingested, and one question per family."""
+    import numpy as np
+
+    from app.models import RANDOM_BANNER, choose_model, data_home, open_engine
+    from ingest.job import IngestOptions, load_states
+    from ingest.store import Library
+    from synth.questions import make_questions
+    from synth.render import write_video
+    from synth.world import generate_timeline
+
+    if not 10 <= args.seconds <= 3 * 3600:
+        raise UsageError("--seconds must be between 10 and 10800")
+    choice = choose_model(args.model)
+    if choice.is_random:
+        print(RANDOM_BANNER, file=sys.stderr)
+    engine = open_engine(choice)
+    timeline = generate_timeline(args.seed, args.seconds)
+    path = data_home() / "samples" / f"synthetic-world-seed{args.seed}-{args.seconds}s.mp4"
+    if not path.exists() or not path.with_suffix(".json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing the sample video {path} ...", file=sys.stderr)
+        write_video(timeline, path)
+    result = _ingest_one(engine, str(path), IngestOptions())
+    store = Library(data_home()).get(result.video_id)
+    states, seconds = load_states(store), np.rint(store.timestamps()).astype(int)
+    print(f"model: {engine.name}")
+    print(f"video: {path} ({result.frames} frames at 1 fps, id {result.video_id[:12]})")
+    right = 0
+    questions = make_questions(timeline, np.random.default_rng(args.seed), per_family=1)
+    for q in questions:
+        index = np.flatnonzero((seconds >= q.start_s) & (seconds <= q.end_s)).tolist()
+        sampling = SamplingConfig(max_new_tokens=8, stop_ids=engine.eos_ids)
+        got = engine.collect(engine.answer(q.question, states.select(index), sampling), len(index)).text
+        ok = got.strip().lower() == q.answer.lower()
+        right += ok
+        print(f"  {q.with_range():<62} model: {got:<8} truth: {q.answer:<8} {'ok' if ok else 'WRONG'}")
+    print(f"{right}/{len(questions)} right")
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     import json as _json
 
@@ -271,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     from ingest.errors import IngestError
     from ingest.simple_decode import MediaError
 
-    commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download}
+    commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download,
+                "demo": cmd_demo}
     try:
         return commands[args.command](args)
     except (UsageError, CheckpointError, MediaError, IngestError, FileNotFoundError) as e:

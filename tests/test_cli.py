@@ -107,11 +107,26 @@ def test_bad_input_one_line_exit_2(case, ckpt, tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_random_fallback_model_has_a_banner(tmp_path):
+def test_default_model_is_the_shipped_demo_and_says_so(tmp_path):
     env = {"VIDMINI_HOME": str(tmp_path / "home"), "VIDMINI_MODEL": ""}
     res = vidmini("ask", str(FIXTURES / "realshort.mp4"), QUESTION, "--max-new-tokens", "3", env=env)
     assert res.returncode == 0, res.stderr
-    assert "RANDOM-WEIGHT" in res.stderr and "meaningless" in res.stderr
+    assert "vidmini-demo" in res.stderr and "demo model for the synthetic world" in res.stderr
+    res = vidmini("ask", str(FIXTURES / "realshort.mp4"), QUESTION, "--max-new-tokens", "3", "--json", env=env)
+    assert "demo model" in json.loads(res.stdout)["model"]
+
+
+def test_random_fallback_without_a_shipped_model_has_a_banner(tmp_path, monkeypatch, capsys):
+    """Without the shipped directory (a trimmed install) the fallback is a tiny random model, and it says so."""
+    import app.cli
+    import app.models
+
+    monkeypatch.setattr(app.models, "SHIPPED_MODEL_DIR", tmp_path / "missing")
+    monkeypatch.setenv("VIDMINI_HOME", str(tmp_path / "home"))
+    assert app.models.choose_model(None).is_random
+    assert app.cli.main(["ask", str(FIXTURES / "realshort.mp4"), QUESTION, "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "RANDOM-WEIGHT" in err and "meaningless" in err
     assert (tmp_path / "home" / "models" / "tiny-random" / "config.json").exists()
 
 

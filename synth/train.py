@@ -1,0 +1,496 @@
+"""Train the shipped demo model on the synthetic world (`make model`): seeded, CPU, under an hour.
+
+Stage 1 (end to end, short clips of 1–8 frames): vision tower, compressor, projector, pre-fusion and LLM learn
+the world's questions; two side losses shape the frame token c' so the LLM can find things in long videos:
+per-frame probes of c' (which shapes, counts, word, background) and CLIP's contrastive loss between frames and
+captions (trains the text tower used by search). The probes' heads are thrown away.
+Stage 2 (LLM only, clips up to 10 minutes): everything before the LLM is frozen, so each frame's states are
+computed once by the engine's own `prefuse_prefix`, and each question's fused tokens by `prefuse_question` —
+the exact numbers the product feeds the LLM at inference.
+
+  python -m synth.train --out models/vidmini-demo            # the shipped weights
+  python -m synth.train --out /tmp/m --stage1-steps 50 --stage2-steps 20 --videos 20   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.fusion import FrameStates, mean_over_frames, prefuse_prefix, prefuse_question
+from engine.llama import attention, finish_layer, project_qkv
+from engine.model import LlavaMiniModel
+from engine.prompt import build_prompt
+from engine.tokenizer_tiny import generation_eos_ids
+from engine.vision import resize_nearest
+from synth.demo_model import DemoSpec, build_demo_model, build_tokenizer, save_demo
+from synth.questions import make_questions
+from synth.render import render_samples
+from synth.world import BACKGROUNDS, CELLS, KINDS, SHAPE_COLOURS, WORDS, cell_box, generate_timeline, truth_at
+
+TRAIN_SEED_BASE = 1_000_000_000  # training timelines use seeds >= this; evaluation seeds stay below it
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+PAIRS = [(c, k) for k in KINDS for c in SHAPE_COLOURS]
+MAX_COUNT = 6
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    videos: int = 3000  # stage-0/1 timelines: many short ones, so frames are diverse (few repeat)
+    video_s: tuple[int, int] = (10, 16)
+    long_videos: int = 36  # stage-2 timelines
+    long_video_s: tuple[int, int] = (60, 600)
+    stage0_steps: int = 1400  # perception: single frames, probes + contrastive
+    stage0_batch: int = 128
+    stage1_steps: int = 800
+    stage1_batch: int = 24
+    stage1_max_frames: int = 8
+    stage2_steps: int = 1000
+    stage2_batch: int = 12
+    lr: float = 1.5e-3
+    stage2_lr: float = 6e-4
+    probe_weight: float = 1.0
+    clip_weight: float = 0.5
+    threads: int = 0
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+@dataclass
+class Video:
+    timeline: object
+    pixels: np.ndarray  # (F, S, S, 3) uint8: the frames at 0, 1, 2 … s, nearest-resized as the engine does
+    probes: dict[str, np.ndarray]
+    captions: list[list[str]]
+
+
+def frame_probes(truth) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
+    cells = np.zeros((2, CELLS), np.int64)  # per cell: kind (0 = empty) and colour (0 = none)
+    for s in truth.shapes:
+        cells[:, s.cell] = KINDS.index(s.kind) + 1, list(SHAPE_COLOURS).index(s.colour) + 1
+    present = np.zeros(len(PAIRS), np.float32)
+    counts = np.zeros(len(KINDS), np.int64)
+    for s in truth.shapes:
+        present[PAIRS.index((s.colour, s.kind))] = 1.0
+        counts[KINDS.index(s.kind)] += 1
+    word = 0 if truth.word is None else 1 + WORDS.index(truth.word)
+    return present, np.minimum(counts, MAX_COUNT), word, list(BACKGROUNDS).index(truth.background), cells
+
+
+def frame_facts(truth) -> list[str]:
+    """Caption pieces for one frame (a caption is a random subset, so partial queries match)."""
+    facts = []
+    for kind in KINDS:
+        colours = sorted({s.colour for s in truth.shapes if s.kind == kind})
+        n = sum(s.kind == kind for s in truth.shapes)
+        for c in colours:
+            facts.append(f"a {c} {kind}")
+        if n > 1:
+            facts.append(f"{n} {kind}s")
+    if truth.word:
+        facts.append(f"the word {truth.word}")
+    facts.append(f"on a {truth.background} background")
+    return facts
+
+
+def caption(facts: list[str], rng: np.random.Generator) -> str:
+    picked = rng.choice(len(facts), size=int(rng.integers(1, len(facts) + 1)), replace=False)
+    return ", ".join(facts[i] for i in sorted(picked))
+
+
+def load_video(seed: int, duration: int, size: int) -> Video:
+    tl = generate_timeline(seed, duration)
+    frames = [resize_nearest(frame, size) for _, frame in render_samples(tl, fps=1.0)]
+    truths = [truth_at(tl, t) for t in range(len(frames))]
+    parts = [frame_probes(t) for t in truths]
+    probes = {
+        "present": np.stack([p[0] for p in parts]), "counts": np.stack([p[1] for p in parts]),
+        "word": np.array([p[2] for p in parts]), "background": np.array([p[3] for p in parts]),
+        "cells": np.stack([p[4] for p in parts]),
+    }
+    return Video(tl, np.stack(frames), probes, [frame_facts(t) for t in truths])
+
+
+def normalize(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (…, S, S, 3) → CLIP-normalized float (…, 3, S, S), the processor's arithmetic."""
+    x = torch.from_numpy(pixels).float().div(255.0)
+    x = x.movedim(-1, -3)
+    shape = x.shape
+    x = (x.reshape(-1, *shape[-3:]) - CLIP_MEAN) / CLIP_STD
+    return x.reshape(shape)
+
+
+@dataclass
+class Sample:
+    video: int
+    start: int
+    end: int
+    question_ids: torch.Tensor
+    answer_ids: torch.Tensor
+    family: str
+
+
+def question_pool(videos: list[Video], tok, rng: np.random.Generator, per_family: int, max_range: int | None
+                  ) -> list[Sample]:
+    eot = generation_eos_ids(tok)[0]
+    pool = []
+    for vi, v in enumerate(videos):
+        for q in make_questions(v.timeline, rng, per_family=per_family, max_range_s=max_range):
+            ids = build_prompt(tok, q.question).question
+            ans = torch.tensor(tok(q.answer, add_special_tokens=False).input_ids + [eot])
+            pool.append(Sample(vi, q.start_s, q.end_s, ids, ans, q.family))
+    return pool
+
+
+# ---- the differentiable forward (stage 1) -------------------------------------------------------------------
+def fuse_batch(model: LlavaMiniModel, pixels: torch.Tensor, text_ids: torch.Tensor):
+    """Vision → compressor/projector → pre-fusion over [patches, c, P, Q] for (B·N) frames, with gradients.
+    Same order, positions and causal mask as `prefuse_prefix` + `prefuse_question`."""
+    tower = model.vision
+    out = tower.vision_tower(pixel_values=pixels, output_hidden_states=True)
+    feats = out.hidden_states[tower.select_layer][:, 1:]
+    compressed = model.model.mm_projector(model.model.compressor(feats))
+    patches = model.model.mm_projector(feats)
+    x = torch.cat([patches, compressed, model.embed(text_ids)], dim=1)
+    cos, sin = model.rope(torch.arange(x.shape[1])[None])
+    for layer in model.model.prefusion_layers:
+        q, k, v = project_qkv(layer, x, cos, sin)
+        x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
+    n = patches.shape[1]
+    return x[:, n], x[:, n + 1 :], out.pooler_output, feats
+
+
+def perceive(model: LlavaMiniModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """c' alone: the pre-fusion mask is causal, so [patches, c] through pre-fusion gives the same fused
+    compressed token as the whole sequence does, at two thirds of the cost."""
+    tower = model.vision
+    out = tower.vision_tower(pixel_values=pixels, output_hidden_states=True)
+    feats = out.hidden_states[tower.select_layer][:, 1:]
+    x = torch.cat([model.model.mm_projector(feats), model.model.mm_projector(model.model.compressor(feats))], 1)
+    cos, sin = model.rope(torch.arange(x.shape[1])[None])
+    for layer in model.model.prefusion_layers:
+        q, k, v = project_qkv(layer, x, cos, sin)
+        x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
+    return x[:, -1], out.pooler_output, feats
+
+
+def llm_loss(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+    """inputs (B, L, d) = [mean P', c'…, mean Q']; teacher-forced answer tokens after them."""
+    x = torch.cat([inputs, model.embed(answer_ids[:, :-1])], dim=1) if answer_ids.shape[1] > 1 else inputs
+    cos, sin = model.rope(torch.arange(x.shape[1])[None])
+    for layer in model.model.layers:
+        q, k, v = project_qkv(layer, x, cos, sin)
+        x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
+    first = inputs.shape[1] - 1
+    logits = model.logits(x[:, first : first + answer_ids.shape[1]])
+    return F.cross_entropy(logits.flatten(0, 1), answer_ids.flatten())
+
+
+def clip_loss(clip, image_pooled: torch.Tensor, captions: list[str], tok) -> torch.Tensor:
+    eot = generation_eos_ids(tok)[0]
+    ids = [tok(c, add_special_tokens=False).input_ids[:30] + [eot] for c in captions]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([i + [eot] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    text = clip.text_projection(clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output)
+    image = clip.visual_projection(image_pooled)
+    text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+    logits = clip.logit_scale.exp().clamp(max=100) * image @ text.T
+    target = torch.arange(len(captions))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def cell_pooling(image_size: int, patch: int, width: int = 320, height: int = 240) -> torch.Tensor:
+    """(CELLS, patches) averaging weights: each patch belongs to the grid cell its centre falls in (in the
+    video's coordinates; the engine resizes the frame to a square without keeping its aspect)."""
+    grid = image_size // patch
+    weights = torch.zeros(CELLS, grid * grid)
+    for i in range(grid * grid):
+        r, c = divmod(i, grid)
+        x, y = (c + 0.5) * patch * width / image_size, (r + 0.5) * patch * height / image_size
+        for cell in range(CELLS):
+            x0, y0, x1, y1 = cell_box(width, height, cell)
+            if x0 <= x < x1 and y0 <= y < y1:
+                weights[cell, i] = 1.0
+    return weights / weights.sum(1, keepdim=True)
+
+
+class CellHeads(torch.nn.Module):
+    """Dense supervision for the vision tower: what shape (kind, colour) sits in each grid cell, read from the
+    mean of that cell's patch features. Teaches the tower shapes far faster than the frame-level probes."""
+
+    def __init__(self, width: int, pooling: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("pooling", pooling)
+        self.kind = torch.nn.Linear(width, len(KINDS) + 1)
+        self.colour = torch.nn.Linear(width, len(SHAPE_COLOURS) + 1)
+
+    def loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        pooled = torch.einsum("cp,bpw->bcw", self.pooling, feats)
+        return (F.cross_entropy(self.kind(pooled).flatten(0, 1), cells[:, 0].flatten())
+                + F.cross_entropy(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten()))
+
+
+class ProbeHeads(torch.nn.Module):
+    def __init__(self, hidden: int, cells: CellHeads) -> None:
+        super().__init__()
+        self.cells = cells
+        self.present = torch.nn.Linear(hidden, len(PAIRS))
+        self.counts = torch.nn.Linear(hidden, len(KINDS) * (MAX_COUNT + 1))
+        self.word = torch.nn.Linear(hidden, len(WORDS) + 1)
+        self.background = torch.nn.Linear(hidden, len(BACKGROUNDS))
+
+    @torch.no_grad()
+    def accuracy(self, c: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Held-out per-frame accuracy of each probe: presence per (colour, kind) label and as a whole set,
+        counts per kind and all four at once, word, background."""
+        present = (self.present(c) > 0).float() == targets["present"]
+        counts = self.counts(c).view(len(c), -1, MAX_COUNT + 1).argmax(-1) == targets["counts"]
+        return {
+            "present_label": present.float().mean().item(), "present_set": present.all(-1).float().mean().item(),
+            "count_kind": counts.float().mean().item(), "count_all": counts.all(-1).float().mean().item(),
+            "word": (self.word(c).argmax(-1) == targets["word"]).float().mean().item(),
+            "background": (self.background(c).argmax(-1) == targets["background"]).float().mean().item(),
+        }
+
+    def loss(self, c: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (F.binary_cross_entropy_with_logits(self.present(c), targets["present"])
+                + F.cross_entropy(self.counts(c).view(-1, MAX_COUNT + 1), targets["counts"].flatten())
+                + F.cross_entropy(self.word(c), targets["word"])
+                + F.cross_entropy(self.background(c), targets["background"]))
+
+
+def buckets(pool: list[Sample]) -> dict[tuple[int, int, int], list[Sample]]:
+    out: dict[tuple[int, int, int], list[Sample]] = defaultdict(list)
+    for s in pool:
+        out[(s.end - s.start + 1, len(s.question_ids), len(s.answer_ids))].append(s)
+    return out
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+
+def set_lr(opt: torch.optim.Optimizer, step: int, total: int, base: float, warmup: int = 60) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, total, base, warmup)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 60) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+PROBE_KEYS = ("present", "counts", "word", "background", "cells")
+
+
+def frame_targets(videos: list[Video], picks: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.stack([videos[v].probes[k][t] for v, t in picks])) for k in PROBE_KEYS}
+
+
+def stage0(model, clip, probes: ProbeHeads, tok, videos: list[Video], held_out: list[Video], cfg: TrainConfig,
+           log, rng: np.random.Generator) -> None:
+    """Perception first: which shapes, how many, which word, which background, readable from c' alone."""
+    frames = [(v, t) for v, video in enumerate(videos) for t in range(len(video.pixels))]
+    params = [p for n, p in model.named_parameters() if not n.startswith(("model.layers.", "model.norm.", "lm_head"))]
+    params += list(probes.parameters()) + [p for n, p in clip.named_parameters() if not n.startswith("vision_model.")]
+    opt = adamw(params, cfg.lr)
+    model.train()
+    bar = tqdm(range(cfg.stage0_steps), desc="stage 0 (perception)", dynamic_ncols=True)
+    for step in bar:
+        set_lr(opt, step, cfg.stage0_steps, cfg.lr)
+        picks = [frames[i] for i in rng.choice(len(frames), size=cfg.stage0_batch, replace=False)]
+        c, pooled, feats = perceive(model, normalize(np.stack([videos[v].pixels[t] for v, t in picks])))
+        targets = frame_targets(videos, picks)
+        probe = probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
+        captions = [caption(videos[v].captions[t], rng) for v, t in picks]
+        contrast = clip_loss(clip, pooled, captions, tok)
+        loss = probe + cfg.clip_weight * contrast
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        row = {"stage": 0, "step": step, "probe": probe.item(), "clip": contrast.item(), "lr": opt.param_groups[0]["lr"]}
+        if (step + 1) % 250 == 0 or step + 1 == cfg.stage0_steps:
+            row["held_out"] = probe_accuracy(model, probes, held_out)
+            tqdm.write(f"stage 0 step {step + 1}: held-out probe accuracy {row['held_out']}")
+        log(row)
+        bar.set_postfix(probe=f"{probe.item():.3f}", clip=f"{contrast.item():.2f}")
+
+
+@torch.no_grad()
+def probe_accuracy(model, probes: ProbeHeads, videos: list[Video]) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    picks = [(v, t) for v, video in enumerate(videos) for t in range(len(video.pixels))]
+    c = torch.cat([perceive(model, normalize(np.stack([videos[v].pixels[t] for v, t in picks[i : i + 256]])))[0]
+                   for i in range(0, len(picks), 256)])
+    model.train(was)
+    return {k: round(v, 4) for k, v in probes.accuracy(c, frame_targets(videos, picks)).items()}
+
+
+def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: TrainConfig, log,
+           rng: np.random.Generator) -> None:
+    prefix = build_prompt(tok, "").prefix
+    pool = question_pool(videos, tok, rng, per_family=40, max_range=cfg.stage1_max_frames)
+    groups = buckets(pool)
+    keys = sorted(groups)
+    weights = np.array([len(groups[k]) for k in keys], dtype=np.float64)
+    params = [p for p in model.parameters() if p.requires_grad] + list(probes.parameters())
+    params += [p for n, p in clip.named_parameters() if not n.startswith("vision_model.")]
+    opt = adamw(params, cfg.lr)
+    model.train()
+    bar = tqdm(range(cfg.stage1_steps), desc="stage 1 (end to end)", dynamic_ncols=True)
+    for step in bar:
+        set_lr(opt, step, cfg.stage1_steps, cfg.lr)
+        key = keys[rng.choice(len(keys), p=weights / weights.sum())]
+        n_frames = key[0]
+        batch_n = max(2, min(cfg.stage1_batch, 96 // n_frames))
+        members = groups[key]
+        batch = [members[i] for i in rng.choice(len(members), size=min(batch_n, len(members)), replace=False)]
+        pix = np.stack([videos[s.video].pixels[s.start : s.end + 1] for s in batch])  # (B, N, S, S, 3)
+        text_ids = torch.stack([torch.cat([prefix, s.question_ids]) for s in batch])
+        c, text, pooled, feats = fuse_batch(model, normalize(pix).flatten(0, 1), text_ids.repeat_interleave(n_frames, 0))
+        b, d = len(batch), c.shape[-1]
+        text = text.view(b, n_frames, *text.shape[1:]).float().mean(1)
+        inputs = torch.cat([text[:, : len(prefix)], c.view(b, n_frames, d), text[:, len(prefix) :]], dim=1)
+        qa = llm_loss(model, inputs, torch.stack([s.answer_ids for s in batch]))
+        targets = {k: torch.from_numpy(np.concatenate([videos[s.video].probes[k][s.start : s.end + 1]
+                                                        for s in batch])) for k in PROBE_KEYS}
+        probe = probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
+        captions = [caption(f, rng) for s in batch for f in videos[s.video].captions[s.start : s.end + 1]]
+        keep = rng.choice(len(captions), size=min(48, len(captions)), replace=False)
+        contrast = clip_loss(clip, pooled[keep], [captions[i] for i in keep], tok)
+        loss = qa + cfg.probe_weight * probe + cfg.clip_weight * contrast
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        row = {"stage": 1, "step": step, "frames": n_frames, "qa": qa.item(), "probe": probe.item(),
+               "clip": contrast.item(), "lr": opt.param_groups[0]["lr"]}
+        log(row)
+        bar.set_postfix(qa=f"{qa.item():.3f}", probe=f"{probe.item():.3f}", clip=f"{contrast.item():.2f}")
+
+
+@torch.no_grad()
+def encode_states(model, videos: list[Video], prefix: torch.Tensor, batch: int = 64) -> list[FrameStates]:
+    out = []
+    for v in tqdm(videos, desc="stage 2: encoding frames", dynamic_ncols=True):
+        parts = []
+        for start in range(0, len(v.pixels), batch):
+            pix = normalize(v.pixels[start : start + batch])[:, None]
+            patches, compressed = model.encode_visual(pix)
+            parts.append(prefuse_prefix(model, patches, compressed, prefix))
+        out.append(FrameStates.concat(parts))
+    return out
+
+
+def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.random.Generator) -> None:
+    prefix = build_prompt(tok, "").prefix
+    model.eval()
+    states = encode_states(model, videos, prefix)
+    pool = question_pool(videos, tok, rng, per_family=60, max_range=None)
+    trainable = [*model.model.layers.parameters(), *model.model.norm.parameters(), *model.lm_head.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = adamw(trainable, cfg.stage2_lr)
+    bar = tqdm(range(cfg.stage2_steps), desc="stage 2 (LLM over long clips)", dynamic_ncols=True)
+    for step in bar:
+        set_lr(opt, step, cfg.stage2_steps, cfg.stage2_lr, warmup=20)
+        opt.zero_grad(set_to_none=True)
+        total, frames = 0.0, 0
+        for i in rng.choice(len(pool), size=cfg.stage2_batch, replace=False):
+            s = pool[i]
+            sel = states[s.video].select(slice(s.start, s.end + 1))
+            with torch.no_grad():
+                q = prefuse_question(model, sel, s.question_ids)
+                p = mean_over_frames(sel.prefix_text)
+            inputs = torch.cat([p, sel.compressed.flatten(0, 1), q])[None]
+            loss = llm_loss(model, inputs, s.answer_ids[None]) / cfg.stage2_batch
+            loss.backward()
+            total += loss.item()
+            frames += s.end - s.start + 1
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        log({"stage": 2, "step": step, "frames": frames, "qa": total, "lr": opt.param_groups[0]["lr"]})
+        bar.set_postfix(qa=f"{total:.3f}", frames=frames)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
+    spec = spec or DemoSpec()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out, spec)
+    model, clip = build_demo_model(spec, tok, cfg.seed)
+    log_path = out / "training_log.jsonl"
+    log_file = log_path.open("w")
+    t0 = time.perf_counter()
+
+    def log(row: dict) -> None:
+        row["elapsed_s"] = round(time.perf_counter() - t0, 2)
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+
+    def seeds(n: int, offset: int) -> list[int]:
+        return [TRAIN_SEED_BASE + cfg.seed * 100_000 + offset + i for i in range(n)]
+
+    lo, hi = cfg.video_s
+    short = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
+             for s in tqdm(seeds(cfg.videos, 0), desc="rendering training videos", dynamic_ncols=True)]
+    held_out = [load_video(s, 60, spec.image_size) for s in seeds(3, 90_000)]
+    pooling = cell_pooling(spec.image_size, spec.patch_size)
+    probes = ProbeHeads(model.config.hidden_size, CellHeads(spec.vision_width, pooling))
+    stage0(model, clip, probes, tok, short, held_out, cfg, log, rng)
+    stage1(model, clip, probes, tok, short, cfg, log, rng)
+    del short
+    lo, hi = cfg.long_video_s
+    long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
+            for s in tqdm(seeds(cfg.long_videos, 50_000), desc="rendering long videos", dynamic_ncols=True)]
+    stage2(model, tok, long, cfg, log, rng)
+    model.eval()
+    save_demo(model, clip, tok, out)
+    (out / "training_config.json").write_text(json.dumps(
+        {"train": asdict(cfg), "spec": asdict(spec), "seconds": round(time.perf_counter() - t0, 1),
+         "torch": torch.__version__}, indent=2))
+    log_file.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("models/vidmini-demo"))
+    defaults = TrainConfig()
+    for name in ("seed", "videos", "long_videos", "stage0_steps", "stage0_batch", "stage1_steps", "stage2_steps", "stage1_batch", "stage2_batch",
+                 "threads"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("lr", "stage2_lr"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    args = ap.parse_args(argv)
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "out"})
+    path = train(args.out, cfg)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

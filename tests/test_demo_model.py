@@ -1,0 +1,151 @@
+"""The shipped demo model: its format, its tokenizer, its training script, and that it answers correctly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
+from engine.checkpoint import load_checkpoint
+from engine.prompt import SYSTEM_PROMPT, build_prompt
+from synth.render import render_samples
+from synth.world import BACKGROUNDS, KINDS, SHAPE_COLOURS, WORDS, generate_timeline, truth_at
+
+REPO = Path(__file__).resolve().parents[1]
+shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
+
+
+def load_eval_module():
+    spec = importlib.util.spec_from_file_location("eval_default_model", REPO / "bench" / "eval_default_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@shipped
+def test_shipped_checkpoint_is_small_reference_format_and_the_default(monkeypatch):
+    monkeypatch.delenv("VIDMINI_MODEL", raising=False)
+    files = [p for p in SHIPPED_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 1024 * 1024
+    config = json.loads((SHIPPED_MODEL_DIR / "config.json").read_text())
+    assert config["model_type"] == "llava_mini_llama" and config["mm_vision_tower"] == "vision_tower"
+    assert config["compressor_size"] == 1 and config["vidmini_demo"] is True
+    names = load_file(str(SHIPPED_MODEL_DIR / "model.safetensors")).keys()
+    assert {"model.compressor.query", "model.mm_projector.0.weight", "model.prefusion_layers.0.mlp.up_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"} <= set(names)
+    choice = choose_model(None)
+    assert choice.is_demo and Path(choice.location) == SHIPPED_MODEL_DIR and "demo" in choice.label.lower()
+    assert "synthetic" in choice.label.lower()
+    monkeypatch.setenv("VIDMINI_MODEL", "/some/other/model")
+    assert choose_model(None).location == "/some/other/model" and choose_model("x").location == "x"
+
+
+@shipped
+def test_tokenizer_is_llama3_style_with_one_token_answers():
+    engine = open_engine(choose_model(str(SHIPPED_MODEL_DIR)))
+    tok = engine.tokenizer
+    assert tok.convert_tokens_to_ids("<|eot_id|>") in engine.eos_ids
+    assert len(tok(SYSTEM_PROMPT, add_special_tokens=False).input_ids) == 1
+    prompt = build_prompt(tok, "Is there a green triangle?")
+    assert prompt.prefix.tolist()[:2] == [tok.bos_token_id, tok.bos_token_id]  # the reference's two BOS
+    for answer in ["yes", "no", *KINDS, *SHAPE_COLOURS, *BACKGROUNDS, *WORDS, *"0123456"]:
+        assert len(tok(answer, add_special_tokens=False).input_ids) == 1, answer
+
+
+@shipped
+def test_text_tower_finds_frames_with_the_named_thing():
+    """Search on the demo model: CLIP text features of "a <colour> <kind>" rank frames showing it first."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from engine.vision import load_image_processor, preprocess_frames
+
+    clip = CLIPModel.from_pretrained(str(SHIPPED_MODEL_DIR / "vision_tower")).eval()
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_MODEL_DIR / "vision_tower"))
+    processor = load_image_processor(SHIPPED_MODEL_DIR / "vision_tower")
+    timeline = generate_timeline(424242, 240)
+    frames = [frame for _, frame in render_samples(timeline)]
+    truths = [truth_at(timeline, t) for t in range(len(frames))]
+    with torch.no_grad():
+        images = clip.get_image_features(pixel_values=preprocess_frames(frames, processor)[:, 0])
+        images = torch.nn.functional.normalize(getattr(images, "pooler_output", images), dim=-1)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    precisions = []
+    for colour in SHAPE_COLOURS:
+        for kind in KINDS:
+            relevant = [any(s.kind == kind and s.colour == colour for s in t.shapes) for t in truths]
+            if sum(relevant) < 10:
+                continue
+            ids = torch.tensor([tok(f"a {colour} {kind}", add_special_tokens=False).input_ids + [eot]])
+            with torch.no_grad():
+                text = clip.get_text_features(input_ids=ids)
+                text = torch.nn.functional.normalize(getattr(text, "pooler_output", text), dim=-1)
+            top = (images @ text.T)[:, 0].topk(10).indices.tolist()
+            precisions.append(np.mean([relevant[i] for i in top]))
+    assert len(precisions) >= 5
+    assert np.mean(precisions) >= 0.8, precisions
+
+
+@shipped
+def test_sixty_question_slice_of_the_evaluation():
+    """The real product path (mp4 on disk → 1 fps decode → encode → store → answer) on held-out videos."""
+    ev = load_eval_module()
+    results = ev.evaluate(seed=11, n=60, model=str(SHIPPED_MODEL_DIR), workdir=_tmp(), min_s=60, max_s=150,
+                          log=lambda m: None)
+    assert len(results) == 60 and {r.family for r in results} == set(ev.FAMILIES)
+    accuracy = sum(r.correct for r in results) / len(results)
+    assert accuracy >= 0.8, [(r.question, r.expected, r.got) for r in results if not r.correct]
+
+
+def _tmp() -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="vidmini-eval-test-"))
+
+
+def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
+    """Two short runs with one seed give identical weights; the result loads through the engine's loader and a
+    different seed gives different weights."""
+    from synth.train import TrainConfig, train
+
+    cfg = dict(videos=4, video_s=(20, 30), long_videos=2, long_video_s=(30, 40), stage0_steps=2, stage0_batch=8,
+               stage1_steps=3, stage2_steps=2, stage1_batch=4, stage2_batch=2)
+    a = train(tmp_path / "a", TrainConfig(seed=3, **cfg))
+    b = train(tmp_path / "b", TrainConfig(seed=3, **cfg))
+    c = train(tmp_path / "c", TrainConfig(seed=4, **cfg))
+    wa, wb, wc = (load_file(str(d / "model.safetensors")) for d in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    log = [json.loads(line) for line in (a / "training_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 0, 1, 1, 1, 2, 2]
+    assert "held_out" in log[1]  # perception metrics on held-out frames after the last perception step
+    loaded = load_checkpoint(a)
+    assert loaded.model.config.extra.get("vidmini_demo") is True
+    assert torch.equal(loaded.model.lm_head.weight, wa["lm_head.weight"])
+
+
+@shipped
+def test_demo_command_makes_the_sample_once_and_answers(tmp_path, monkeypatch):
+    """`make run`'s command: a synthetic video made once under $VIDMINI_HOME, ingested, one question per family."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "VIDMINI_MODEL"}
+    env["VIDMINI_HOME"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "app.cli", "demo", "--seconds", "40", "--seed", "3"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "writing the sample video" in first.stderr
+    assert "demo model" in first.stdout and "synthetic" in first.stdout
+    rows = [line for line in first.stdout.splitlines() if "truth:" in line]
+    assert len(rows) >= 5 and all(("ok" in r) != ("WRONG" in r) for r in rows)
+    assert sorted(p.suffix for p in (tmp_path / "samples").iterdir()) == [".json", ".mp4"]
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert second.returncode == 0 and "writing the sample video" not in second.stderr
+    assert [r.split("model:")[0] for r in rows] == [
+        r.split("model:")[0] for r in second.stdout.splitlines() if "truth:" in r]
