@@ -153,3 +153,15 @@ def test_demo_command_makes_the_sample_once_and_answers(tmp_path, monkeypatch):
     assert second.returncode == 0 and "writing the sample video" not in second.stderr
     assert [r.split("model:")[0] for r in rows] == [
         r.split("model:")[0] for r in second.stdout.splitlines() if "truth:" in r]
+
+
+def test_demo_command_rejects_a_bad_length(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VIDMINI_HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--seconds", "3"], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == "vidmini: error: --seconds must be between 10 and 10800"
+    assert not (tmp_path / "samples").exists()
