@@ -1,15 +1,18 @@
 """Train the shipped demo model on the synthetic world (`make model`): seeded, CPU, under an hour.
 
-Stage 1 (end to end, short clips of 1–8 frames): vision tower, compressor, projector, pre-fusion and LLM learn
-the world's questions; two side losses shape the frame token c' so the LLM can find things in long videos:
-per-frame probes of c' (which shapes, counts, word, background) and CLIP's contrastive loss between frames and
-captions (trains the text tower used by search). The probes' heads are thrown away.
+Stage 0 (perception, single frames from many short videos, so few frames repeat): vision tower, compressor,
+projector and pre-fusion learn to put what a frame shows into its one fused token c'. Side losses only: heads
+on each grid cell's patch features (which kind and colour sits there: without them the tower learned words and
+backgrounds but not shapes), probes of c' (which shapes, counts, word, background), and CLIP's contrastive loss
+between frames and captions (trains the text tower used by search). All heads are thrown away.
+Stage 1 (end to end, clips of 1–8 frames): the world's questions, side losses kept.
 Stage 2 (LLM only, clips up to 10 minutes): everything before the LLM is frozen, so each frame's states are
 computed once by the engine's own `prefuse_prefix`, and each question's fused tokens by `prefuse_question` —
 the exact numbers the product feeds the LLM at inference.
 
-  python -m synth.train --out models/vidmini-demo            # the shipped weights
-  python -m synth.train --out /tmp/m --stage1-steps 50 --stage2-steps 20 --videos 20   # a quick smoke run
+  python -m synth.train --out models/vidmini-demo            # the shipped weights (~45 min on 2 cores)
+  python -m synth.train --out /tmp/m --videos 20 --long-videos 2 --stage0-steps 20 --stage1-steps 20 \
+      --stage2-steps 10                                       # a quick smoke run
 """
 
 from __future__ import annotations
