@@ -285,9 +285,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"video: {path} ({result.frames} frames at 1 fps, id {result.video_id[:12]})")
     right = 0
     questions = make_questions(timeline, np.random.default_rng(args.seed), per_family=1)
+    sampling = SamplingConfig(max_new_tokens=8, stop_ids=engine.eos_ids)
     for q in questions:
         index = np.flatnonzero((seconds >= q.start_s) & (seconds <= q.end_s)).tolist()
-        sampling = SamplingConfig(max_new_tokens=8, stop_ids=engine.eos_ids)
         got = engine.collect(engine.answer(q.question, states.select(index), sampling), len(index)).text
         ok = got.strip().lower() == q.answer.lower()
         right += ok

@@ -165,3 +165,15 @@ def test_demo_command_rejects_a_bad_length(tmp_path):
                          text=True, env=env, cwd=REPO, timeout=120)
     assert res.returncode == 2 and res.stderr.strip() == "vidmini: error: --seconds must be between 10 and 10800"
     assert not (tmp_path / "samples").exists()
+
+
+def test_training_pixels_equal_the_engines_preprocessing():
+    """Training normalizes frames itself (fast, batched); it must feed the numbers inference feeds."""
+    from engine.vision import make_image_processor, preprocess_frames, resize_nearest
+    from synth.train import normalize
+
+    frames = [frame for _, frame in render_samples(generate_timeline(77, 4))]
+    ours = normalize(np.stack([resize_nearest(f, 80) for f in frames]))
+    engine = preprocess_frames(frames, make_image_processor(80))[:, 0]
+    assert ours.shape == engine.shape == (4, 3, 80, 80)
+    assert torch.allclose(ours, engine, atol=1e-5)
