@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="reference: the reference's prompt, quirks included; corrected: assistant header, one BOS")
     _ingest_options(ask)
     ask.add_argument("--no-store", action="store_true", help="decode and encode in memory; store nothing")
+    ask.add_argument("--from", dest="start", default=None, metavar="T",
+                     help="only frames from this time (1:02:03, 62:03 or seconds)")
+    ask.add_argument("--to", dest="end", default=None, metavar="T", help="only frames up to this time")
+    ask.add_argument("--policy", default="auto",
+                     help="question-time fusion: all (exact), uniform:K, retrieved:K or auto (default)")
+    ask.add_argument("--prefusion-budget-gb", type=float, default=1.0,
+                     help="device memory for pre-fusion states (tier C); auto uses all frames when they fit")
+    ask.add_argument("--no-cache", action="store_true",
+                     help="answer the reference's way: decode the frames again and recompute everything")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("--logprobs", type=int, default=0, metavar="K", help="with --json: top-K log-probs per token")
 
@@ -125,18 +134,71 @@ def _read_media(engine, path: str, fps: float, max_frames: int | None):
     return engine.frame_pixels(sampled.frames), sampled.timestamps
 
 
+def _reference_frames(engine, args, stored, kind, options, time_range):
+    """--no-cache: the frames decoded again from the source (a stored video's own file and sampling), cut to the
+    range; returns pixels and timestamps."""
+    from ingest.sampler import FrameSampler
+
+    if kind == "image" or (stored is None and args.no_store):
+        pixels, timestamps = _read_media(engine, args.media, options.fps, args.max_frames)
+    else:
+        source, sampling = args.media, {"fps": options.fps, "every_k": options.every_k, "mode": options.mode,
+                                        "stream": options.stream}
+        if stored is not None:
+            meta = stored.manifest["meta"]
+            source, sampling = meta["source"], meta["sampling"]
+            if not Path(source).exists():
+                raise UsageError(f"--no-cache needs the stored video's source file, which is gone: {source}")
+        bounds = {} if time_range is None else {"start": time_range.start, "end": time_range.end + 1e-3}
+        frames = list(FrameSampler(source, fps=None if sampling["every_k"] else sampling["fps"],
+                                   every_k=sampling["every_k"], mode=sampling["mode"], stream=sampling["stream"],
+                                   backend=options.backend, **bounds))
+        if not frames:
+            raise UsageError("no frames decoded in that range")
+        pixels, timestamps = engine.frame_pixels([f.image for f in frames]), [f.t for f in frames]
+    if time_range is None:
+        return pixels, timestamps
+    span = time_range.frame_span(timestamps)
+    return pixels[span.start : span.stop], [timestamps[i] for i in span]
+
+
+def _is_image(path: str) -> bool:
+    from ingest.simple_decode import MediaError, media_kind
+
+    try:
+        return media_kind(path) == "image"
+    except MediaError:
+        return False  # reported with the usual message below
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from app.models import RANDOM_BANNER, choose_model, open_engine
+    from engine.session import Policy
 
     if args.logprobs < 0 or args.max_new_tokens < 0:
         raise UsageError("--logprobs and --max-new-tokens must be >= 0")
+    if args.prefusion_budget_gb <= 0:
+        raise UsageError("--prefusion-budget-gb must be > 0")
+    from engine.timerange import choose_range
+
+    try:
+        Policy.parse(args.policy)
+        explicit = choose_range(args.question, args.start, args.end)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     options = _options(args)
+    is_image = Path(args.media).exists() and _is_image(args.media)
+    if is_image:
+        if args.start is not None or args.end is not None:
+            raise UsageError("--from/--to apply to videos, not images")
+        explicit = None  # times written in a question about an image are not ranges
     from app.models import data_home
-    from ingest.job import load_states
+    from engine.session import VideoSession
+    from ingest.session_store import open_store_session
     from ingest.simple_decode import media_kind
     from ingest.store import Library
 
-    stored = None
+    stored, kind = None, None
     if not Path(args.media).exists():
         try:
             stored = Library(data_home()).get(args.media)  # a stored video's id
@@ -148,43 +210,73 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if choice.is_random:
         print(RANDOM_BANNER, file=sys.stderr)
     engine = open_engine(choice, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
-    t0 = time.perf_counter()
-    video_id = None
-    if stored is not None:
-        states, timestamps, video_id = load_states(stored, engine.model.device), stored.timestamps().tolist(), \
-            stored.video_id
-    elif kind == "image" or args.no_store:
-        pixels, timestamps = _read_media(engine, args.media, options.fps, args.max_frames)
-        states = engine.encode_frames(pixels)
-    else:
-        result = _ingest_one(engine, args.media, options)
-        store = Library(data_home()).get(result.video_id)
-        states, timestamps, video_id = load_states(store, engine.model.device), store.timestamps().tolist(), \
-            result.video_id
-    encode_ms = (time.perf_counter() - t0) * 1000
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               stop_ids=engine.eos_ids, logprobs=args.logprobs, seed=args.seed)
-    answer = engine.collect(engine.answer(args.question, states, sampling), frames=states.num_frames)
+    t0 = time.perf_counter()
+    video_id = stored.video_id if stored is not None else None
+    if args.no_cache:
+        try:
+            pixels, timestamps = _reference_frames(engine, args, stored, kind, options, explicit)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        encode_ms = 0.0  # the reference encodes inside every question: counted in ttft_ms
+        answer = engine.collect(engine.forward_full(pixels, args.question, sampling), frames=len(timestamps))
+        frames = list(range(len(timestamps)))
+        result = {"answer": answer.text, "token_ids": answer.token_ids, "policy": "reference",
+                  "policy_requested": args.policy, "frame_indices": frames, "fused_frames": frames,
+                  "range": None if explicit is None else {"start": explicit.start, "end": explicit.end,
+                                                          "source": explicit.source},
+                  "ttft_ms": answer.ttft_ms, "tokens_per_s": answer.tokens_per_s, "logprobs": answer.logprobs,
+                  "exact_prefix": True, "prefix_cosine": 1.0, "packed_from": None}
+    else:
+        budget = int(args.prefusion_budget_gb * 2**30)
+        if stored is None and (kind == "image" or args.no_store):
+            pixels, timestamps = _read_media(engine, args.media, options.fps, args.max_frames)
+            session = VideoSession.from_states(engine, engine.encode_frames(pixels), timestamps,
+                                               prefusion_budget_bytes=budget)
+        else:
+            if stored is None:
+                stored = Library(data_home()).get(_ingest_one(engine, args.media, options).video_id)
+                video_id = stored.video_id
+            session = open_store_session(engine, stored, prefusion_budget_bytes=budget)
+        encode_ms = (time.perf_counter() - t0) * 1000
+        try:
+            got = session.ask(args.question, args.start, args.end, args.policy, sampling,
+                              question_times=not is_image).result()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        timestamps = got.timestamps
+        result = got.to_json()
+        result["answer"] = result.pop("text")
+        result["frame_indices"] = result.pop("frames")
     if args.json:
         out = {
-            "answer": answer.text,
-            "token_ids": answer.token_ids,
-            "frames": answer.frames,
-            "timestamps": timestamps,
-            "ttft_ms": round(answer.ttft_ms, 3),
-            "tokens_per_s": round(answer.tokens_per_s, 3),
+            "answer": result["answer"],
+            "token_ids": result["token_ids"],
+            "frames": len(timestamps),
+            "timestamps": [float(t) for t in timestamps],
+            "frame_indices": result["frame_indices"],
+            "fused_frames": result["fused_frames"],
+            "range": result["range"],
+            "policy": result["policy"],
+            "policy_requested": result["policy_requested"],
+            "exact_prefix": result["exact_prefix"],
+            "packed_from": result["packed_from"],
+            "ttft_ms": round(result["ttft_ms"], 3),
+            "tokens_per_s": round(result["tokens_per_s"], 3),
             "encode_ms": round(encode_ms, 3),
             "model": engine.name,
             "video_id": video_id,
             "random_weights": choice.is_random,
         }
         if args.logprobs:
-            out["logprobs"] = answer.logprobs
+            out["logprobs"] = result["logprobs"]
         print(json.dumps(out))
     else:
-        print(answer.text)
-        print(f"[{engine.name}; {answer.frames} frame(s); first token {answer.ttft_ms:.1f} ms; "
-              f"{answer.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+        print(result["answer"])
+        where = "" if result["range"] is None else f" from {result['range']['start']:g}s to {result['range']['end']:g}s"
+        print(f"[{engine.name}; {len(timestamps)} frame(s){where}; policy {result['policy']}; "
+              f"first token {result['ttft_ms']:.1f} ms; {result['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
     return 0
 
 

@@ -163,6 +163,46 @@ def prefuse_prefix(
     )
 
 
+@dataclass
+class QuestionPass:
+    """Q's embeddings, rotary tables and mask, built once per question and reused for every batch of frames
+    (a session fuses Q chunk by chunk as the pre-fusion states stream through its working set)."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+    text: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+
+
+def question_pass(model: LlavaMiniModel, key_valid: torch.Tensor, next_position: int, question_ids: torch.Tensor
+                  ) -> QuestionPass:
+    q_valid = question_ids.to(model.device) > 0
+    text = model.embed(question_ids)
+    t = question_ids.shape[0]
+    cos, sin = model.rope(_positions(q_valid, next_position)[None])
+    causal = torch.ones(t, t, dtype=torch.bool, device=model.device).tril() & q_valid[None, :]
+    mask = torch.cat([key_valid.to(model.device)[None, :].expand(t, -1), causal], dim=1)
+    return QuestionPass(question_ids, q_valid, text, cos, sin, mask)
+
+
+@torch.no_grad()
+def fused_question_sum(model: LlavaMiniModel, qp: QuestionPass, keys: list[torch.Tensor],
+                       values: list[torch.Tensor]) -> torch.Tensor:
+    """Q through the pre-fusion layers of a batch of frames (their cached keys/values, (B, Hkv, S, D) per layer);
+    the float32 SUM over those frames of the fused question, (|Q|, d), so batches can be added up exactly as the
+    reference's running sum does."""
+    b = keys[0].shape[0]
+    x = qp.text.unsqueeze(0).expand(b, -1, -1)
+    for i, layer in enumerate(model.model.prefusion_layers):
+        q, k, v = project_qkv(layer, x, qp.cos, qp.sin)
+        ks = torch.cat([keys[i].to(model.device, non_blocking=True), k], dim=2)
+        vs = torch.cat([values[i].to(model.device, non_blocking=True), v], dim=2)
+        x = finish_layer(layer, x, attention(q, ks, vs, qp.mask, causal=False, impl=model.attn_impl))
+    return torch.where(qp.valid[None, :, None], x, qp.text).float().sum(0)
+
+
 @torch.no_grad()
 def prefuse_question(
     model: LlavaMiniModel, states: FrameStates, question_ids: torch.Tensor, chunk_frames: int = 128
@@ -170,23 +210,13 @@ def prefuse_question(
     """Q's tokens through the pre-fusion layers of every frame, against that frame's cached states, then the
     float32 mean over frames (the video's fused question), (|Q|, d). Positions at ids <= 0 keep their raw
     embeddings. Frames go in chunks so memory stays bounded; states may live on another device."""
-    q_valid = question_ids.to(model.device) > 0
-    text = model.embed(question_ids)
-    t = question_ids.shape[0]
-    cos, sin = model.rope(_positions(q_valid, states.next_position)[None])
-    causal = torch.ones(t, t, dtype=torch.bool, device=model.device).tril() & q_valid[None, :]
-    mask = torch.cat([states.key_valid.to(model.device)[None, :].expand(t, -1), causal], dim=1)
-    total = torch.zeros(t, text.shape[-1], dtype=torch.float32, device=model.device)
+    qp = question_pass(model, states.key_valid, states.next_position, question_ids)
+    total = torch.zeros(qp.text.shape, dtype=torch.float32, device=model.device)
     for start in range(0, states.num_frames, chunk_frames):
         stop = min(start + chunk_frames, states.num_frames)
-        x = text.unsqueeze(0).expand(stop - start, -1, -1)
-        for i, layer in enumerate(model.model.prefusion_layers):
-            q, k, v = project_qkv(layer, x, cos, sin)
-            keys = torch.cat([states.keys[i][start:stop].to(model.device, non_blocking=True), k], dim=2)
-            values = torch.cat([states.values[i][start:stop].to(model.device, non_blocking=True), v], dim=2)
-            x = finish_layer(layer, x, attention(q, keys, values, mask, causal=False, impl=model.attn_impl))
-        total += torch.where(q_valid[None, :, None], x, text).float().sum(0)
-    return (total / states.num_frames).to(text.dtype)
+        total += fused_question_sum(model, qp, [k[start:stop] for k in states.keys],
+                                    [v[start:stop] for v in states.values])
+    return (total / states.num_frames).to(qp.text.dtype)
 
 
 def mean_over_frames(fused: torch.Tensor, device: torch.device | str | None = None, chunk: int = 256
