@@ -65,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="delete a stored video")
     rm.add_argument("video_id")
 
+    se = sub.add_parser("search", help="find moments by describing them (text → frames)")
+    se.add_argument("query")
+    se.add_argument("--video", default=None, help="one stored video (id or prefix); default: the whole library")
+    se.add_argument("-k", type=int, default=10, help="how many moments")
+    se.add_argument("--model", help="checkpoint directory or Hugging Face id (its text tower embeds the query)")
+    se.add_argument("--json", action="store_true", help="one JSON object")
+
+    sc = sub.add_parser("scenes", help="scene boundaries of a stored video (from frame embeddings)")
+    sc.add_argument("video_id")
+    sc.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="make a synthetic-world video, ingest it, ask one question per family")
     demo.add_argument("--model", help="checkpoint directory (default: the shipped demo model)")
     demo.add_argument("--seconds", type=int, default=120, help="length of the generated video")
@@ -114,13 +125,24 @@ def _progress_bar(label: str):
 
 def _ingest_one(engine, source: str, options):
     from app.models import data_home
+    from index.library import LibraryIndex, NotIndexed
     from ingest.job import run_ingest
+    from ingest.live import is_stream_url
 
+    index = LibraryIndex(data_home())
     bar, update = _progress_bar(Path(source).name or source)
     try:
-        return run_ingest(source, engine, data_home(), options, on_progress=update)
+        # a live source's frames become searchable chunk by chunk; a file's all at once when it is done
+        result = run_ingest(source, engine, data_home(), options, on_progress=update,
+                            on_chunk=index.add_chunk if options.live or is_stream_url(source) else None)
     finally:
         bar.close()
+    if engine.retrieval is not None:
+        try:
+            index.sync()
+        except NotIndexed:
+            pass
+    return result
 
 
 def _read_media(engine, path: str, fps: float, max_frames: int | None):
@@ -343,7 +365,58 @@ def cmd_rm(args: argparse.Namespace) -> int:
     except KeyError:
         raise UsageError(f"no stored video {args.video_id}") from None
     lib.remove(store.video_id)
+    from index.library import LibraryIndex
+
+    LibraryIndex(data_home()).remove_video(store.video_id)
     print(f"removed {store.video_id}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from app.models import choose_model, data_home, open_engine
+    from engine.retrieval import SearchUnavailable
+    from index.library import NotIndexed
+    from index.search import MomentSearch
+    from ingest.store import UnknownVideo
+    from synth.questions import format_clock
+
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
+    if not args.query.strip():
+        raise UsageError("empty search query")
+    engine = open_engine(choose_model(args.model))
+    try:
+        moments = MomentSearch(data_home(), engine.retrieval).search(args.query, args.video, args.k)
+    except (SearchUnavailable, NotIndexed, UnknownVideo) as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps({"query": args.query, "video": args.video, "model": engine.name,
+                          "moments": [m.to_json() for m in moments]}))
+        return 0
+    if not moments:
+        print("no matching moments")
+    for m in moments:
+        span = format_clock(int(m.start)) if m.start == m.end else f"{format_clock(int(m.start))}–{format_clock(int(m.end))}"
+        print(f"{m.score:.3f}  {m.video_id[:16]}  {span}  (best frame at {format_clock(int(m.time))})")
+    return 0
+
+
+def cmd_scenes(args: argparse.Namespace) -> int:
+    from app.models import data_home
+    from index.library import LibraryIndex, NotIndexed
+    from index.moments import scene_boundaries
+    from ingest.store import UnknownVideo
+
+    index = LibraryIndex(data_home())
+    try:
+        store = index.library.get(args.video_id)
+        cuts = scene_boundaries(index.frame_vectors(store.video_id), store.timestamps())
+    except (NotIndexed, UnknownVideo) as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps({"video_id": store.video_id, "scene_starts": cuts}))
+    else:
+        print("\n".join(f"{t:.1f}" for t in cuts) or "one scene")
     return 0
 
 
@@ -410,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     from ingest.simple_decode import MediaError
 
     commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes}
     try:
         return commands[args.command](args)
     except (UsageError, CheckpointError, MediaError, IngestError, FileNotFoundError) as e:

@@ -10,8 +10,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from engine.checkpoint import load_checkpoint
 from engine.inference import Engine
+from engine.retrieval import RetrievalSpace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL_DIR = REPO_ROOT / "models" / "vidmini-demo"
@@ -56,5 +59,9 @@ def open_engine(choice: ModelChoice, dtype: str = "fp32", device: str = "cpu", p
     if choice.is_random:
         ensure_random_model(Path(choice.location))
     loaded = load_checkpoint(choice.location, dtype=dtype, device=device)
+    retrieval = None
+    if loaded.vision_dir is not None:
+        retrieval = RetrievalSpace.load(loaded.vision_dir, device=device,
+                                        dtype=torch.float32 if device == "cpu" else loaded.model.dtype)
     return Engine(loaded.model, loaded.tokenizer, loaded.processor, loaded.eos_ids, name=choice.label,
-                  prompt_style=prompt_style, is_demo=choice.is_demo or choice.is_random)
+                  prompt_style=prompt_style, is_demo=choice.is_demo or choice.is_random, retrieval=retrieval)

@@ -187,6 +187,7 @@ class Loaded:
     processor: object
     eos_ids: tuple[int, ...]
     directory: Path
+    vision_dir: Path | None = None
 
 
 def load_checkpoint(
@@ -232,7 +233,7 @@ def load_checkpoint(
     finally:
         hf_logging.set_verbosity(verbosity)
     processor = load_image_processor(vision_dir)
-    return Loaded(model, tokenizer, processor, eos_ids_of(directory, config), directory)
+    return Loaded(model, tokenizer, processor, eos_ids_of(directory, config), directory, vision_dir)
 
 
 def save_checkpoint(

@@ -20,6 +20,7 @@ from engine.generate import SamplingConfig, TokenEvent, allocate_cache, decode, 
 from engine.llama import KVCache
 from engine.model import LlavaMiniModel
 from engine.prompt import PromptIds, build_prompt
+from engine.retrieval import RetrievalSpace
 from engine.vision import preprocess_frames, preprocess_image
 
 
@@ -55,6 +56,7 @@ class Engine:
     prompt_style: str = "reference"
     encode_batch: int = 16
     is_demo: bool = False
+    retrieval: RetrievalSpace | None = None  # text–frame search space; None when the model has no text tower
 
     # ---- prompt -------------------------------------------------------------------------------------------
     def prompt(self, question: str) -> PromptIds:
@@ -81,18 +83,30 @@ class Engine:
     ) -> FrameStates:
         """Vision tower, compressor, projector and the question-independent pre-fusion, in batches, written
         into one preallocated set of tensors (on `out_device`, default the model's)."""
+        return self.encode_frames_and_embeddings(pixels, batch_size, out_device, embeddings=False)[0]
+
+    def encode_frames_and_embeddings(
+        self, pixels: torch.Tensor, batch_size: int | None = None, out_device: torch.device | str | None = None,
+        embeddings: bool = True,
+    ) -> tuple[FrameStates, torch.Tensor | None]:
+        """`encode_frames` plus each frame's retrieval embedding (F, dim) float32 on the CPU, from the same
+        vision pass; None when the model has no retrieval space (or `embeddings` is False)."""
         batch = batch_size or self.encode_batch
         prefix = self.prefix_ids
+        space = self.retrieval if embeddings else None
         out: FrameStates | None = None
+        vectors = []
         for start in range(0, pixels.shape[0], batch):
-            patches, compressed = self.model.encode_visual(pixels[start : start + batch])
+            patches, compressed, pooled = self.model.encode_visual_pooled(pixels[start : start + batch])
             part = prefuse_prefix(self.model, patches, compressed, prefix)
             if out is None:
                 out = FrameStates.empty_like_batch(part, pixels.shape[0], out_device or self.model.device)
             out.write(start, part)
+            if space is not None:
+                vectors.append(space.embed_pooled(pooled))
         if out is None:
             raise ValueError("no frames to encode")
-        return out
+        return out, (torch.cat(vectors) if vectors else None)
 
     def _check_states(self, states: FrameStates, prompt: PromptIds) -> None:
         if states.num_frames == 0:

@@ -83,8 +83,15 @@ class LlavaMiniModel(nn.Module):
         parts = 1: 576 patch tokens. parts = n² + 1 (crops, then the whole image): the crops' tokens stitched
         into one (n·24)² grid, then the whole image's 576; the compressor runs over the stitched grid.
         """
+        return self.encode_visual_pooled(pixels)[:2]
+
+    @torch.no_grad()
+    def encode_visual_pooled(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`encode_visual` plus the vision tower's pooled output of the whole image (B, width), from the same
+        forward pass (retrieval embeddings come from it)."""
         b, parts = pixels.shape[:2]
-        feats = self.vision(pixels.flatten(0, 1).to(self.device))
+        feats, pooled = self.vision.features_and_pooled(pixels.flatten(0, 1).to(self.device))
+        pooled = pooled.view(b, parts, -1)[:, -1]
         n_patch, width = feats.shape[1], feats.shape[2]
         feats = feats.view(b, parts, n_patch, width)
         if parts == 1:
@@ -103,4 +110,4 @@ class LlavaMiniModel(nn.Module):
             crops = self.model.mm_projector(feats[:, : n * n].to(self.dtype))
             crops = crops.reshape(b, n, n, g, g, -1).transpose(2, 3).reshape(b, n * n * n_patch, -1)
             patches = torch.cat([crops, self.model.mm_projector(feats[:, -1].to(self.dtype))], dim=1)
-        return patches, self.model.mm_projector(compressed)
+        return patches, self.model.mm_projector(compressed), pooled

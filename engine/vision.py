@@ -40,9 +40,14 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalized pixels → (B, patches, width) features."""
+        return self.features_and_pooled(pixels)[0]
+
+    def features_and_pooled(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and, from the same pass, the final layer's pooled output (CLS after post-layernorm):
+        the input of CLIP's `visual_projection`, for retrieval embeddings."""
         out = self.vision_tower(pixel_values=pixels.to(self.vision_tower.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.select_layer]
-        return feats[:, 1:] if self.select_feature == "patch" else feats
+        return (feats[:, 1:] if self.select_feature == "patch" else feats), out.pooler_output
 
 
 def load_image_processor(path: str | Path) -> _ClipProcessor:

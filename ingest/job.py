@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from PIL import Image
 
 from engine.fusion import FrameStates
 from engine.inference import Engine
+
+if TYPE_CHECKING:
+    from ingest.store import VideoStore
 
 THUMB_WIDTH = 160
 
@@ -174,8 +178,12 @@ def run_ingest(
     options: IngestOptions | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     cancel: threading.Event | None = None,
+    on_chunk: Callable[[VideoStore, int, torch.Tensor | None], None] | None = None,
 ) -> IngestResult:
-    """Ingest one file or stream; reuses a complete store, resumes an incomplete one."""
+    """Ingest one file or stream; reuses a complete store, resumes an incomplete one.
+
+    `on_chunk(store, first_frame, embeddings)` runs after each chunk is committed (the moment-search index
+    adds a live source's frames as they arrive)."""
     from ingest.live import FollowFile, is_stream_url
     from ingest.probe import probe
     from ingest.sampler import FrameSampler
@@ -229,11 +237,13 @@ def run_ingest(
         for batch in producer:
             if cancel is not None and cancel.is_set():
                 break
-            states = engine.encode_frames(batch.pixels, out_device="cpu")
+            states, embeddings = engine.encode_frames_and_embeddings(batch.pixels, out_device="cpu")
             if "key_valid" not in store.manifest.get("meta", {}):
                 store.update_meta({"key_valid": states.key_valid.tolist(), "next_position": states.next_position})
             store.append_chunk(timestamps=batch.timestamps, pts=batch.pts, tensors=states_to_tensors(states),
-                               thumbnails=batch.thumbnails, start_frame=done)
+                               thumbnails=batch.thumbnails, embeddings=embeddings, start_frame=done)
+            if on_chunk is not None:
+                on_chunk(store, done, embeddings)
             done += len(batch.timestamps)
             if on_progress is not None:
                 rate = (done - resumed_from) / max(time.perf_counter() - started, 1e-9)
