@@ -260,7 +260,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
             if stored is None:
                 stored = Library(data_home()).get(_ingest_one(engine, args.media, options).video_id)
                 video_id = stored.video_id
-            session = open_store_session(engine, stored, prefusion_budget_bytes=budget)
+            from index.search import MomentSearch, frame_picker
+
+            searcher = MomentSearch(data_home(), engine.retrieval)
+            session = open_store_session(engine, stored, prefusion_budget_bytes=budget,
+                                         picker=frame_picker(searcher, stored.video_id))
         encode_ms = (time.perf_counter() - t0) * 1000
         try:
             got = session.ask(args.question, args.start, args.end, args.policy, sampling,
@@ -271,6 +275,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         result = got.to_json()
         result["answer"] = result.pop("text")
         result["frame_indices"] = result.pop("frames")
+    moments = _when_moments(engine, args.question, video_id, result["range"])
     if args.json:
         out = {
             "answer": result["answer"],
@@ -293,13 +298,41 @@ def cmd_ask(args: argparse.Namespace) -> int:
         }
         if args.logprobs:
             out["logprobs"] = result["logprobs"]
+        if moments is not None:
+            out["moments"] = [m.to_json() for m in moments]
         print(json.dumps(out))
     else:
         print(result["answer"])
+        if moments:
+            print("moments: " + ", ".join(f"{_span(m.start, m.end)} ({m.score:.2f})" for m in moments))
         where = "" if result["range"] is None else f" from {result['range']['start']:g}s to {result['range']['end']:g}s"
         print(f"[{engine.name}; {len(timestamps)} frame(s){where}; policy {result['policy']}; "
               f"first token {result['ttft_ms']:.1f} ms; {result['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def _span(start: float, end: float) -> str:
+    from synth.questions import format_clock
+
+    return format_clock(int(start)) if int(start) == int(end) else f"{format_clock(int(start))}–{format_clock(int(end))}"
+
+
+def _when_moments(engine, question: str, video_id: str | None, time_range: dict | None, k: int = 5):
+    """For "when does …" questions about a stored video: the top moments (within the range asked about), to
+    show beside the model's answer. None when not such a question or search is unavailable."""
+    from app.models import data_home
+    from index.library import NotIndexed
+    from index.search import MomentSearch, is_when_question
+
+    if video_id is None or engine.retrieval is None or not is_when_question(question):
+        return None
+    try:
+        moments = MomentSearch(data_home(), engine.retrieval).search(question, video_id, k=4 * k)
+    except NotIndexed:
+        return None
+    if time_range is not None:
+        moments = [m for m in moments if m.end >= time_range["start"] and m.start <= time_range["end"]]
+    return moments[:k]
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

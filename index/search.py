@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from engine.retrieval import RetrievalSpace, SearchUnavailable
-from index.library import LibraryIndex
+from index.library import LibraryIndex, NotIndexed
 from index.moments import Moment, collapse_duplicates, merge_hits, scene_boundaries
 
+WHEN_QUESTION = re.compile(r"^\s*(when\b|at what (time|point|moment)\b|what time\b|find\b|show me\b)", re.I)
 CANDIDATES_PER_RESULT = 20  # frames fetched per moment asked for, before merging and collapsing
 KEEP_FRACTION = 0.5  # a candidate is a hit when it scores in the upper half of the candidates' range
 
@@ -88,3 +91,28 @@ class MomentSearch:
         scores = vectors[candidates] @ query
         best = candidates[np.argsort(-scores, kind="stable")[:k]]
         return sorted(int(i) for i in best)
+
+
+def is_when_question(question: str) -> bool:
+    """"When does the red circle appear?", "At what time …", "Find …": answered with moments too."""
+    return bool(WHEN_QUESTION.match(question))
+
+
+def frame_picker(search: MomentSearch, video_id: str) -> Callable[[str, Sequence[int], int], list[int]] | None:
+    """The `retrieved:K` policy's picker for one stored video: the K frames of the frame set most similar to
+    the question in the retrieval space, in time order. None when the video or model cannot be searched."""
+    if search.space is None:
+        return None
+    try:
+        vectors = search.index.frame_vectors(video_id)
+    except NotIndexed:
+        return None
+    space = search.space
+
+    def pick(question: str, frames: Sequence[int], k: int) -> list[int]:
+        query = space.embed_text([question])[0].numpy()
+        candidates = np.asarray(frames, dtype=np.int64)
+        best = candidates[np.argsort(-(vectors[candidates] @ query), kind="stable")[:k]]
+        return sorted(int(i) for i in best)
+
+    return pick

@@ -230,3 +230,23 @@ def test_search_slice_of_the_evaluation_finds_the_right_segment(tmp_path):
     assert len(found) == 30
     recall = np.mean([f.hit for f in found])
     assert recall >= 0.9, [(f.query.text, f.moments[:2]) for f in found if not f.hit]
+
+
+@shipped
+def test_retrieved_policy_fuses_the_frames_nearest_the_question_and_when_questions_get_moments(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VIDMINI_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("VIDMINI_MODEL", raising=False)
+    timeline = generate_timeline(8080, 60)
+    video = _ingest(write_video(timeline, tmp_path / "w.mp4"), capsys)
+    question = "When is the word CAT shown?"
+    assert cli(["ask", video, question, "--policy", "retrieved:4", "--json", "--max-new-tokens", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    engine = open_engine(choose_model(None))
+    store = LibraryIndex(tmp_path / "home").library.get(video)
+    scores = store.embeddings().float().numpy() @ engine.retrieval.embed_text([question])[0].numpy()
+    assert out["policy"].startswith("retrieved") and out["fused_frames"] == sorted(np.argsort(-scores)[:4].tolist())
+    assert 1 <= len(out["moments"]) <= 5
+    assert all(0 <= m["start"] <= m["end"] <= 59 for m in out["moments"])
+    assert cli(["ask", video, "What colour is the background?", "--json", "--max-new-tokens", "2"]) == 0
+    assert "moments" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
