@@ -249,6 +249,7 @@ class VideoSession:
         self.max_prefix_caches = max_prefix_caches
         self.picker, self.auto_k, self.live_mode = picker, auto_k, live_mode
         self.lock = lock or threading.RLock()
+        self.fuse_batch_frames = 64  # frames per pre-fusion pass of Q (bounds the activations' memory)
         self._prefixes: OrderedDict[range, PrefixEntry] = OrderedDict()
         self.closed = False
 
@@ -390,12 +391,31 @@ class VideoSession:
         src = self.source
         qp = question_pass(self.engine.model, src.key_valid, src.next_position, question_ids)
         total = torch.zeros(qp.text.shape, dtype=torch.float32, device=self.device)
+        batch: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        held = 0
+
+        def flush() -> None:
+            nonlocal total, held
+            if len(batch) == 1:
+                keys, values = batch[0]
+            else:  # a sparse subset gathers a few frames from many chunks: one pass for them all
+                keys = [torch.cat([b[0][i] for b in batch]) for i in range(src.num_layers)]
+                values = [torch.cat([b[1][i] for b in batch]) for i in range(src.num_layers)]
+            total += fused_question_sum(self.engine.model, qp, keys, values)
+            batch.clear()
+            held = 0
+
         for chunk, local in src.group(frames):
             keys, values = self.working_set.get(chunk)
             if len(local) != keys[0].shape[0]:
                 idx = torch.tensor(local, device=keys[0].device)
-                keys, values = [k[idx] for k in keys], [v[idx] for v in values]
-            total += fused_question_sum(self.engine.model, qp, keys, values)
+                keys, values = [k.index_select(0, idx) for k in keys], [v.index_select(0, idx) for v in values]
+            batch.append((keys, values))
+            held += len(local)
+            if held >= self.fuse_batch_frames:
+                flush()
+        if batch:
+            flush()
         return (total / len(frames)).to(qp.text.dtype)
 
     @torch.no_grad()
