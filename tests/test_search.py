@@ -7,6 +7,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -225,6 +226,7 @@ def _ingest_with(tmp_path: Path, capsys, model: str) -> str:
 def test_search_slice_of_the_evaluation_finds_the_right_segment(tmp_path):
     spec = importlib.util.spec_from_file_location("eval_search", REPO / "bench" / "eval_search.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     found = module.evaluate(seed=5, n=30, workdir=tmp_path, min_s=60, max_s=150, log=lambda m: None)
     assert len(found) == 30
