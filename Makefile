@@ -42,7 +42,7 @@ bench: install
 
 # Retrain the shipped demo model (seeded; about 45 min on a 2-core CPU) and evaluate it on held-out videos.
 model: install
-	$(BIN)/python -m synth.train --out models/vidmini-demo --threads 1
+	$(BIN)/python -m synth.train --out models/vidmini-demo
 
 eval: install
 	$(BIN)/python bench/eval_default_model.py --seed 1 --n 600

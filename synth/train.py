@@ -5,18 +5,14 @@ projector and pre-fusion learn to put what a frame shows into its one fused toke
 on each grid cell's patch features (which kind and colour sits there: without them the tower learned words and
 backgrounds but not shapes), probes of c' (which shapes, counts, word, background), and CLIP's contrastive loss
 between frames and captions (trains the text tower used by search). All heads are thrown away.
-Between them the token embeddings are scaled to the visual tokens' norm (stage 0 leaves the patches ~100× the
-text, which then drowned in pre-fusion).
-Stage 1 (end to end, clips of 1–8 frames): the world's questions, side losses kept, plus a token-identity loss
-on the fused text (the LLM sees only fused text; it must still say which word it was).
-Stage 2 (LLM only, clips from one frame to 10 minutes, batched): everything before the LLM is frozen, so each
-frame is encoded once by the engine's own `prefuse_prefix`, and each question's fused text is the mean of
-per-frame fused questions (cumulative sums; equal to `prefuse_question`, tested) — the numbers the product feeds
-the LLM at inference. Batches are left-padded sequences of similar length.
+Stage 1 (end to end, clips of 1–8 frames): the world's questions, side losses kept.
+Stage 2 (LLM only, clips up to 10 minutes): everything before the LLM is frozen, so each frame's states are
+computed once by the engine's own `prefuse_prefix`, and each question's fused tokens by `prefuse_question` —
+the exact numbers the product feeds the LLM at inference.
 
-  python -m synth.train --out models/vidmini-demo            # the shipped weights (see bench/RESULTS.md)
+  python -m synth.train --out models/vidmini-demo            # the shipped weights (~45 min on 2 cores)
   python -m synth.train --out /tmp/m --videos 20 --long-videos 2 --stage0-steps 20 --stage1-steps 20 \
-      --stage2-steps 10 --stage2-short-videos 10               # a quick smoke run
+      --stage2-steps 10                                       # a quick smoke run
 """
 
 from __future__ import annotations
@@ -35,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.fusion import FrameStates, prefuse_prefix, question_pass
+from engine.fusion import FrameStates, mean_over_frames, prefuse_prefix, prefuse_question
 from engine.llama import attention, finish_layer, project_qkv
 from engine.model import LlavaMiniModel
 from engine.prompt import build_prompt
@@ -58,22 +54,19 @@ class TrainConfig:
     seed: int = 0
     videos: int = 3000  # stage-0/1 timelines: many short ones, so frames are diverse (few repeat)
     video_s: tuple[int, int] = (10, 16)
-    long_videos: int = 24  # stage-2 timelines
+    long_videos: int = 36  # stage-2 timelines
     long_video_s: tuple[int, int] = (60, 600)
-    stage0_steps: int = 1200  # perception: single frames, probes + contrastive
+    stage0_steps: int = 1400  # perception: single frames, probes + contrastive
     stage0_batch: int = 128
-    stage1_steps: int = 400
+    stage1_steps: int = 800
     stage1_batch: int = 24
     stage1_max_frames: int = 8
-    stage2_steps: int = 450
-    stage2_batch: int = 128  # most questions per step; a step also holds at most `stage2_tokens` LLM tokens
-    stage2_tokens: int = 12_000
-    stage2_short_videos: int = 600  # stage-0/1 videos whose questions (ranges of 1-16 s) join stage 2
+    stage2_steps: int = 1000
+    stage2_batch: int = 12
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
     probe_weight: float = 1.0
     clip_weight: float = 0.5
-    identity_weight: float = 0.1
     threads: int = 0
 
 
@@ -359,10 +352,8 @@ def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: Train
     groups = buckets(pool)
     keys = sorted(groups)
     weights = np.array([len(groups[k]) for k in keys], dtype=np.float64)
-    identity = torch.nn.Linear(model.config.hidden_size, model.model.embed_tokens.weight.shape[0])
     params = [p for p in model.parameters() if p.requires_grad] + list(probes.parameters())
     params += [p for n, p in clip.named_parameters() if not n.startswith("vision_model.")]
-    params += list(identity.parameters())
     opt = adamw(params, cfg.lr)
     model.train()
     bar = tqdm(range(cfg.stage1_steps), desc="stage 1 (end to end)", dynamic_ncols=True)
@@ -377,10 +368,6 @@ def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: Train
         text_ids = torch.stack([torch.cat([prefix, s.question_ids]) for s in batch])
         c, text, pooled, feats = fuse_batch(model, normalize(pix).flatten(0, 1), text_ids.repeat_interleave(n_frames, 0))
         b, d = len(batch), c.shape[-1]
-        # Each fused text token must still say which token it is: the LLM sees only fused text, and without
-        # this the question's words drowned in what they gathered from the patches ("red circle" and "green
-        # triangle" fused to cosine 0.99).
-        ident = F.cross_entropy(identity(text).flatten(0, 1), text_ids.repeat_interleave(n_frames, 0).flatten())
         text = text.view(b, n_frames, *text.shape[1:]).float().mean(1)
         inputs = torch.cat([text[:, : len(prefix)], c.view(b, n_frames, d), text[:, len(prefix) :]], dim=1)
         qa = llm_loss(model, inputs, torch.stack([s.answer_ids for s in batch]))
@@ -390,31 +377,15 @@ def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: Train
         captions = [caption(f, rng) for s in batch for f in videos[s.video].captions[s.start : s.end + 1]]
         keep = rng.choice(len(captions), size=min(48, len(captions)), replace=False)
         contrast = clip_loss(clip, pooled[keep], [captions[i] for i in keep], tok)
-        loss = qa + cfg.probe_weight * probe + cfg.clip_weight * contrast + cfg.identity_weight * ident
+        loss = qa + cfg.probe_weight * probe + cfg.clip_weight * contrast
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         row = {"stage": 1, "step": step, "frames": n_frames, "qa": qa.item(), "probe": probe.item(),
-               "clip": contrast.item(), "identity": ident.item(), "lr": opt.param_groups[0]["lr"]}
+               "clip": contrast.item(), "lr": opt.param_groups[0]["lr"]}
         log(row)
-        bar.set_postfix(qa=f"{qa.item():.3f}", probe=f"{probe.item():.3f}", ident=f"{ident.item():.3f}")
-
-
-@torch.no_grad()
-def match_text_scale(model, videos: list[Video], frames: int = 256) -> float:
-    """Scale the token embeddings to the norm of the projected patch tokens they sit beside in pre-fusion.
-
-    Stage 0 never shows pre-fusion any text, and by its end the visual tokens are ~100× the norm of the
-    (normal(0.02)-initialized) embeddings, so text entering pre-fusion was a rounding error on what it
-    gathered. Returns the factor applied."""
-    picks = [(v, t) for v in range(len(videos)) for t in range(len(videos[v].pixels))][:frames]
-    patches, _ = model.encode_visual(normalize(np.stack([videos[v].pixels[t] for v, t in picks]))[:, None])
-    target = patches.norm(dim=-1).median()
-    weight = model.model.embed_tokens.weight
-    factor = float(target / weight.norm(dim=-1).median())
-    weight.mul_(factor)
-    return factor
+        bar.set_postfix(qa=f"{qa.item():.3f}", probe=f"{probe.item():.3f}", clip=f"{contrast.item():.2f}")
 
 
 @torch.no_grad()
@@ -430,143 +401,37 @@ def encode_states(model, videos: list[Video], prefix: torch.Tensor, batch: int =
     return out
 
 
-@dataclass
-class CachedQuestion:
-    """A stage-2 question with everything the frozen pre-fusion gives it: the mean fused prefix over its
-    range and its fused question (both from the engine's own functions); the frames' c' stay per video."""
-
-    video: int
-    start: int
-    end: int
-    prefix: torch.Tensor  # (|P|, d)
-    question: torch.Tensor  # (|Q|, d)
-    answer_ids: torch.Tensor
-    family: str
-    question_ids: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return len(self.prefix) + self.end - self.start + 1 + len(self.question) + len(self.answer_ids) - 1
-
-
-@torch.no_grad()
-def per_frame_question(model, states: FrameStates, question_ids: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Q fused against each frame alone, (F, |Q|, d) float32: the terms whose mean `prefuse_question` takes."""
-    qp = question_pass(model, states.key_valid, states.next_position, question_ids)
-    out = []
-    for start in range(0, states.num_frames, chunk):
-        keys = [k[start : start + chunk] for k in states.keys]
-        values = [v[start : start + chunk] for v in states.values]
-        x = qp.text.unsqueeze(0).expand(keys[0].shape[0], -1, -1)
-        for i, layer in enumerate(model.model.prefusion_layers):
-            q, k, v = project_qkv(layer, x, qp.cos, qp.sin)
-            x = finish_layer(layer, x, attention(q, torch.cat([keys[i], k], 2), torch.cat([values[i], v], 2),
-                                                 qp.mask, causal=False))
-        out.append(torch.where(qp.valid[None, :, None], x, qp.text).float())
-    return torch.cat(out)
-
-
-def range_means(per_frame: torch.Tensor) -> callable:
-    """Means over any frame range [s, e] from one cumulative sum."""
-    total = torch.cat([torch.zeros_like(per_frame[:1]), per_frame.cumsum(0)])
-    return lambda s, e: (total[e + 1] - total[s]) / (e - s + 1)
-
-
-@torch.no_grad()
-def cache_questions(model, videos: list[Video], pool: list[Sample], prefix: torch.Tensor
-                    ) -> tuple[list[torch.Tensor], list[CachedQuestion]]:
-    """Encode every frame once and fuse each distinct question text against every frame once; a question's
-    fused text over its range is then a difference of cumulative sums. Keeps c' per video and the fused text
-    per question (the pre-fusion states, ~200 KB a frame, are dropped video by video)."""
-    by_video: dict[int, list[Sample]] = defaultdict(list)
-    for s in pool:
-        by_video[s.video].append(s)
-    compressed, out = [], []
-    for vi, states in enumerate(encode_states(model, videos, prefix)):
-        compressed.append(states.compressed[:, 0].clone())
-        prefix_mean = range_means(states.prefix_text.float())
-        by_text: dict[tuple[int, ...], list[Sample]] = defaultdict(list)
-        for s in by_video[vi]:
-            by_text[tuple(s.question_ids.tolist())].append(s)
-        for samples in by_text.values():
-            question_mean = range_means(per_frame_question(model, states, samples[0].question_ids))
-            out += [CachedQuestion(vi, s.start, s.end, prefix_mean(s.start, s.end), question_mean(s.start, s.end),
-                                   s.answer_ids, s.family, s.question_ids) for s in samples]
-    return compressed, out
-
-
-def padded_llm_loss(model: LlavaMiniModel, compressed: list[torch.Tensor], batch: list[CachedQuestion]
-                    ) -> torch.Tensor:
-    """`llm_loss` for sequences of different lengths at once: left padding that no real token attends to, and
-    positions counted from each sequence's first real token (the numbers of running each alone)."""
-    tails = {len(q.answer_ids) for q in batch}
-    if len(tails) != 1:
-        raise ValueError("a stage-2 batch needs answers of one length")
-    tail = tails.pop()
-    seqs = []
-    for q in batch:
-        parts = [q.prefix, compressed[q.video][q.start : q.end + 1], q.question]
-        if tail > 1:
-            parts.append(model.embed(q.answer_ids[:-1]).detach())
-        seqs.append(torch.cat(parts))
-    width = max(len(x) for x in seqs)
-    x = torch.stack([F.pad(seq, (0, 0, width - len(seq), 0)) for seq in seqs])
-    valid = torch.stack([torch.arange(width) >= width - len(seq) for seq in seqs])
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]  # pads see themselves
-    mask = mask[:, None]
-    cos, sin = model.rope(positions)
-    for layer in model.model.layers:
-        q, k, v = project_qkv(layer, x, cos, sin)
-        x = finish_layer(layer, x, attention(q, k, v, mask, causal=False))
-    logits = model.logits(x[:, width - tail :])
-    return F.cross_entropy(logits.flatten(0, 1), torch.stack([q.answer_ids for q in batch]).flatten())
-
-
-def length_batches(items: list[CachedQuestion], cfg: TrainConfig, rng: np.random.Generator):
-    """Batches of questions of similar length (little padding), each within the step's token budget."""
-    order = sorted(range(len(items)), key=lambda i: (len(items[i].answer_ids), items[i].length))
-    while True:
-        anchor = int(rng.integers(len(order)))
-        n = max(1, min(cfg.stage2_batch, cfg.stage2_tokens // items[order[anchor]].length))
-        lo = max(0, min(anchor - n // 2, len(order) - n))
-        window = [items[i] for i in order[lo : lo + n]]
-        tail = len(items[order[anchor]].answer_ids)
-        yield [q for q in window if len(q.answer_ids) == tail]
-
-
-def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.random.Generator,
-           short: list[Video] | None = None) -> None:
-    """LLM only, batched over cached fused inputs: questions over short clips (every family, one frame up)
-    and over long videos (ranges up to the whole video)."""
+def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.random.Generator) -> None:
     prefix = build_prompt(tok, "").prefix
     model.eval()
-    short = short or []
-    pool = question_pool(videos, tok, rng, per_family=40, max_range=None)
-    pool += [Sample(s.video + len(videos), s.start, s.end, s.question_ids, s.answer_ids, s.family)
-             for s in question_pool(short, tok, rng, per_family=8, max_range=None)]
-    compressed, items = cache_questions(model, videos + short, pool, prefix)
+    states = encode_states(model, videos, prefix)
+    pool = question_pool(videos, tok, rng, per_family=60, max_range=None)
     trainable = [*model.model.layers.parameters(), *model.model.norm.parameters(), *model.lm_head.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
     opt = adamw(trainable, cfg.stage2_lr)
-    batches = length_batches(items, cfg, rng)
-    bar = tqdm(range(cfg.stage2_steps), desc="stage 2 (LLM over cached clips)", dynamic_ncols=True)
+    bar = tqdm(range(cfg.stage2_steps), desc="stage 2 (LLM over long clips)", dynamic_ncols=True)
     for step in bar:
         set_lr(opt, step, cfg.stage2_steps, cfg.stage2_lr, warmup=20)
-        batch = next(batches)
-        loss = padded_llm_loss(model, compressed, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total, frames = 0.0, 0
+        for i in rng.choice(len(pool), size=cfg.stage2_batch, replace=False):
+            s = pool[i]
+            sel = states[s.video].select(slice(s.start, s.end + 1))
+            with torch.no_grad():
+                q = prefuse_question(model, sel, s.question_ids)
+                p = mean_over_frames(sel.prefix_text)
+            inputs = torch.cat([p, sel.compressed.flatten(0, 1), q])[None]
+            loss = llm_loss(model, inputs, s.answer_ids[None]) / cfg.stage2_batch
+            loss.backward()
+            total += loss.item()
+            frames += s.end - s.start + 1
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        frames = sum(q.end - q.start + 1 for q in batch)
-        log({"stage": 2, "step": step, "questions": len(batch), "frames": frames, "qa": loss.item(),
-             "lr": opt.param_groups[0]["lr"]})
-        bar.set_postfix(qa=f"{loss.item():.3f}", questions=len(batch))
+        log({"stage": 2, "step": step, "frames": frames, "qa": total, "lr": opt.param_groups[0]["lr"]})
+        bar.set_postfix(qa=f"{total:.3f}", frames=frames)
     for p in model.parameters():
         p.requires_grad_(True)
 
@@ -600,13 +465,12 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     pooling = cell_pooling(spec.image_size, spec.patch_size)
     probes = ProbeHeads(model.config.hidden_size, CellHeads(spec.vision_width, pooling))
     stage0(model, clip, probes, tok, short, held_out, cfg, log, rng)
-    log({"stage": 1, "embedding_scale": match_text_scale(model, short)})
     stage1(model, clip, probes, tok, short, cfg, log, rng)
-    short = short[: cfg.stage2_short_videos]
+    del short
     lo, hi = cfg.long_video_s
     long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
             for s in tqdm(seeds(cfg.long_videos, 50_000), desc="rendering long videos", dynamic_ncols=True)]
-    stage2(model, tok, long, cfg, log, rng, short)
+    stage2(model, tok, long, cfg, log, rng)
     model.eval()
     save_demo(model, clip, tok, out)
     (out / "training_config.json").write_text(json.dumps(
@@ -621,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("models/vidmini-demo"))
     defaults = TrainConfig()
     for name in ("seed", "videos", "long_videos", "stage0_steps", "stage0_batch", "stage1_steps", "stage2_steps", "stage1_batch", "stage2_batch",
-                 "stage2_tokens", "stage2_short_videos", "threads"):
+                 "threads"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "stage2_lr"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
