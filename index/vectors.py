@@ -1,9 +1,9 @@
 """A FAISS index of unit-norm frame embeddings with 64-bit ids, persisted atomically with a checksum.
 
 Inner product on unit vectors is cosine. Small collections get an exact flat index; past `exact_limit` vectors
-an IVF index (inverted lists over k-means cells, searched `nprobe` cells deep): it trains in about a minute on
-a million vectors on two cores, supports adding and removing ids, and keeps recall@10 ≥ 0.95 at 1M vectors
-(bench/search.py). With faiss-gpu installed and a GPU present, searches run on the GPU.
+an IVF index (inverted lists over ~√n k-means cells, the nearest 1/16 of them searched): it supports adding and
+removing ids, and at 1M 768-d vectors builds in ~18 s on two cores, answers in ~8 ms with recall@10 0.97 against
+exact search (bench/search.py). With faiss-gpu installed and a GPU present, searches run on the GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class IndexSpec:
         if n <= exact_limit:
             return IndexSpec("flat", dim)
         nlist = int(2 ** round(math.log2(max(64.0, math.sqrt(n)))))  # ~√n cells, a power of two
-        return IndexSpec("ivf", dim, nlist=nlist, nprobe=max(8, nlist // 32))
+        return IndexSpec("ivf", dim, nlist=nlist, nprobe=max(8, nlist // 16))
 
 
 def _as_matrix(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
