@@ -8,6 +8,7 @@ one). A vision directory without a text tower gives no space: ingest and answers
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class RetrievalSpace:
 
         directory = Path(vision_dir)
         try:
+            if json.loads((directory / "config.json").read_text()).get("model_type") != "clip":
+                return None  # a vision-only tower (CLIPVisionConfig): no text tower to search with
             config = CLIPConfig.from_pretrained(str(directory))
         except (OSError, ValueError, KeyError):
             return None  # a vision-only config (CLIPVisionConfig) has no text tower
