@@ -429,21 +429,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not moments:
         print("no matching moments")
     for m in moments:
-        span = format_clock(int(m.start)) if m.start == m.end else f"{format_clock(int(m.start))}–{format_clock(int(m.end))}"
-        print(f"{m.score:.3f}  {m.video_id[:16]}  {span}  (best frame at {format_clock(int(m.time))})")
+        print(f"{m.score:.3f}  {m.video_id[:16]}  {_span(m.start, m.end)}  (best frame at {format_clock(int(m.time))})")
     return 0
 
 
 def cmd_scenes(args: argparse.Namespace) -> int:
     from app.models import data_home
-    from index.library import LibraryIndex, NotIndexed
-    from index.moments import scene_boundaries
+    from index.library import NotIndexed
+    from index.search import MomentSearch
     from ingest.store import UnknownVideo
 
-    index = LibraryIndex(data_home())
+    search = MomentSearch(data_home(), None)  # boundaries need frame embeddings, not the text tower
     try:
-        store = index.library.get(args.video_id)
-        cuts = scene_boundaries(index.frame_vectors(store.video_id), store.timestamps())
+        store = search.index.library.get(args.video_id)
+        cuts = search.scenes(store.video_id)
     except (NotIndexed, UnknownVideo) as e:
         raise UsageError(str(e)) from None
     if args.json:

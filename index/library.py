@@ -99,7 +99,8 @@ class LibraryIndex:
     # ---- the library ---------------------------------------------------------------------------------------
     def _build_all(self, table: dict) -> FrameVectors:
         parts, ids, dim = [], [], table.get("dim")
-        for info in self.library.list():
+        infos = self.library.list()
+        for info in infos:
             if not info.frames or info.failed:
                 continue
             store = VideoStore.load_existing(info.path)
@@ -114,7 +115,7 @@ class LibraryIndex:
             parts.append(vectors)
             ids.append((num << FRAME_BITS) + np.arange(len(vectors), dtype=np.int64))
             dim = vectors.shape[1]
-        present = {i.video_id for i in self.library.list()}
+        present = {i.video_id for i in infos}
         table["videos"] = {v: e for v, e in table["videos"].items() if v in present}
         table["dim"] = dim
         if dim is None:

@@ -74,24 +74,6 @@ class MomentSearch:
         store = self.index.library.get(video)
         return scene_boundaries(self.index.frame_vectors(store.video_id), store.timestamps())
 
-    def frames_for(self, text: str, video: str, k: int, start: float | None = None, end: float | None = None
-                   ) -> list[int]:
-        """The k frames of a video (optionally within [start, end] s) most similar to a text: the `retrieved:K`
-        fusion policy's picker. In time order."""
-        query = self._require_space().embed_text([text])[0].numpy()
-        store = self.index.library.get(video)
-        times = store.timestamps()
-        vectors = self.index.frame_vectors(store.video_id)
-        keep = np.ones(len(times), bool)
-        if start is not None:
-            keep &= times >= start
-        if end is not None:
-            keep &= times <= end
-        candidates = np.flatnonzero(keep)
-        scores = vectors[candidates] @ query
-        best = candidates[np.argsort(-scores, kind="stable")[:k]]
-        return sorted(int(i) for i in best)
-
 
 def is_when_question(question: str) -> bool:
     """"When does the red circle appear?", "At what time …", "Find …": answered with moments too."""

@@ -252,3 +252,18 @@ def test_retrieved_policy_fuses_the_frames_nearest_the_question_and_when_questio
     assert all(0 <= m["start"] <= m["end"] <= 59 for m in out["moments"])
     assert cli(["ask", video, "What colour is the background?", "--json", "--max-new-tokens", "2"]) == 0
     assert "moments" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@shipped
+def test_scenes_command_reports_the_hard_cuts_of_a_real_video(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VIDMINI_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("VIDMINI_MODEL", raising=False)
+    timeline = generate_timeline(4242, 90)
+    cuts = [t for t in range(1, 90) if truth_at(timeline, t).scene != truth_at(timeline, t - 1).scene]
+    assert cuts  # this timeline has hard cuts
+    video = _ingest(write_video(timeline, tmp_path / "s.mp4"), capsys)
+    assert cli(["scenes", video, "--json"]) == 0
+    starts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scene_starts"]
+    assert all(any(abs(s - c) <= 1 for s in starts) for c in cuts), (cuts, starts)
+    assert len(starts) < 90 / 5  # boundaries, not every frame-to-frame change
+    assert cli(["scenes", "no-such-video"]) == 2
