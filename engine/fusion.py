@@ -8,6 +8,7 @@ keys/values — is independent of the question. `prefuse_prefix` computes that o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,6 +200,57 @@ def fused_question_sum(model: LlavaMiniModel, qp: QuestionPass, keys: list[torch
         q, k, v = project_qkv(layer, x, qp.cos, qp.sin)
         ks = torch.cat([keys[i].to(model.device, non_blocking=True), k], dim=2)
         vs = torch.cat([values[i].to(model.device, non_blocking=True), v], dim=2)
+        x = finish_layer(layer, x, attention(q, ks, vs, qp.mask, causal=False, impl=model.attn_impl))
+    return torch.where(qp.valid[None, :, None], x, qp.text).float().sum(0)
+
+
+@dataclass
+class GatheredStates:
+    """The pre-fusion keys/values of one fixed frame subset, gathered once into a buffer per layer, (B, Hkv, S +
+    room, D), with room after the frames' S positions for a question's own keys/values. Questions over the same
+    subset (a `uniform:K` or `retrieved:K` pick) then neither gather from chunks nor concatenate per layer."""
+
+    frames: tuple[int, ...]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int
+
+    @classmethod
+    def build(cls, frames: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor], room: int = 32
+              ) -> GatheredStates:
+        s = keys[0].shape[2]
+
+        def buffer(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty(t.shape[0], t.shape[1], s + room, t.shape[3])
+            out[:, :, :s] = t
+            return out
+
+        return cls(tuple(frames), [buffer(k) for k in keys], [buffer(v) for v in values], s)
+
+    def ensure_room(self, t: int) -> None:
+        if self.keys[0].shape[2] < self.length + t:
+            s = self.length
+            grown = GatheredStates.build(self.frames, [k[:, :, :s] for k in self.keys],
+                                         [v[:, :, :s] for v in self.values], room=t + 8)
+            self.keys, self.values = grown.keys, grown.values
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@torch.no_grad()
+def fused_question_sum_gathered(model: LlavaMiniModel, qp: QuestionPass, gathered: GatheredStates) -> torch.Tensor:
+    """`fused_question_sum` over a `GatheredStates`: the question's keys/values are written into the buffers' room
+    (scratch: the caller holds the session's lock), attention reads the buffers up to the question's end."""
+    t = qp.ids.shape[0]
+    gathered.ensure_room(t)
+    s, b = gathered.length, gathered.keys[0].shape[0]
+    x = qp.text.unsqueeze(0).expand(b, -1, -1)
+    for i, layer in enumerate(model.model.prefusion_layers):
+        q, k, v = project_qkv(layer, x, qp.cos, qp.sin)
+        gathered.keys[i][:, :, s : s + t] = k
+        gathered.values[i][:, :, s : s + t] = v
+        ks, vs = gathered.keys[i][:, :, : s + t], gathered.values[i][:, :, : s + t]
         x = finish_layer(layer, x, attention(q, ks, vs, qp.mask, causal=False, impl=model.attn_impl))
     return torch.where(qp.valid[None, :, None], x, qp.text).float().sum(0)
 

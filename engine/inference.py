@@ -57,10 +57,21 @@ class Engine:
     encode_batch: int = 16
     is_demo: bool = False
     retrieval: RetrievalSpace | None = None  # text–frame search space; None when the model has no text tower
+    _prompts: dict = field(default_factory=dict, repr=False, compare=False)  # (style, question) → PromptIds
+
 
     # ---- prompt -------------------------------------------------------------------------------------------
     def prompt(self, question: str) -> PromptIds:
-        return build_prompt(self.tokenizer, question, self.prompt_style)
+        """The question's prompt ids. Rendering the chat template and tokenizing costs about as much as a warm
+        question's whole pre-fusion on a small model, so recent prompts are kept (copies are handed out)."""
+        key = (self.prompt_style, question)
+        ids = self._prompts.get(key)
+        if ids is None:
+            ids = build_prompt(self.tokenizer, question, self.prompt_style)
+            if len(self._prompts) >= 256:
+                self._prompts.pop(next(iter(self._prompts)))
+            self._prompts[key] = ids
+        return PromptIds(ids.prefix.clone(), ids.question.clone())
 
     @property
     def prefix_ids(self) -> torch.Tensor:

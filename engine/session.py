@@ -39,7 +39,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from engine.fusion import FrameStates, fused_question_sum, question_pass
+from engine.fusion import (
+    FrameStates,
+    GatheredStates,
+    fused_question_sum,
+    fused_question_sum_gathered,
+    question_pass,
+)
 from engine.generate import SamplingConfig, TokenEvent, allocate_cache, decode, prefill
 from engine.inference import Engine
 from engine.llama import KVCache
@@ -153,6 +159,7 @@ class _Plan:
     time_range: TimeRange | None
     packed_from: int | None
     sampling: SamplingConfig
+    question_ids: torch.Tensor  # the prompt's ids after the image placeholder, tokenized once per question
 
 
 class AnswerStream:
@@ -323,8 +330,8 @@ class VideoSession:
         requested = Policy.parse(policy)
         sampling = sampling or SamplingConfig(stop_ids=self.engine.eos_ids)
         frames, time_range = self.frames_for(question, start, end, question_times)
-        q_len = len(self.engine.prompt(question).question)
-        frames, packed_from = self._pack(frames, q_len, sampling.max_new_tokens)
+        question_ids = self.engine.prompt(question).question
+        frames, packed_from = self._pack(frames, len(question_ids), sampling.max_new_tokens)
         resolved = requested
         if requested.kind == "auto":
             resolved = Policy("all") if self.working_set.fits(len(frames)) else Policy("uniform", self.auto_k)
@@ -338,7 +345,7 @@ class VideoSession:
             fuse = uniform_pick(frames, resolved.k)
         if resolved.kind == "retrieved" and self.picker is None:
             resolved = Policy("uniform", resolved.k)  # reported as what it was
-        return _Plan(question, frames, fuse, resolved, requested, time_range, packed_from, sampling)
+        return _Plan(question, frames, fuse, resolved, requested, time_range, packed_from, sampling, question_ids)
 
     def ask(self, question: str, start: str | float | None = None, end: str | float | None = None,
             policy: str | Policy = "auto", sampling: SamplingConfig | None = None,
@@ -387,45 +394,46 @@ class VideoSession:
             self._prefixes.popitem(last=False)
 
     def fuse_question(self, question_ids: torch.Tensor, frames: list[int]) -> torch.Tensor:
-        """Mean over `frames` of Q fused against each frame's pre-fusion states, streamed through tier C."""
+        """Mean over `frames` of Q fused against each frame's pre-fusion states, streamed through tier C. A subset
+        small enough for one pass but spread over several chunks (`uniform:K`, `retrieved:K`) is gathered once and
+        kept in tier C for the next question over the same frames."""
         src = self.source
         qp = question_pass(self.engine.model, src.key_valid, src.next_position, question_ids)
+        if len(frames) <= self.fuse_batch_frames and src.chunk_of(frames[0]) != src.chunk_of(frames[-1]):
+            gathered = self.working_set.subset(tuple(frames))
+            if gathered is None:
+                gathered = GatheredStates.build(frames, *self._gather(frames), room=len(question_ids) + 8)
+                self.working_set.keep_subset(gathered)
+            total = fused_question_sum_gathered(self.engine.model, qp, gathered)
+            return (total / len(frames)).to(qp.text.dtype)
         total = torch.zeros(qp.text.shape, dtype=torch.float32, device=self.device)
-        batch: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        held = 0
-
-        def flush() -> None:
-            nonlocal total, held
-            if len(batch) == 1:
-                keys, values = batch[0]
-            else:  # a sparse subset gathers a few frames from many chunks: one pass for them all
-                keys = [torch.cat([b[0][i] for b in batch]) for i in range(src.num_layers)]
-                values = [torch.cat([b[1][i] for b in batch]) for i in range(src.num_layers)]
+        for start in range(0, len(frames), self.fuse_batch_frames):
+            keys, values = self._gather(frames[start : start + self.fuse_batch_frames])
             total += fused_question_sum(self.engine.model, qp, keys, values)
-            batch.clear()
-            held = 0
+        return (total / len(frames)).to(qp.text.dtype)
 
+    def _gather(self, frames: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """These frames' pre-fusion keys/values, one (B, Hkv, S, D) tensor per layer, through tier C."""
+        src = self.source
+        parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         for chunk, local in src.group(frames):
             keys, values = self.working_set.get(chunk)
             if len(local) != keys[0].shape[0]:
                 idx = torch.tensor(local, device=keys[0].device)
                 keys, values = [k.index_select(0, idx) for k in keys], [v.index_select(0, idx) for v in values]
-            batch.append((keys, values))
-            held += len(local)
-            if held >= self.fuse_batch_frames:
-                flush()
-        if batch:
-            flush()
-        return (total / len(frames)).to(qp.text.dtype)
+            parts.append((keys, values))
+        if len(parts) == 1:
+            return parts[0]
+        return ([torch.cat([p[0][i] for p in parts]) for i in range(src.num_layers)],
+                [torch.cat([p[1][i] for p in parts]) for i in range(src.num_layers)])
 
     @torch.no_grad()
     def _generate(self, plan: _Plan, cancel: threading.Event, info: dict) -> Iterator[TokenEvent]:
         self._check_open()
         model = self.engine.model
-        prompt = self.engine.prompt(plan.question)
         entry, hit = self.prefix_entry(plan.frames)
         info.update(hit=hit, exact=entry.exact, cosine=entry.prefix_cosine)
-        fused_q = self.fuse_question(prompt.question, plan.fuse)
+        fused_q = self.fuse_question(plan.question_ids, plan.fuse)
         limit = model.config.tokenizer_model_max_length
         capacity = plan.sampling.max_new_tokens + 1
         if limit and entry.length + fused_q.shape[0] > limit:  # the reference's cut: no prefix reuse
@@ -451,7 +459,7 @@ class VideoSession:
         plan = self.plan(question, start, end, policy, SamplingConfig(max_new_tokens=0))
         with self.lock:
             entry, _ = self.prefix_entry(plan.frames)
-            fused_q = self.fuse_question(self.engine.prompt(question).question, plan.fuse)
+            fused_q = self.fuse_question(plan.question_ids, plan.fuse)
             cache = entry.cache
             cache.length = entry.length
             try:
@@ -464,7 +472,7 @@ class VideoSession:
         """Q' under a policy, to compare subsets against `all` (cosine)."""
         plan = self.plan(question, start, end, policy, SamplingConfig(max_new_tokens=0))
         with self.lock:
-            return self.fuse_question(self.engine.prompt(question).question, plan.fuse)
+            return self.fuse_question(plan.question_ids, plan.fuse)
 
     # ---- live sources -------------------------------------------------------------------------------------------
     @torch.no_grad()

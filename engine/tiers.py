@@ -105,7 +105,9 @@ class WorkingSetStats:
 @dataclass
 class PrefusionWorkingSet:
     """Tier C: chunks of pre-fusion keys/values on `device`, at most `budget_bytes` of them (a single chunk
-    larger than the budget is still loaded for its use, then dropped), least recently used evicted first."""
+    larger than the budget is still loaded for its use, then dropped), least recently used evicted first.
+    Gathered frame subsets (`engine.fusion.GatheredStates`, kept for `uniform:K`/`retrieved:K`) count against the
+    same budget and are evicted before chunks: they are copies that can be gathered again."""
 
     source: ChunkedStates
     budget_bytes: int
@@ -113,10 +115,35 @@ class PrefusionWorkingSet:
     stats: WorkingSetStats = field(default_factory=WorkingSetStats)
     _chunks: OrderedDict[int, tuple[list[torch.Tensor], list[torch.Tensor], int]] = field(
         default_factory=OrderedDict, repr=False)
+    _subsets: OrderedDict[tuple[int, ...], object] = field(default_factory=OrderedDict, repr=False)
 
     @property
     def resident_bytes(self) -> int:
-        return sum(n for _, _, n in self._chunks.values())
+        return sum(n for _, _, n in self._chunks.values()) + sum(g.nbytes() for g in self._subsets.values())
+
+    def _make_room(self, nbytes: int) -> None:
+        while self._subsets and self.resident_bytes + nbytes > self.budget_bytes:
+            self._subsets.popitem(last=False)
+            self.stats.evictions += 1
+        while self._chunks and self.resident_bytes + nbytes > self.budget_bytes:
+            self._chunks.popitem(last=False)
+            self.stats.evictions += 1
+
+    def subset(self, frames: tuple[int, ...]):
+        """The kept gathered states of exactly these frames, or None."""
+        got = self._subsets.get(frames)
+        if got is not None:
+            self._subsets.move_to_end(frames)
+            self.stats.hits += 1
+        return got
+
+    def keep_subset(self, gathered) -> None:
+        """Keep a `GatheredStates` for the next question over the same frames, if it fits the budget."""
+        nbytes = gathered.nbytes()
+        if nbytes > self.budget_bytes:
+            return
+        self._make_room(nbytes)
+        self._subsets[gathered.frames] = gathered
 
     @property
     def resident_chunks(self) -> list[int]:
@@ -142,15 +169,14 @@ class PrefusionWorkingSet:
         nbytes = sum(t.numel() * t.element_size() for t in keys + values)
         self.stats.loads += 1
         self.stats.loaded_bytes += nbytes
-        while self._chunks and self.resident_bytes + nbytes > self.budget_bytes:
-            self._chunks.popitem(last=False)
-            self.stats.evictions += 1
+        self._make_room(nbytes)
         if nbytes <= self.budget_bytes:
             self._chunks[chunk] = (keys, values, nbytes)
         return keys, values
 
     def clear(self) -> None:
         self._chunks.clear()
+        self._subsets.clear()
 
     def append_source(self, extra: ChunkedStates) -> None:
         """A live source grew: its new chunks come after the existing ones (resident chunks keep their index)."""

@@ -218,6 +218,30 @@ def test_growing_source_exact_rebuild_and_incremental_deviation(engine, video300
     assert again.exact_prefix and again.token_ids == b.token_ids
 
 
+def test_subset_is_gathered_once_and_equals_fusing_those_frames(engine, video300):
+    from engine.fusion import prefuse_question
+
+    _, states, ts = video300
+    per_frame = sum(k[0].numel() * k.element_size() for k in states.keys + states.values)
+    session = VideoSession.from_states(engine, states, ts, chunk_frames=32, prefusion_budget_bytes=40 * per_frame)
+    picks = uniform_pick(list(range(300)), 16)
+    ws = session.working_set
+    for question in (QUESTION, OTHER, QUESTION + " Tell me more about the colours you can see there."):
+        ids = engine.prompt(question).question
+        expected = prefuse_question(engine.model, states.select(picks), ids)
+        loads = ws.stats.loads
+        got = session.fused_question(question, policy="uniform:16")
+        assert rel_err(got.float(), expected.float()) < 1e-6
+        if question != QUESTION:  # gathered by the first question, reused since (a longer one grows its room)
+            assert ws.stats.loads == loads
+    assert ws.resident_bytes <= 40 * per_frame  # the kept subset counts against the tier-C budget
+    assert ws.subset(tuple(picks)) is not None
+    # a subset larger than the budget is computed but not kept
+    small = VideoSession.from_states(engine, states, ts, chunk_frames=32, prefusion_budget_bytes=8 * per_frame)
+    small.fused_question(QUESTION, policy="uniform:16")
+    assert small.working_set.subset(tuple(picks)) is None and small.working_set.resident_bytes <= 8 * per_frame
+
+
 # ---- tier C from a store ------------------------------------------------------------------------------------------
 def test_store_session_working_set_under_budget(engine, tmp_path):
     from ingest.job import IngestOptions, load_states, run_ingest
