@@ -496,11 +496,24 @@ class Library:
                 job.video_id = result.video_id
                 job.frames_done = result.frames
                 job.status = "cancelled" if job.cancel.is_set() else "ready"
+                self._drop_duplicate_upload(job, result)
             except (IngestError, StoreConflict, OSError, ValueError, RuntimeError) as e:
                 job.status, job.error = ("cancelled", None) if job.cancel.is_set() else ("failed", _why(e))
             except Exception as e:  # noqa: BLE001 - a job must never kill the worker; the UI shows the message
                 job.status, job.error = "failed", f"ingest failed: {type(e).__name__}: {one_line(e)}"
             job.finished = time.time()
+
+    def _drop_duplicate_upload(self, job: IngestJob, result: IngestResult) -> None:
+        """An upload of a video the library already holds reuses that store, whose source is the earlier file:
+        the new copy would only take disk space."""
+        path = Path(job.source)
+        if result.reused and _inside(path, self.root / UPLOADS):
+            try:
+                source = self.stores.get(result.video_id).manifest["meta"].get("source")
+            except UnknownVideo:
+                return
+            if source and Path(source) != path and Path(source).is_file():
+                path.unlink(missing_ok=True)
 
     def wait(self, job_id: str, timeout: float = 300.0) -> IngestJob:
         """Block until a job ends (tests, scripts)."""

@@ -23,8 +23,8 @@ TIMELINE_THUMBS = 16
 SEARCH_K = 8
 FRAMES_SHOWN = 8  # timestamp links under an answer, out of the frames it used
 POLL_S = 1.0
-STATUS_ICON = {"ready": "✅", "ingesting": "⏳", "queued": "🕒", "failed": "❌", "incomplete": "⚠️",
-               "cancelled": "⛔"}
+STATUS_COLOUR = {"ready": "green", "ingesting": "blue", "queued": "gray", "failed": "red", "incomplete": "orange",
+                 "cancelled": "gray"}
 
 
 @st.cache_resource(show_spinner=False)
@@ -207,11 +207,13 @@ def add_by_path(lib: Library) -> None:
                 st.error(str(e))
 
 
-def video_row(lib: Library, row: VideoRow, i: int) -> None:
-    with st.container(border=True):
+def video_row(lib: Library, row: VideoRow) -> None:
+    ident = row.video_id or row.job_id or "x"
+    with st.container(border=True, key=f"row-{ident}"):
         left, mid, right = st.columns([5, 2, 2], vertical_alignment="center")
         with left:
-            st.markdown(f"{STATUS_ICON.get(row.status, '')} **{html.escape(row.name)}** · `{row.status}`")
+            colour = STATUS_COLOUR.get(row.status, "gray")
+            st.markdown(f"**{_md(row.name)}** :{colour}-badge[{row.status}]")
             bits = []
             if row.duration:
                 bits.append(f"{clock(row.duration)}")
@@ -227,21 +229,29 @@ def video_row(lib: Library, row: VideoRow, i: int) -> None:
                 label = f"ingesting: {row.frames} frames" + (f" ({frac:.0%})" if frac is not None else "")
                 st.progress(frac if frac is not None else 0.0, text=label)
             if row.error:
-                st.error(row.error)
+                st.error(f"{row.name}: {row.error}")
+        # in a fragment a button reruns only the fragment: switching page or showing a message needs the app
         with mid:
-            st.button("Open", key=f"open-{i}-{row.video_id or row.job_id}", on_click=_open, args=(row.video_id,),
-                      disabled=not row.usable, use_container_width=True)
+            if st.button("Open", key=f"open-{ident}", disabled=not row.usable, width="stretch"):
+                _open(row.video_id)
+                st.rerun(scope="app")
         with right:
-            st.button("Delete", key=f"del-{i}-{row.video_id or row.job_id}", on_click=_delete, args=(lib, row),
-                      use_container_width=True)
+            if st.button("Delete", key=f"del-{ident}", width="stretch"):
+                _delete(lib, row)
+                st.rerun(scope="app")
+
+
+def _md(text: str) -> str:
+    """Text shown in markdown as it is (file names may hold *, _, [ …)."""
+    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|<>~:$" else c for c in text)
 
 
 def library_list(lib: Library) -> None:
     rows = lib.videos()
     if not rows:
         st.info("The library is empty: upload a video or add one by path. `make run` adds the sample video.")
-    for i, row in enumerate(rows):
-        video_row(lib, row, i)
+    for row in rows:
+        video_row(lib, row)
 
 
 @st.fragment(run_every=POLL_S)
@@ -437,7 +447,7 @@ def video_page(lib: Library, state: TabState) -> None:
     except LibraryError as e:
         st.error(str(e))
         return
-    st.header(row.name)
+    st.header(_md(row.name))
     st.caption(f"{clock(row.duration or 0)} · {row.frames} frames · id {row.video_id}")
     player(lib, row, state)
     timeline(lib, row, state)
