@@ -243,7 +243,7 @@ def video_row(lib: Library, row: VideoRow) -> None:
 
 def _md(text: str) -> str:
     """Text shown in markdown as it is (file names may hold *, _, [ …)."""
-    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|<>~:$" else c for c in text)
+    return "".join("\\" + c if c in "\\`*_{}[]<>|~:$" else c for c in text)
 
 
 def library_list(lib: Library) -> None:
