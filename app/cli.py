@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="fetch a checkpoint and its vision tower into the Hugging Face cache")
     dl.add_argument("model_id", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--vision-tower", default=None, help=f"default: the checkpoint's mm_vision_tower ({CLIP_REPO})")
+    from app.batch import add_parser as add_summarize_parser  # vidmini summarize (app/batch.py)
+
+    add_summarize_parser(sub)
     return p
 
 
@@ -516,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download,
                 "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes}
+    from app.batch import cmd_summarize
+
+    commands["summarize"] = cmd_summarize
     try:
         return commands[args.command](args)
     except (UsageError, CheckpointError, MediaError, IngestError, FileNotFoundError) as e:
