@@ -219,9 +219,10 @@ class _Bars:
 
 def run_batch(paths: Iterable[str], out: str | Path, options: BatchOptions, *, library=None,
               ray: bool = False, ray_address: str | None = None, workers: int | None = None,
-              progress: bool = True, log: Callable[[str], None] | None = None) -> BatchReport:
+              progress: bool = True, log: Callable[[str], None] | None = None,
+              on_dispatch: Callable[[str, int], None] | None = None) -> BatchReport:
     """Summarize every input not already done into `out`; locally with `library` (an app.library.Library, made
-    here when None) or on Ray (`ray`/`ray_address`)."""
+    here when None) or on Ray (`ray`/`ray_address`; `on_dispatch(source, worker pid)` as a file is handed out)."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,14 +247,15 @@ def run_batch(paths: Iterable[str], out: str | Path, options: BatchOptions, *, l
             _library_copy(result)
         else:
             report.failed[result.source] = result.error or "failed"
-            say(f"vidmini: failed: {result.source}: {result.error}")
+            error = result.error or "failed"
+            say(f"vidmini: failed: {error if result.source in error else f'{result.source}: {error}'}")
         bars.files.update(1)
 
     try:
         if ray or ray_address:
             from app.ray_runner import run_on_ray
 
-            run_on_ray(todo, names, options, finished, address=ray_address, workers=workers)
+            run_on_ray(todo, names, options, finished, address=ray_address, workers=workers, on_dispatch=on_dispatch)
         else:
             if library is None:
                 from app.library import Library

@@ -137,7 +137,7 @@ class Description:
 
 
 def span_text(start: float, end: float) -> str:
-    return f"{format_clock(int(start))}–{format_clock(int(round(end)))}"
+    return f"{format_clock(int(start))}–{format_clock(int(end))}"
 
 
 class ModelDescriber:
@@ -152,7 +152,8 @@ class ModelDescriber:
         topic = re.sub(r"[^\w ]", "", asker.answer(self.topic_q, frames, 12).lower()).strip()
         return Description(text, topic)
 
-    def chapter(self, asker: Asker, frames: range, parts: Sequence[Description]) -> tuple[str, list[str]]:
+    def chapter(self, asker: Asker, frames: range, parts: Sequence[Description], start: float, end: float
+                ) -> tuple[str, list[str]]:
         title = asker.answer(self.title_q, frames, 16)
         notes = " ".join(p.text for p in parts)
         text = asker.answer(f"Notes on this part, in order: {notes}\nSummarize this part in two short sentences.",
@@ -184,13 +185,12 @@ class DemoWorldDescriber:
         text = f"{background.capitalize()} background, " + (f"the word {word} shown." if word else "no word shown.")
         return Description(text, background, {"background": background, "word": word})
 
-    def chapter(self, asker: Asker, frames: range, parts: Sequence[Description]) -> tuple[str, list[str]]:
+    def chapter(self, asker: Asker, frames: range, parts: Sequence[Description], start: float, end: float
+                ) -> tuple[str, list[str]]:
         background = parts[0].facts["background"]
         words = list(dict.fromkeys(p.facts["word"] for p in parts if p.facts.get("word")))
-        ts = asker.timestamps
         return f"{background.capitalize()} scene", [
-            f"The background is {background} from {format_clock(int(ts[frames.start]))} to "
-            f"{format_clock(int(ts[frames.stop - 1]))}.",
+            f"The background is {background} from {format_clock(int(start))} to {format_clock(int(end))}.",
             f"Words shown: {', '.join(words)}." if words else "No words shown."]
 
     def overall(self, asker: Asker, frames: range, parts: Sequence[tuple[float, float, Description]]) -> str:

@@ -168,7 +168,7 @@ def summarize_session(session, opts: SummarizeOptions, *, source: str, video_id:
     if opts.mode == "lecture":
         for run in _same_topic_runs(described):
             frames = range(run[0][0].frames.start, run[-1][0].frames.stop)
-            title, lines = describer.chapter(asker, frames, [d for _, d in run])
+            title, lines = describer.chapter(asker, frames, [d for _, d in run], run[0][0].start, run[-1][0].end)
             out.chapters.append(Chapter(run[0][0].start, run[-1][0].end, title, lines))
     else:
         out.timeline = list(out.windows)
@@ -232,6 +232,7 @@ def _events(asker: Asker, opts: SummarizeOptions, ts: np.ndarray, duration: floa
 
     probes = [probe_for(e, asker.engine) for e in opts.events]
     events: list[Event] = []
+    jpegs: dict[int, bytes | None] = {}
     for n, probe in enumerate(probes):
         conf = scan_event(asker, probe, ts, opts.window_s,
                           lambda done, total, n=n: report(n * total + done, total * len(probes)))
@@ -240,11 +241,12 @@ def _events(asker: Asker, opts: SummarizeOptions, ts: np.ndarray, duration: floa
             peak = run[int(np.argmax([conf[i] for i in run]))]
             events.append(Event(probe.event, _edge(ts, run[0], duration, "left"), _edge(ts, run[-1], duration, "right"),
                                 float(np.mean(values)), float(ts[peak])))
-            jpeg = thumbnail(peak) if thumbnail is not None else None
-            if jpeg:
-                events[-1].thumbnail = f"event-{len(events):03d}.jpg"
-                out.thumbnails[events[-1].thumbnail] = jpeg
+            jpegs[id(events[-1])] = thumbnail(peak) if thumbnail is not None else None
     events.sort(key=lambda e: (e.start, e.end, e.event))
+    for i, e in enumerate(events, 1):  # named in time order
+        if jpegs[id(e)]:
+            e.thumbnail = f"event-{i:03d}.jpg"
+            out.thumbnails[e.thumbnail] = jpegs[id(e)]
     out.events = events
     out.quiet = quiet_spans(events, duration, opts.quiet_min)
     counts = {e: sum(1 for x in events if x.event == e) for e in opts.events}
