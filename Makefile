@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SAMPLE ?= ../shared/fixtures/videos/safari.mp4
 QUESTION ?= What is happening in this video?
+PORT ?= 8501
 
-.PHONY: install sysdeps run run-sample test lint bench model eval clean
+.PHONY: install sysdeps run demo run-sample test lint bench model eval clean
 
 # torch is pinned to the CPU wheel this machine carries; a GPU user installs their own torch first.
 $(STAMP): pyproject.toml
@@ -20,12 +21,21 @@ sysdeps:
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg) \
 	    >/dev/null || echo "warning: could not install ffmpeg (tests that need the ffmpeg CLI will skip)"; }
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver) >/dev/null || echo "warning: could not install chromium (the browser test will skip)"; }
 
 install: $(STAMP) sysdeps
 
-# The offline demo: a synthetic-world video (generated once under $VIDMINI_HOME), ingested, questions answered
-# by the shipped demo model; `make run-sample` asks about a real fixture video instead.
+# The app (README: App): the sample synthetic-world video is put in the library first (made and ingested once,
+# under $$VIDMINI_HOME), then Streamlit serves on 127.0.0.1:$(PORT) (`make run PORT=8600`).
 run: install
+	$(BIN)/vidmini sample
+	$(BIN)/streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
+
+# The offline demo in the terminal: the sample video, one question per family, the model's answers next to the
+# truth; `make run-sample` asks about a real fixture video instead.
+demo: install
 	$(BIN)/vidmini demo
 
 run-sample: install

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("video_id")
     sc.add_argument("--json", action="store_true")
 
+    sa = sub.add_parser("sample", help="put the sample synthetic-world video in the library (made once)")
+    sa.add_argument("--model", help="checkpoint directory (default: the shipped demo model)")
+
     demo = sub.add_parser("demo", help="make a synthetic-world video, ingest it, ask one question per family")
     demo.add_argument("--model", help="checkpoint directory (default: the shipped demo model)")
     demo.add_argument("--seconds", type=int, default=120, help="length of the generated video")
@@ -126,26 +129,20 @@ def _progress_bar(label: str):
     return bar, update
 
 
-def _ingest_one(engine, source: str, options):
+def _library(engine=None):
+    """The service layer the app uses too (app/library.py): one path for ingest, list, rm, search, scenes."""
+    from app.library import Library
     from app.models import data_home
-    from index.library import LibraryIndex, NotIndexed
-    from ingest.job import run_ingest
-    from ingest.live import is_stream_url
 
-    index = LibraryIndex(data_home())
+    return Library(data_home(), engine=engine)
+
+
+def _ingest_one(engine, source: str, options):
     bar, update = _progress_bar(Path(source).name or source)
     try:
-        # a live source's frames become searchable chunk by chunk; a file's all at once when it is done
-        result = run_ingest(source, engine, data_home(), options, on_progress=update,
-                            on_chunk=index.add_chunk if options.live or is_stream_url(source) else None)
+        return _library(engine).ingest(source, options, on_progress=update)
     finally:
         bar.close()
-    if engine.retrieval is not None:
-        try:
-            index.sync()
-        except NotIndexed:
-            pass
-    return result
 
 
 def _read_media(engine, path: str, fps: float, max_frames: int | None):
@@ -323,19 +320,9 @@ def _span(start: float, end: float) -> str:
 def _when_moments(engine, question: str, video_id: str | None, time_range: dict | None, k: int = 5):
     """For "when does …" questions about a stored video: the top moments (within the range asked about), to
     show beside the model's answer. None when not such a question or search is unavailable."""
-    from app.models import data_home
-    from index.library import NotIndexed
-    from index.search import MomentSearch, is_when_question
-
-    if video_id is None or engine.retrieval is None or not is_when_question(question):
+    if video_id is None:
         return None
-    try:
-        moments = MomentSearch(data_home(), engine.retrieval).search(question, video_id, k=4 * k)
-    except NotIndexed:
-        return None
-    if time_range is not None:
-        moments = [m for m in moments if m.end >= time_range["start"] and m.start <= time_range["end"]]
-    return moments[:k]
+    return _library(engine).when_moments(question, video_id, time_range, k) or None
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -370,10 +357,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from app.models import data_home
-    from ingest.store import Library
-
-    infos = Library(data_home()).list()
+    infos = _library().stored()
     if args.json:
         print(json.dumps([_info_dict(i) for i in infos]))
         return 0
@@ -392,28 +376,19 @@ def _info_dict(info) -> dict:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from app.models import data_home
-    from ingest.store import Library
+    from app.library import LibraryError
 
-    lib = Library(data_home())
     try:
-        store = lib.get(args.video_id)
-    except KeyError:
+        removed = _library().remove(args.video_id)
+    except LibraryError:
         raise UsageError(f"no stored video {args.video_id}") from None
-    lib.remove(store.video_id)
-    from index.library import LibraryIndex
-
-    LibraryIndex(data_home()).remove_video(store.video_id)
-    print(f"removed {store.video_id}")
+    print(f"removed {removed}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from app.models import choose_model, data_home, open_engine
-    from engine.retrieval import SearchUnavailable
-    from index.library import NotIndexed
-    from index.search import MomentSearch
-    from ingest.store import UnknownVideo
+    from app.library import LibraryError
+    from app.models import choose_model, open_engine
     from synth.questions import format_clock
 
     if args.k < 1:
@@ -422,8 +397,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("empty search query")
     engine = open_engine(choose_model(args.model))
     try:
-        moments = MomentSearch(data_home(), engine.retrieval).search(args.query, args.video, args.k)
-    except (SearchUnavailable, NotIndexed, UnknownVideo) as e:
+        moments = _library(engine).search(args.query, args.video, args.k, curve=False).moments
+    except LibraryError as e:
         raise UsageError(str(e)) from None
     if args.json:
         print(json.dumps({"query": args.query, "video": args.video, "model": engine.name,
@@ -437,21 +412,32 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_scenes(args: argparse.Namespace) -> int:
-    from app.models import data_home
-    from index.library import NotIndexed
-    from index.search import MomentSearch
-    from ingest.store import UnknownVideo
+    from app.library import LibraryError
 
-    search = MomentSearch(data_home(), None)  # boundaries need frame embeddings, not the text tower
+    lib = _library()  # boundaries need frame embeddings, not the model
     try:
-        store = search.index.library.get(args.video_id)
-        cuts = search.scenes(store.video_id)
-    except (NotIndexed, UnknownVideo) as e:
+        video_id = lib.get_store(args.video_id).video_id
+        cuts = lib.scenes(video_id)
+    except LibraryError as e:
         raise UsageError(str(e)) from None
     if args.json:
-        print(json.dumps({"video_id": store.video_id, "scene_starts": cuts}))
+        print(json.dumps({"video_id": video_id, "scene_starts": cuts}))
     else:
         print("\n".join(f"{t:.1f}" for t in cuts) or "one scene")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """The sample synthetic video in the library (the app's `make run` calls this): made and ingested once."""
+    from app.models import RANDOM_BANNER, choose_model, open_engine
+
+    choice = choose_model(args.model)
+    if choice.is_random:
+        print(RANDOM_BANNER, file=sys.stderr)
+    lib = _library(open_engine(choice))
+    path = lib.sample_path(announce=lambda p: print(f"writing the sample video {p} ...", file=sys.stderr))
+    result = _ingest_one(lib.engine, str(path), None)
+    print(f"{result.video_id}  {path}  ({'already in the library' if result.reused else f'{result.frames} frames'})")
     return 0
 
 
@@ -463,7 +449,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ingest.job import IngestOptions, load_states
     from ingest.store import Library
     from synth.questions import make_questions
-    from synth.render import write_video
     from synth.world import generate_timeline
 
     if not 10 <= args.seconds <= 3 * 3600:
@@ -473,11 +458,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(RANDOM_BANNER, file=sys.stderr)
     engine = open_engine(choice)
     timeline = generate_timeline(args.seed, args.seconds)
-    path = data_home() / "samples" / f"synthetic-world-seed{args.seed}-{args.seconds}s.mp4"
-    if not path.exists() or not path.with_suffix(".json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"writing the sample video {path} ...", file=sys.stderr)
-        write_video(timeline, path)
+    path = _library(engine).sample_path(args.seconds, args.seed, announce=lambda p: print(
+        f"writing the sample video {p} ...", file=sys.stderr))
     result = _ingest_one(engine, str(path), IngestOptions())
     store = Library(data_home()).get(result.video_id)
     states, seconds = load_states(store), np.rint(store.timestamps()).astype(int)
@@ -518,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     from ingest.simple_decode import MediaError
 
     commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download,
-                "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes}
+                "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes, "sample": cmd_sample}
     from app.batch import cmd_summarize
 
     commands["summarize"] = cmd_summarize

@@ -718,15 +718,36 @@ class Library:
                 return text.strip()
         return None
 
+    def summary_chapters(self, video_id: str) -> list[dict]:
+        """Chapters of `vidmini summarize`'s JSON (`<root>/summaries/<id>.json`): start, end, title, summary."""
+        path = self.root / SUMMARIES / f"{self.get_store(video_id).video_id}.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return []
+        chapters = data.get("chapters") if isinstance(data, dict) else None
+        out = []
+        for c in chapters if isinstance(chapters, list) else []:
+            if isinstance(c, dict) and isinstance(c.get("start"), int | float):
+                lines = c.get("summary")
+                out.append({"start": float(c["start"]), "end": float(c.get("end", c["start"])),
+                            "title": str(c.get("title", "")),
+                            "summary": " ".join(lines) if isinstance(lines, list) else str(lines or "")})
+        return out
+
     # ---- the sample video ---------------------------------------------------------------------------------
-    def sample_path(self, seconds: int = SAMPLE_SECONDS, seed: int = SAMPLE_SEED) -> Path:
-        """The synthetic-world sample video (written once, with its truth JSON beside it)."""
+    def sample_path(self, seconds: int = SAMPLE_SECONDS, seed: int = SAMPLE_SEED,
+                    announce: Callable[[Path], None] | None = None) -> Path:
+        """The synthetic-world sample video (written once, with its truth JSON beside it; `announce(path)` is
+        called before writing it)."""
         from synth.render import write_video
         from synth.world import generate_timeline
 
         path = self.root / "samples" / f"synthetic-world-seed{seed}-{seconds}s.mp4"
         if not path.exists() or not path.with_suffix(".json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
+            if announce is not None:
+                announce(path)
             write_video(generate_timeline(seed, seconds), path)
         return path
 

@@ -434,10 +434,17 @@ def search_tab(lib: Library, row: VideoRow, state: TabState) -> None:
 
 def summary_tab(lib: Library, row: VideoRow) -> None:
     text = lib.summary(row.video_id)
-    if text:
-        st.markdown(text)
-    else:
+    if not text:
         st.info("no summary yet; run `vidmini summarize`")
+        return
+    st.markdown(text)
+    for j, c in enumerate(lib.summary_chapters(row.video_id)):
+        left, right = st.columns([1, 5], vertical_alignment="top")
+        with left:
+            timestamp_button(row.video_id, c["start"], f"chapter-{row.video_id[:8]}-{j}",
+                             f"▶ {span(c['start'], c['end'])}")
+        with right:
+            st.markdown(f"**{_md(c['title'])}** {_md(c['summary'])}")
 
 
 def video_page(lib: Library, state: TabState) -> None:

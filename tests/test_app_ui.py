@@ -4,6 +4,7 @@ timeline, relevance plot), the summary tab, errors shown as messages, and per-ta
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -118,12 +119,19 @@ def test_summary_tab_before_and_after_the_summarizer(app, world, home):
     at = open_video(app, video_id)
     assert any("no summary yet; run `vidmini summarize`" in i for i in texts(at.info))
     (home / "summaries").mkdir(exist_ok=True)
-    (home / "summaries" / f"{video_id}.md").write_text("Shapes drift over a navy background.")
+    summary = home / "summaries" / f"{video_id}.json"  # where `vidmini summarize` copies its JSON
+    summary.write_text(json.dumps({"summary": "Shapes drift over a navy background.", "chapters": [
+        {"start": 0, "end": 9, "title": "Opening", "summary": ["Shapes enter.", "A digit shows."]},
+        {"start": 10, "end": 29, "title": "The word", "summary": ["TOP is shown.", "Shapes leave."]}]}))
     try:
         at.run()
         assert "Shapes drift over a navy background." in texts(at.markdown)
+        assert any("The word" in m and "TOP is shown" in m for m in texts(at.markdown))
+        chapter = button(at, "▶ 0:10–0:29")
+        chapter.click().run()
+        assert at.get("video")[0].proto.start_time == 10
     finally:
-        (home / "summaries" / f"{video_id}.md").unlink()
+        summary.unlink()
 
 
 def test_errors_are_messages_and_the_app_keeps_working(app, world, tmp_path):
