@@ -217,6 +217,12 @@ def test_upload_ask_seek_search_and_a_corrupt_upload(server, browser, tmp_path):
     assert 0 <= start <= SECONDS
     wait_for(d, "the relevance plot", lambda: d.find_elements(By.CSS_SELECTOR, "[data-testid='stVegaLiteChart']"))
     shot(d, "4-search")
+    # the whole page, chat tab in front (the README's picture: docs/app.png is one of these)
+    next(t for t in d.find_elements(By.CSS_SELECTOR, "[role='tab']") if t.text.strip() == "Chat").click()
+    d.set_window_size(1400, 1900)
+    time.sleep(1.0)
+    shot(d, "app")
+    d.set_window_size(1400, 1100)
 
     # back to the library: a corrupt upload ends with a readable error, and the app keeps working
     button(d, "← Library").click()
