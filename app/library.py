@@ -257,8 +257,11 @@ class Library:
                                  "(owner/name) already downloaded with `vidmini download`")
         try:
             engine = open_engine(choice, dtype=self.dtype, device=self.device)
-        except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as e:
+        except CheckpointError as e:
             raise ModelLoadError(f"could not load model {choice.location!r}: {one_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - hub, file and format errors alike: the app must keep working
+            raise ModelLoadError(f"could not load model {choice.location!r}: {type(e).__name__}: {one_line(e)}") \
+                from None
         with self._lock:
             if self._manager is not None:
                 self._manager.close_all()
@@ -319,6 +322,7 @@ class Library:
         """Stored videos and running/failed ingests, newest job first, then the rest by name."""
         with self._lock:
             jobs = sorted(self._jobs.values(), key=lambda j: -j.created)
+        stored = {i.video_id: i for i in self.stored()}  # one listing per call: the page polls this
         rows: list[VideoRow] = []
         seen: set[str] = set()
         sources: set[str] = set()
@@ -328,7 +332,7 @@ class Library:
             sources.add(j.source)
             if j.status == "ready":
                 continue  # listed from its store below
-            info = self._info(j.video_id) if j.video_id else None
+            info = stored.get(j.video_id) if j.video_id else None
             rows.append(VideoRow(j.video_id, j.name, j.source, j.status,
                                  frames=info.frames if info else j.frames_done,
                                  duration=info.duration if info else None, fraction=j.fraction, error=j.error,
@@ -336,7 +340,7 @@ class Library:
                                  bytes_on_disk=info.bytes_on_disk if info else 0))
             if j.video_id:
                 seen.add(j.video_id)
-        for info in self.stored():
+        for info in stored.values():
             if info.video_id in seen:
                 continue
             status = "ready" if info.complete else ("failed" if info.failed else "incomplete")
@@ -345,12 +349,6 @@ class Library:
                                  info.duration, 1.0 if info.complete else None, info.failed, info.model_id,
                                  bytes_on_disk=info.bytes_on_disk))
         return rows
-
-    def _info(self, video_id: str) -> StoreInfo | None:
-        for info in self.stored():
-            if info.video_id == video_id:
-                return info
-        return None
 
     def video(self, video_id: str) -> VideoRow:
         for row in self.videos():
@@ -574,7 +572,9 @@ class Library:
             raise LibraryError(f"video {video_id} has no frames yet")
         key = store.video_id
         manager = self.manager
-        if key not in manager._openers:
+        try:
+            manager.session(key)  # open (or reopened after eviction)
+        except KeyError:
             engine, searcher = self.engine, self.searcher
 
             def opener(**options):

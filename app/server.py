@@ -27,6 +27,13 @@ def _authorized(request: Request, library: Library) -> bool:
     return bool(token) and token == library.upload_token
 
 
+def upload_limit_bytes() -> int:
+    """Streamlit's `server.maxUploadSize` (MB; .streamlit/config.toml raises it to 10 GB) applies here too."""
+    from streamlit import config
+
+    return int(config.get_option("server.maxUploadSize")) << 20
+
+
 def make_routes(get_library=shared_library) -> list[Route]:
     """The upload and media routes over the Library `get_library()` returns."""
 
@@ -39,11 +46,15 @@ def make_routes(get_library=shared_library) -> list[Route]:
             dest, handle = library.open_upload(name)
         except (LibraryError, OSError) as e:
             return JSONResponse({"error": f"cannot store the upload: {e}"}, status_code=500)
-        size = 0
+        size, limit = 0, upload_limit_bytes()
         try:
             async for piece in request.stream():  # the body as it arrives: never all of it in memory
-                handle.write(piece)
                 size += len(piece)
+                if size > limit:
+                    library.abort_upload(dest, handle)
+                    return JSONResponse({"error": f"{name} is larger than the upload limit ({limit >> 20} MB: "
+                                                  "server.maxUploadSize)"}, status_code=413)
+                handle.write(piece)
         except Exception as e:  # noqa: BLE001 - a dropped connection: nothing half-written stays
             library.abort_upload(dest, handle)
             return JSONResponse({"error": f"the upload of {name} broke off: {type(e).__name__}"}, status_code=400)
