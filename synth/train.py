@@ -65,6 +65,10 @@ class TrainConfig:
     stage2_batch: int = 12
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
+    search_steps: int = 1500  # stage 3: text → frame search
+    search_batch: int = 192
+    search_videos: int = 400
+    search_lr: float = 1e-3
     probe_weight: float = 1.0
     clip_weight: float = 0.5
     threads: int = 0
@@ -436,6 +440,111 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
         p.requires_grad_(True)
 
 
+# ---- stage 3: search ------------------------------------------------------------------------------------------
+def penultimate_states(clip, pixels: torch.Tensor) -> torch.Tensor:
+    """The vision tower's hidden states before its last layer: what LLaVA-Mini reads (layer -2) ends here."""
+    return clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+
+
+def image_embedding(clip, penultimate: torch.Tensor) -> torch.Tensor:
+    vis = clip.vision_model
+    last = vis.encoder.layers[-1](penultimate, None)
+    last = last[0] if isinstance(last, tuple) else last
+    return F.normalize(clip.visual_projection(vis.post_layernorm(last[:, 0])), dim=-1)
+
+
+def text_embedding(clip, tok, texts: list[str]) -> torch.Tensor:
+    eot = generation_eos_ids(tok)[0]
+    ids = [tok(c, add_special_tokens=False).input_ids[:30] + [eot] for c in texts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([i + [eot] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    pooled = clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output
+    return F.normalize(clip.text_projection(pooled), dim=-1)
+
+
+def stage3_search(clip, tok, videos: list[Video], cfg: TrainConfig, log) -> None:
+    """Text → frame search. The vision tower's last layer feeds only the pooled image embedding (LLaVA-Mini reads
+    the layer before it), so that layer, both projections and the text tower are tuned for retrieval here without
+    changing a single answer. Frames are cached up to that layer; a caption is a positive for every frame in the
+    batch whose facts include all of the caption's (soft targets), so two frames showing the same word are not
+    pushed apart. Its own seed: its data and their order do not depend on the stages before it."""
+    rng = np.random.default_rng(cfg.seed + 3_000)
+    torch.manual_seed(cfg.seed + 3_000)
+    clip.eval()
+    with torch.no_grad():
+        cached = torch.cat([penultimate_states(clip, normalize(v.pixels)) for v in videos])
+    facts = [f for v in videos for f in v.captions]
+    vis = clip.vision_model
+    params = [*vis.encoder.layers[-1].parameters(), *vis.post_layernorm.parameters(),
+              *clip.visual_projection.parameters(), *clip.text_model.parameters(),
+              *clip.text_projection.parameters(), clip.logit_scale]
+    for p in clip.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = adamw(params, cfg.search_lr)
+    bar = tqdm(range(cfg.search_steps), desc="stage 3 (search)", dynamic_ncols=True)
+    for step in bar:
+        set_lr(opt, step, cfg.search_steps, cfg.search_lr, warmup=20)
+        picks = rng.choice(len(cached), size=cfg.search_batch, replace=False)
+        chosen = []
+        for i in picks:
+            f = facts[i]
+            words = [x for x in f if x.startswith("the word ")]
+            r = rng.random()
+            if words and r < 0.25:  # the shown word: the smallest thing in a frame, the hardest to retrieve
+                chosen.append(words)
+            elif r < 0.5:  # single facts, the shape of most search queries
+                chosen.append([f[int(rng.integers(len(f)))]])
+            else:
+                chosen.append([f[j] for j in sorted(rng.choice(len(f), size=int(rng.integers(1, len(f) + 1)),
+                                                               replace=False))])
+        match = torch.tensor([[set(c) <= set(facts[i]) for i in picks] for c in chosen], dtype=torch.float32)
+        image = image_embedding(clip, cached[torch.from_numpy(picks)])
+        text = text_embedding(clip, tok, [", ".join(c) for c in chosen])
+        logits = clip.logit_scale.exp().clamp(max=100) * text @ image.T  # (captions, frames)
+        loss = -(F.log_softmax(logits, -1) * match / match.sum(-1, keepdim=True)).sum(-1).mean()
+        loss = loss - (F.log_softmax(logits.T, -1) * match.T / match.T.sum(-1, keepdim=True).clamp(min=1)).sum(-1)[
+            match.T.sum(-1) > 0].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log({"stage": 3, "step": step, "search": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        bar.set_postfix(search=f"{loss.item():.3f}")
+    for p in clip.parameters():
+        p.requires_grad_(True)
+
+
+def search_videos(cfg: TrainConfig, spec: DemoSpec) -> list[Video]:
+    """Stage 3's short videos: their own seeds, so the stage does not depend on what ran before it."""
+    seeds = [TRAIN_SEED_BASE + cfg.seed * 100_000 + 70_000 + i for i in range(cfg.search_videos)]
+    return [load_video(s, 12, spec.image_size) for s in tqdm(seeds, desc="rendering search videos",
+                                                             dynamic_ncols=True)]
+
+
+def retune_search(model_dir: Path, cfg: TrainConfig) -> Path:
+    """Stage 3 alone on a trained model directory (its CLIP pair is rewritten in place; answers cannot change)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    spec = DemoSpec(**json.loads((model_dir / "training_config.json").read_text())["spec"])
+    vision_dir = model_dir / "vision_tower"
+    clip = CLIPModel.from_pretrained(str(vision_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    t0 = time.perf_counter()
+    with (model_dir / "training_log.jsonl").open("a") as log_file:
+        def log(row: dict) -> None:
+            row["elapsed_s"] = round(time.perf_counter() - t0, 2)
+            log_file.write(json.dumps(row) + "\n")
+
+        stage3_search(clip, tok, search_videos(cfg, spec), cfg, log)
+    clip.save_pretrained(str(vision_dir))
+    return model_dir
+
+
 def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     spec = spec or DemoSpec()
     if cfg.threads:
@@ -471,6 +580,8 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
             for s in tqdm(seeds(cfg.long_videos, 50_000), desc="rendering long videos", dynamic_ncols=True)]
     stage2(model, tok, long, cfg, log, rng)
+    del long
+    stage3_search(clip, tok, search_videos(cfg, spec), cfg, log)
     model.eval()
     save_demo(model, clip, tok, out)
     (out / "training_config.json").write_text(json.dumps(
@@ -483,15 +594,17 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("models/vidmini-demo"))
+    ap.add_argument("--search-only", action="store_true",
+                    help="run only stage 3 (search) on the trained model in --out, rewriting its CLIP pair")
     defaults = TrainConfig()
-    for name in ("seed", "videos", "long_videos", "stage0_steps", "stage0_batch", "stage1_steps", "stage2_steps", "stage1_batch", "stage2_batch",
-                 "threads"):
+    for name in ("seed", "videos", "long_videos", "stage0_steps", "stage0_batch", "stage1_steps", "stage2_steps",
+                 "stage1_batch", "stage2_batch", "search_steps", "search_batch", "search_videos", "threads"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "stage2_lr"):
+    for name in ("lr", "stage2_lr", "search_lr"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     args = ap.parse_args(argv)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "out"})
-    path = train(args.out, cfg)
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "search_only")})
+    path = retune_search(args.out, cfg) if args.search_only else train(args.out, cfg)
     print(f"wrote {path}")
 
 

@@ -118,7 +118,8 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     from synth.train import TrainConfig, train
 
     cfg = dict(videos=4, video_s=(20, 30), long_videos=2, long_video_s=(30, 40), stage0_steps=2, stage0_batch=8,
-               stage1_steps=3, stage2_steps=2, stage1_batch=4, stage2_batch=2)
+               stage1_steps=3, stage2_steps=2, stage1_batch=4, stage2_batch=2, search_steps=2, search_batch=8,
+               search_videos=2)
     a = train(tmp_path / "a", TrainConfig(seed=3, **cfg))
     b = train(tmp_path / "b", TrainConfig(seed=3, **cfg))
     c = train(tmp_path / "c", TrainConfig(seed=4, **cfg))
@@ -126,11 +127,34 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     log = [json.loads(line) for line in (a / "training_log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in log] == [0, 0, 1, 1, 1, 2, 2]
+    assert [r["stage"] for r in log] == [0, 0, 1, 1, 1, 2, 2, 3, 3]
     assert "held_out" in log[1]  # perception metrics on held-out frames after the last perception step
     loaded = load_checkpoint(a)
     assert loaded.model.config.extra.get("vidmini_demo") is True
     assert torch.equal(loaded.model.lm_head.weight, wa["lm_head.weight"])
+
+    # stage 3 alone (search) on a copy: same weights as in the full run, and nothing an answer reads changes
+    import shutil
+
+    from synth.train import retune_search
+
+    d = tmp_path / "d"
+    shutil.copytree(a, d)
+    retune_search(d, TrainConfig(seed=3, **cfg))
+    va, vd = (load_file(str(x / "vision_tower" / "model.safetensors")) for x in (a, d))
+    moved = {k for k in va if not torch.equal(va[k], vd[k])}
+    last = f"vision_model.encoder.layers.{len(loaded.model.vision.vision_tower.encoder.layers) - 1}."
+    assert moved and all(k.startswith((last, "vision_model.post_layernorm", "visual_projection", "text_model.",
+                                       "text_projection", "logit_scale")) for k in moved)
+    assert any(k.startswith(last) for k in moved) and any(k.startswith("text_model.") for k in moved)
+    again = load_checkpoint(d)
+    pixels = torch.rand(3, 1, 3, 80, 80) * 2 - 1
+    with torch.no_grad():
+        before, after = loaded.model.encode_visual(pixels), again.model.encode_visual(pixels)
+        pooled_before = loaded.model.encode_visual_pooled(pixels)[2]
+        pooled_after = again.model.encode_visual_pooled(pixels)[2]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))  # patches, compressed: as before
+    assert not torch.equal(pooled_before, pooled_after)  # the search embedding did move
 
 
 @shipped
