@@ -34,6 +34,7 @@ class BatchOptions:
     device: str = "cpu"
     dtype: str = "fp32"
     fps: float = 1.0
+    backend: str = "pyav"  # the decoder (same frames either way, so not part of `key`)
 
     def key(self) -> str:
         """What makes two runs' outputs the same: a done input run with another key is done again."""
@@ -154,7 +155,7 @@ def process_file(library, source: str, stem: str, options: BatchOptions,
     t0 = time.perf_counter()
     frames = on_frames or (lambda phase, done, total: None)
     try:
-        ingested = library.ingest(source, IngestOptions(fps=options.fps),
+        ingested = library.ingest(source, IngestOptions(fps=options.fps, backend=options.backend),
                                   on_progress=lambda p: frames("ingest", p.frames_done, p.total))
         store = library.get_store(ingested.video_id)
         cuts = library.scenes(store.video_id) if options.summarize.mode == "lecture" and \
@@ -299,6 +300,7 @@ def add_parser(sub) -> None:
                    help="seconds per window (default 60; surveillance: 10, the coarse scan before per-frame refining)")
     p.add_argument("--events", nargs="+", default=[], metavar="EVENT", help='surveillance: e.g. "a person enters"')
     p.add_argument("--fps", type=float, default=1.0, help="ingest sampling rate")
+    p.add_argument("--backend", choices=["pyav", "ffmpeg", "decord"], default="pyav", help="ingest decoder")
     p.add_argument("--model", help="checkpoint directory or Hugging Face id")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -323,7 +325,7 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be >= 1")
     options = BatchOptions(summarize, tuple(dict.fromkeys(args.formats or ["md", "json"])), args.model,
-                           args.device, args.dtype, args.fps)
+                           args.device, args.dtype, args.fps, args.backend)
     report = run_batch(args.paths, args.out, options, ray=args.ray, ray_address=args.ray_address,
                        workers=args.workers, progress=not args.quiet)
     if args.json:

@@ -23,14 +23,16 @@ from synth.world import BACKGROUNDS
 
 
 class Asker:
-    """Questions over one stored video's frames (index ranges), with the first-token distributions cached: a
-    per-second scan for two events with the same template asks the model once per second, not twice."""
+    """Questions over one stored video's frames (index ranges). First-token probabilities are cached for the token
+    ids being tracked (the events' answer tokens), not whole vocabularies: a per-second scan for two events with
+    the same template asks the model once per second, and a 3-hour scan keeps a few floats per second."""
 
-    def __init__(self, session: VideoSession, policy: str = "auto") -> None:
+    def __init__(self, session: VideoSession, policy: str = "auto", track: Sequence[int] = ()) -> None:
         self.session, self.policy = session, policy
         self.engine = session.engine
         self.timestamps = session.timestamps
-        self._probs: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.track = set(track)
+        self._cache: dict[tuple[str, int, int], dict[int, float]] = {}
         self.questions = 0
 
     def _bounds(self, frames: range) -> tuple[float, float]:
@@ -44,14 +46,21 @@ class Asker:
         return self.session.ask(question, start, end, self.policy, sampling, question_times=False).result().text
 
     def probs(self, question: str, frames: range) -> torch.Tensor:
-        """Softmax of the first answer token's logits over these frames (float32, vocabulary-sized)."""
+        """Softmax of the first answer token's logits over these frames (float32, vocabulary-sized; not cached)."""
+        start, end = self._bounds(frames)
+        self.questions += 1
+        logits = self.session.first_logits(question, start, end, self.policy)
+        return torch.softmax(logits.reshape(-1, logits.shape[-1])[-1].float(), -1).cpu()
+
+    def token_probs(self, question: str, frames: range, ids: Sequence[int]) -> dict[int, float]:
+        """P(first answer token = id) for `ids` (and every tracked id), cached per question and frame range."""
         key = (question, frames.start, frames.stop)
-        if key not in self._probs:
-            start, end = self._bounds(frames)
-            self.questions += 1
-            logits = self.session.first_logits(question, start, end, self.policy)
-            self._probs[key] = torch.softmax(logits.reshape(-1, logits.shape[-1])[-1].float(), -1).cpu()
-        return self._probs[key]
+        have = self._cache.get(key)
+        if have is None or not set(ids) <= have.keys():
+            probs = self.probs(question, frames)
+            have = {**(have or {}), **{i: float(probs[i]) for i in self.track | set(ids)}}
+            self._cache[key] = have
+        return have
 
 
 def first_token(tokenizer, text: str) -> int:
@@ -74,11 +83,16 @@ class EventProbe:
     threshold: float = 0.5
     scan_threshold: float = 0.3
 
-    def confidence(self, probs: torch.Tensor) -> float:
-        p_yes = float(probs[list(self.yes)].sum())
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return self.yes + self.no
+
+    def confidence(self, probs) -> float:
+        """From first-token probabilities (a vocabulary tensor or an id → probability mapping)."""
+        p_yes = sum(float(probs[i]) for i in self.yes)
         if not self.no:
             return p_yes
-        p_no = float(probs[list(self.no)].sum())
+        p_no = sum(float(probs[i]) for i in self.no)
         return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.0
 
 

@@ -196,11 +196,11 @@ def scan_event(asker: Asker, probe: EventProbe, ts: np.ndarray, window: float,
 
     def frame(i: int) -> float:
         if i not in conf:
-            conf[i] = probe.confidence(asker.probs(probe.question, range(i, i + 1)))
+            conf[i] = probe.confidence(asker.token_probs(probe.question, range(i, i + 1), probe.ids))
         return conf[i]
 
     for p in pieces(ts, float(ts[-1]) + 1, window):
-        if probe.confidence(asker.probs(probe.question, p.frames)) >= probe.scan_threshold:
+        if probe.confidence(asker.token_probs(probe.question, p.frames, probe.ids)) >= probe.scan_threshold:
             for i in p.frames:
                 frame(i)
         if report is not None:
@@ -231,6 +231,7 @@ def _events(asker: Asker, opts: SummarizeOptions, ts: np.ndarray, duration: floa
     from app.describe import probe_for
 
     probes = [probe_for(e, asker.engine) for e in opts.events]
+    asker.track.update(i for p in probes for i in p.ids)
     events: list[Event] = []
     jpegs: dict[int, bytes | None] = {}
     for n, probe in enumerate(probes):

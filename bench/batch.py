@@ -28,13 +28,14 @@ def outputs(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "manifest.json"}
 
 
-def run(mode: str, videos: Path, work: Path, label: str, events: tuple[str, ...], window: float | None, **kw) -> dict:
+def run(mode: str, videos: Path, work: Path, label: str, events: tuple[str, ...], window: float | None,
+        backend: str, **kw) -> dict:
     from app.batch import BatchOptions, run_batch
     from app.summarize import SummarizeOptions
 
     home = work / f"home-{label}"
     os.environ["VIDMINI_HOME"] = str(home)  # an empty data root: ingest is part of the work
-    opts = BatchOptions(SummarizeOptions(mode, window, events), ("md", "json", "srt", "vtt"))
+    opts = BatchOptions(SummarizeOptions(mode, window, events), ("md", "json", "srt", "vtt"), backend=backend)
     t0 = time.perf_counter()
     report = run_batch([str(videos)], work / f"out-{label}", opts, progress=False, **kw)
     wall = time.perf_counter() - t0
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--mode", default="lecture", choices=["lecture", "surveillance", "general"])
     ap.add_argument("--window", type=float, default=None)
+    ap.add_argument("--backend", default="pyav", choices=["pyav", "ffmpeg"], help="ingest decoder")
     ap.add_argument("--out", default=None, help="append the results as one JSON line to this file")
     args = ap.parse_args()
     import ray
@@ -67,15 +69,15 @@ def main() -> None:
         for i in range(args.videos):
             write_video(generate_timeline(100 + i, args.seconds), videos / f"video{i}.mp4")
             (videos / f"video{i}.json").unlink()
-        local = run(args.mode, videos, work, "local", events, args.window)
+        local = run(args.mode, videos, work, "local", events, args.window, args.backend)
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         try:
-            on_ray = run(args.mode, videos, work, f"ray-{args.workers}", events, args.window, ray=True,
-                         workers=args.workers)
+            on_ray = run(args.mode, videos, work, f"ray-{args.workers}", events, args.window, args.backend,
+                         ray=True, workers=args.workers)
         finally:
             ray.shutdown()
         same = outputs(work / "out-local") == outputs(work / f"out-ray-{args.workers}")
-    result = {"mode": args.mode, "videos": args.videos, "seconds_each": args.seconds, "same_outputs": same,
+    result = {"mode": args.mode, "backend": args.backend, "videos": args.videos, "seconds_each": args.seconds, "same_outputs": same,
               "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()], "machine": platform.node(),
               "runs": [local, on_ray]}
     print(json.dumps(result, indent=1))

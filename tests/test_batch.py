@@ -257,3 +257,31 @@ def test_ray_gives_the_local_outputs_and_retries_a_killed_workers_file(world, tm
                    if p.is_file() and p.name != "manifest.json"}
     assert any(k.endswith(".jpg") for k in ray_files)
     assert ray_files == local_files
+
+
+def test_a_general_model_gets_plain_prompts_and_yes_no_events(world, tmp_path, tiny_ckpt):
+    """A model that is not the demo model (here a tiny random one) is asked plain descriptions and yes/no
+    questions; whatever it generates, every format still parses."""
+    import jsonschema
+    import srt
+    import webvtt
+
+    from app.describe import ModelDescriber, describer_for, probe_for
+    from app.library import Library
+    from app.models import ModelChoice
+
+    engine = open_engine(ModelChoice(str(tiny_ckpt), "tiny-random"))
+    assert isinstance(describer_for(engine), ModelDescriber)
+    probe = probe_for("a person enters", engine)
+    assert probe.no and "a person enters" in probe.question and not set(probe.yes) & set(probe.no)
+    library = Library(tmp_path / "home", engine=engine)
+    clip = tmp_path / "clip.mp4"
+    write_video(generate_timeline(35, 20), clip)
+    for mode, events in (("lecture", ()), ("surveillance", ("a person enters",)), ("general", ())):
+        out = tmp_path / mode
+        opts = BatchOptions(SummarizeOptions(mode, window=10, events=events), ("md", "json", "srt", "vtt"))
+        report = run_batch([str(clip)], out, opts, library=library, progress=False)
+        assert not report.failed, report.failed
+        jsonschema.validate(json.loads((out / "clip.json").read_text()), JSON_SCHEMA)
+        list(srt.parse((out / "clip.srt").read_text(), ignore_errors=False))
+        webvtt.read(str(out / "clip.vtt"))
