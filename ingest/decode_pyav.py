@@ -53,6 +53,7 @@ from ingest.probe import ProbeInfo, check_decodable, open_container, pick_stream
 
 log = logging.getLogger(__name__)
 SEEK_MIN_FRAMES = 12
+MAX_SEEK_RETRIES = 4  # seeks in a row landing after one sampling time before seeking is given up
 # Frame threads: FFmpeg's auto choice is cores + 1; on the 2-core bench machine cores + 2 decoded ~20% faster
 # (1080p and 360p H.264, skipping non-reference frames); cores + 3 was slower again.
 DECODE_THREADS = min(16, len(os.sched_getaffinity(0)) + 2) if hasattr(os, "sched_getaffinity") else 0
@@ -130,6 +131,10 @@ class _Window:
         self.sorted.clear()
 
 
+class _SeekGaveUp(Exception):
+    """Seeks keep landing after the frame they were for."""
+
+
 class _Decoder:
     """One pass over one stream: yields `Decoded` frames in presentation order, seeking when the plan says."""
 
@@ -165,6 +170,9 @@ class _Decoder:
         self.checked_k: int | None = None
         self.seek_check: int | None = None  # the sampling time (ticks) the last seek must land before
         self.reseek: tuple[int, int] | None = None  # (seek to, sampling time): a seek to redo earlier
+        self.seek_position = 0  # where the last seek asked to go
+        self.seek_check_target: int | None = None  # the sampling time of the last seek, and how often in a row
+        self.seek_retries = 0
         self.find_base = False  # the first packet after a seek gives the frame number from the index
 
     # -- packets -------------------------------------------------------------------------------------------
@@ -264,7 +272,7 @@ class _Decoder:
             target, self.seek_check = self.seek_check, None
             if ts > target:  # landed after the sampling time: its frame is earlier, go back a keyframe
                 log.debug("%s: seek landed at %s > %s, retrying one keyframe earlier", self.name, ts, target)
-                self.reseek = (ts - 1, target)
+                self.reseek = (self._keyframe_before(self.seek_position, ts), target)
                 return
         t = Fraction(ts - self.origin) * self.tb
         if self.last_t is not None and t <= self.last_t:
@@ -327,6 +335,19 @@ class _Decoder:
             i -= 1
         return i if i >= 0 else None
 
+    def _keyframe_before(self, position: int, landed: int) -> int:
+        """A seek position one keyframe before where a seek to `position` went. Not `landed - 1`: a demuxer
+        that seeks by dts puts a keyframe whose dts is below its pts right back at the same place (a B-frame
+        stream whose keyframe shows one tick after the sampling time looped here forever)."""
+        if self.entries:
+            i = bisect.bisect_right(self.entries, position, key=lambda e: e.timestamp) - 1
+            i = self._keyframe_at_or_before(min(i, len(self.entries) - 1))
+            if i is not None:
+                j = self._keyframe_at_or_before(i - 1)
+                return self.entries[j].timestamp if j is not None else self.origin
+        back = min(position, landed) - max(self.margin_ticks, self.nominal_ticks) * SEEK_MIN_FRAMES
+        return max(back, self.origin or 0)
+
     def _seek_choice(self, packet) -> tuple[int, int] | None:
         """(seek position, sampling time) in ticks, when that time's keyframe is over a GOP ahead."""
         if not self.seeking or self.ticks is None or packet.dts is None:
@@ -336,6 +357,9 @@ class _Decoder:
             return None
         self.checked_k = k
         target = self.ticks.tick(k)
+        if self.seek_check_target is not None and target <= self.seek_check_target:
+            return None  # already sought for this time: the demuxer landed earlier than the index said (a
+            # second seek would land there again, forever); decode forward from here instead
         i = bisect.bisect_right(self.entries, target - self.margin_ticks, key=lambda e: e.timestamp) - 1
         i = self._keyframe_at_or_before(i)
         if i is None or self.entries[i].timestamp - packet.dts <= self.min_skip_ticks:
@@ -347,10 +371,15 @@ class _Decoder:
         the first frame is checked against `target`). A failed seek ends seeking: decoding goes on from the
         last keyframe before what was already delivered, and repeats are dropped by the pts order check."""
         self.reseek = None
+        self.seek_retries = self.seek_retries + 1 if target == self.seek_check_target else 0
+        self.seek_check_target = target
         try:
+            if self.seek_retries > MAX_SEEK_RETRIES:  # the index misleads: decode sequentially from here on
+                raise _SeekGaveUp(f"{MAX_SEEK_RETRIES + 1} seeks in a row landed after the sampling time")
             self.container.seek(position, stream=self.vs, backward=True, any_frame=False)
+            self.seek_position = position
             self.seek_check = target
-        except av.FFmpegError as e:
+        except (av.FFmpegError, _SeekGaveUp) as e:
             log.warning("%s: seeking failed, decoding sequentially from here: %s", self.name, one_line(e))
             self.seeking = False
             back = self.origin + round((self.last_t or 0) / self.tb)

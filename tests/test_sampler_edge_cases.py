@@ -190,3 +190,36 @@ def test_audio_only_is_not_a_video(tmp_path):
     ffmpeg("-f", "lavfi", "-i", "sine=d=1", str(audio))
     with pytest.raises(NotAVideo, match="no video stream"):
         probe(audio)
+
+
+SEEK_LOOP_CHECK = """
+import sys, json
+import numpy as np
+from ingest.sampler import FrameSampler
+from ingest.simple_decode import sample_frames
+got = list(FrameSampler(sys.argv[1]))
+ref = sample_frames(sys.argv[1])
+print(json.dumps({"times": [f.t for f in got], "ref_times": ref.timestamps,
+                  "same_images": all(np.array_equal(a.image, b) for a, b in zip(got, ref.frames, strict=True))}))
+"""
+
+
+@needs_ffmpeg
+def test_a_seek_the_demuxer_lands_early_does_not_loop(tmp_path):
+    """A synthetic-world video cut by stream copy where the demuxer's seek lands a GOP before the keyframe the
+    index names: the sampler used to seek there again forever. It must finish, with the reference's frames."""
+    import dataclasses
+    import json
+    import sys
+
+    from synth.render import write_video
+    from synth.world import generate_timeline
+
+    whole = write_video(dataclasses.replace(generate_timeline(101, 900), duration_s=400), tmp_path / "whole.mp4")
+    cut = tmp_path / "cut.mp4"
+    ffmpeg("-ss", "360", "-i", str(whole), "-t", "40", "-c", "copy", str(cut))
+    run = subprocess.run([sys.executable, "-c", SEEK_LOOP_CHECK, str(cut)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout)
+    assert len(out["times"]) == 40 and out["times"] == out["ref_times"] and out["same_images"]
