@@ -205,15 +205,19 @@ def llm_loss(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.Tens
     return F.cross_entropy(logits.flatten(0, 1), answer_ids.flatten())
 
 
-def clip_loss(clip, image_pooled: torch.Tensor, captions: list[str], tok) -> torch.Tensor:
+def text_embedding(clip, tok, texts: list[str]) -> torch.Tensor:
     eot = generation_eos_ids(tok)[0]
-    ids = [tok(c, add_special_tokens=False).input_ids[:30] + [eot] for c in captions]
+    ids = [tok(c, add_special_tokens=False).input_ids[:30] + [eot] for c in texts]
     width = max(map(len, ids))
     input_ids = torch.tensor([i + [eot] * (width - len(i)) for i in ids])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-    text = clip.text_projection(clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output)
-    image = clip.visual_projection(image_pooled)
-    text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+    pooled = clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output
+    return F.normalize(clip.text_projection(pooled), dim=-1)
+
+
+def clip_loss(clip, image_pooled: torch.Tensor, captions: list[str], tok) -> torch.Tensor:
+    text = text_embedding(clip, tok, captions)
+    image = F.normalize(clip.visual_projection(image_pooled), dim=-1)
     logits = clip.logit_scale.exp().clamp(max=100) * image @ text.T
     target = torch.arange(len(captions))
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -284,6 +288,14 @@ def buckets(pool: list[Sample]) -> dict[tuple[int, int, int], list[Sample]]:
     for s in pool:
         out[(s.end - s.start + 1, len(s.question_ids), len(s.answer_ids))].append(s)
     return out
+
+
+def train_only(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Freeze every parameter of `module` but `params` (a stage undoes it with `requires_grad_(True)`)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
@@ -411,10 +423,7 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
     states = encode_states(model, videos, prefix)
     pool = question_pool(videos, tok, rng, per_family=60, max_range=None)
     trainable = [*model.model.layers.parameters(), *model.model.norm.parameters(), *model.lm_head.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
+    train_only(model, trainable)
     opt = adamw(trainable, cfg.stage2_lr)
     bar = tqdm(range(cfg.stage2_steps), desc="stage 2 (LLM over long clips)", dynamic_ncols=True)
     for step in bar:
@@ -453,16 +462,6 @@ def image_embedding(clip, penultimate: torch.Tensor) -> torch.Tensor:
     return F.normalize(clip.visual_projection(vis.post_layernorm(last[:, 0])), dim=-1)
 
 
-def text_embedding(clip, tok, texts: list[str]) -> torch.Tensor:
-    eot = generation_eos_ids(tok)[0]
-    ids = [tok(c, add_special_tokens=False).input_ids[:30] + [eot] for c in texts]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([i + [eot] * (width - len(i)) for i in ids])
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-    pooled = clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output
-    return F.normalize(clip.text_projection(pooled), dim=-1)
-
-
 def stage3_search(clip, tok, videos: list[Video], cfg: TrainConfig, log) -> None:
     """Text → frame search. The vision tower's last layer feeds only the pooled image embedding (LLaVA-Mini reads
     the layer before it), so that layer, both projections and the text tower are tuned for retrieval here without
@@ -479,10 +478,7 @@ def stage3_search(clip, tok, videos: list[Video], cfg: TrainConfig, log) -> None
     params = [*vis.encoder.layers[-1].parameters(), *vis.post_layernorm.parameters(),
               *clip.visual_projection.parameters(), *clip.text_model.parameters(),
               *clip.text_projection.parameters(), clip.logit_scale]
-    for p in clip.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    train_only(clip, params)
     opt = adamw(params, cfg.search_lr)
     bar = tqdm(range(cfg.search_steps), desc="stage 3 (search)", dynamic_ncols=True)
     for step in bar:
