@@ -65,10 +65,10 @@ class TrainConfig:
     stage2_batch: int = 12
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
-    search_steps: int = 1500  # stage 3: text → frame search
+    search_steps: int = 2000  # stage 3: text → frame search
     search_batch: int = 192
     search_videos: int = 400
-    search_lr: float = 1e-3
+    search_lr: float = 2e-3
     probe_weight: float = 1.0
     clip_weight: float = 0.5
     threads: int = 0
