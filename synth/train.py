@@ -9,10 +9,13 @@ Stage 1 (end to end, clips of 1–8 frames): the world's questions, side losses 
 Stage 2 (LLM only, clips up to 10 minutes): everything before the LLM is frozen, so each frame's states are
 computed once by the engine's own `prefuse_prefix`, and each question's fused tokens by `prefuse_question` —
 the exact numbers the product feeds the LLM at inference.
+Stage 3 (search): the vision tower's last layer (LLaVA-Mini reads the one before it), the projections and the
+text tower, tuned for text → frame retrieval on frames cached up to that layer; no answer changes.
 
-  python -m synth.train --out models/vidmini-demo            # the shipped weights (~45 min on 2 cores)
+  python -m synth.train --out models/vidmini-demo            # the shipped weights (~56 min on 2 cores)
+  python -m synth.train --out models/vidmini-demo --search-only   # stage 3 alone on trained weights (~11 min)
   python -m synth.train --out /tmp/m --videos 20 --long-videos 2 --stage0-steps 20 --stage1-steps 20 \
-      --stage2-steps 10                                       # a quick smoke run
+      --stage2-steps 10 --search-steps 10 --search-videos 4   # a quick smoke run
 """
 
 from __future__ import annotations
@@ -483,7 +486,7 @@ def stage3_search(clip, tok, videos: list[Video], cfg: TrainConfig, log) -> None
     bar = tqdm(range(cfg.search_steps), desc="stage 3 (search)", dynamic_ncols=True)
     for step in bar:
         set_lr(opt, step, cfg.search_steps, cfg.search_lr, warmup=20)
-        picks = rng.choice(len(cached), size=cfg.search_batch, replace=False)
+        picks = rng.choice(len(cached), size=min(cfg.search_batch, len(cached)), replace=False)
         chosen = []
         for i in picks:
             f = facts[i]
