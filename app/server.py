@@ -9,6 +9,7 @@ Both need the process's token (embedded in the page), so another site in the sam
 
 from __future__ import annotations
 
+import hmac
 import mimetypes
 
 from starlette.requests import Request
@@ -24,7 +25,7 @@ TOKEN_HEADER = "x-vidmini-token"
 
 def _authorized(request: Request, library: Library) -> bool:
     token = request.headers.get(TOKEN_HEADER) or request.query_params.get("token", "")
-    return bool(token) and token == library.upload_token
+    return bool(token) and hmac.compare_digest(token.encode(), library.upload_token.encode())
 
 
 def upload_limit_bytes() -> int:
