@@ -142,6 +142,19 @@ def upload(driver, path: Path) -> None:
     picker[0].send_keys(str(path))
 
 
+def click(driver, what: str, find, timeout: float = 30.0) -> None:
+    """Find and click, again until it takes: the library list re-renders every second, so an element found a
+    moment ago may be gone (stale) or not drawn yet."""
+    def attempt():
+        element = find()
+        if not element:
+            return False
+        element.click()
+        return True
+
+    wait_for(driver, what, attempt, timeout=timeout)
+
+
 def row_for(driver, name: str):
     for row in driver.find_elements(By.CSS_SELECTOR, "[class*='st-key-row-']"):
         if name in row.text:
@@ -172,13 +185,13 @@ def test_upload_ask_seek_search_and_a_corrupt_upload(server, browser, tmp_path):
     # upload → streamed to disk under the data root → ingested in the background → listed as ready
     upload(d, video)
     wait_for(d, "the upload to finish", lambda: d.find_elements(By.CSS_SELECTOR, ".vm-upload-row[data-state='done']"))
-    row = wait_for(d, "the ingest to finish",
-                   lambda: (r := row_for(d, video.name)) is not None and "ready" in r.text and r, timeout=120)
+    wait_for(d, "the ingest to finish",
+             lambda: (r := row_for(d, video.name)) is not None and "ready" in r.text and r, timeout=120)
     assert list((home / "uploads").glob(f"*-{video.name}")), "the upload is stored under the data root"
     shot(d, "1-library")
 
     # open it, ask a question with a known answer
-    button(row, "Open").click()
+    click(d, "the Open button", lambda: (r := row_for(d, video.name)) is not None and button(r, "Open"))
     box = wait_for(d, "the chat box", lambda: d.find_elements(By.CSS_SELECTOR, "textarea[data-testid='stChatInputTextArea']"))
     wait_for(d, "the player", lambda: d.find_elements(By.CSS_SELECTOR, "video"))
     box[0].send_keys(question.question)
@@ -211,7 +224,7 @@ def test_upload_ask_seek_search_and_a_corrupt_upload(server, browser, tmp_path):
     field = wait_for(d, "the search box", lambda: [e for e in d.find_elements(By.CSS_SELECTOR, "input[type='text']")
                                                    if "Search" in (e.get_attribute("aria-label") or "")])
     field[0].send_keys(f"a {question.answer} background")
-    button(d, "Search").click()
+    click(d, "the Search button", lambda: button(d, "Search"))
     moments = wait_for(d, "a moment on the timeline", lambda: d.find_elements(By.CSS_SELECTOR, ".vm-timeline .vm-moment"))
     start = float(moments[0].get_attribute("data-start"))
     assert 0 <= start <= SECONDS
@@ -225,13 +238,15 @@ def test_upload_ask_seek_search_and_a_corrupt_upload(server, browser, tmp_path):
     d.set_window_size(1400, 1100)
 
     # back to the library: a corrupt upload ends with a readable error, and the app keeps working
-    button(d, "← Library").click()
+    click(d, "the Library button", lambda: button(d, "← Library"))
     upload(d, corrupt)
     bad = wait_for(d, "the corrupt upload's error",
                    lambda: (r := row_for(d, corrupt.name)) is not None and "failed" in r.text and r, timeout=60)
     alert = bad.find_element(By.CSS_SELECTOR, "[data-testid='stAlert']").text
     assert corrupt.name in alert and ("Corrupt" in alert or "NotAVideo" in alert or "decod" in alert), alert
     assert "Traceback" not in d.find_element(By.TAG_NAME, "body").text
-    assert row_for(d, video.name) is not None and "ready" in row_for(d, video.name).text
+    # the list re-renders every second: wait for the first video's row rather than read it mid-render
+    wait_for(d, "the first video still ready",
+             lambda: (r := row_for(d, video.name)) is not None and "ready" in r.text and r, timeout=15)
     shot(d, "5-corrupt-upload")
     assert time.monotonic() - t0 < 240
