@@ -43,7 +43,7 @@ class DemoSpec:
     hidden: int = 256
     intermediate: int = 640
     llm_layers: int = 4
-    prefusion_layers: int = 2
+    prefusion_layers: int = 2  # built with two; question fusion (synth.qfusion) adds a third
     heads: int = 4
     kv_heads: int = 2
     vocab_size: int = 1024  # regular BPE entries; specials and the system prompt come after

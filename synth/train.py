@@ -6,16 +6,20 @@ on each grid cell's patch features (which kind and colour sits there: without th
 backgrounds but not shapes), probes of c' (which shapes, counts, word, background), and CLIP's contrastive loss
 between frames and captions (trains the text tower used by search). All heads are thrown away.
 Stage 1 (end to end, clips of 1–8 frames): the world's questions, side losses kept.
+Question fusion (synth.qfusion): a third pre-fusion layer is added as the identity and trained, with everything
+before it frozen and cached, so each frame's fused question carries that frame's answer (side heads at the
+question's kind words and last token, per frame and over weighted bags of frames, which is what the LLM reads).
 Stage 2 (LLM only, clips up to 10 minutes): everything before the LLM is frozen, so each frame's states are
 computed once by the engine's own `prefuse_prefix`, and each question's fused tokens by `prefuse_question` —
-the exact numbers the product feeds the LLM at inference.
+the exact numbers the product feeds the LLM at inference. A side head at the frame positions learns which kinds
+were seen earlier in the clip (what "which appears first" builds on).
 Stage 3 (search): the vision tower's last layer (LLaVA-Mini reads the one before it), the projections and the
 text tower, tuned for text → frame retrieval on frames cached up to that layer; no answer changes.
 
   python -m synth.train --out models/vidmini-demo            # the shipped weights (~56 min on 2 cores)
   python -m synth.train --out models/vidmini-demo --search-only   # stage 3 alone on trained weights (~11 min)
   python -m synth.train --out /tmp/m --videos 20 --long-videos 2 --stage0-steps 20 --stage1-steps 20 \
-      --stage2-steps 10 --search-steps 10 --search-videos 4   # a quick smoke run
+      --qfusion-steps 10 --qfusion-videos 20 --stage2-steps 10 --search-steps 10 --search-videos 4  # smoke run
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from engine.prompt import build_prompt
 from engine.tokenizer_tiny import generation_eos_ids
 from engine.vision import resize_nearest
 from synth.demo_model import DemoSpec, build_demo_model, build_tokenizer, save_demo
+from synth.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion
 from synth.questions import make_questions
 from synth.render import render_samples
 from synth.world import BACKGROUNDS, CELLS, KINDS, SHAPE_COLOURS, WORDS, cell_box, generate_timeline, truth_at
@@ -59,16 +64,20 @@ class TrainConfig:
     video_s: tuple[int, int] = (10, 16)
     long_videos: int = 36  # stage-2 timelines
     long_video_s: tuple[int, int] = (60, 600)
-    stage0_steps: int = 1400  # perception: single frames, probes + contrastive
+    stage0_steps: int = 1200  # perception: single frames, probes + contrastive
     stage0_batch: int = 128
-    stage1_steps: int = 800
+    stage1_steps: int = 600
     stage1_batch: int = 24
     stage1_max_frames: int = 8
-    stage2_steps: int = 1000
+    qfusion_steps: int = 1500  # question fusion: the added last pre-fusion layer
+    qfusion_videos: int = 1500
+    qfusion_lr: float = 1e-3
+    stage2_steps: int = 800
     stage2_batch: int = 12
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
-    search_steps: int = 2000  # stage 3: text → frame search
+    seen_weight: float = 0.5
+    search_steps: int = 1250  # stage 3: text → frame search
     search_batch: int = 192
     search_videos: int = 400
     search_lr: float = 2e-3
@@ -420,34 +429,75 @@ def encode_states(model, videos: list[Video], prefix: torch.Tensor, batch: int =
     return out
 
 
+def llm_forward(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.Tensor, tap: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`llm_loss` that also returns the hidden states after LLM layer `tap` (for the frame-position heads)."""
+    x = torch.cat([inputs, model.embed(answer_ids[:, :-1])], dim=1) if answer_ids.shape[1] > 1 else inputs
+    cos, sin = model.rope(torch.arange(x.shape[1])[None])
+    tapped = x
+    for i, layer in enumerate(model.model.layers):
+        q, k, v = project_qkv(layer, x, cos, sin)
+        x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
+        if i + 1 == tap:
+            tapped = x
+    first = inputs.shape[1] - 1
+    logits = model.logits(x[:, first : first + answer_ids.shape[1]])
+    return F.cross_entropy(logits.flatten(0, 1), answer_ids.flatten()), tapped
+
+
+def seen_targets(counts: np.ndarray) -> torch.Tensor:
+    """Per frame of a clip: which kinds are there now (4 bits) and which were there in an earlier frame of the
+    clip (4 bits) — what "which appears first" needs at each frame position."""
+    now = counts > 0
+    before = np.zeros_like(now)
+    before[1:] = np.logical_or.accumulate(now, axis=0)[:-1]
+    return torch.from_numpy(np.concatenate([now, before], 1).astype(np.float32))
+
+
+FAMILY_WEIGHTS = {"presence": 1.5, "attribute": 0.5, "count": 1.0, "order": 2.5, "text": 0.25, "scene": 0.25}
+
+
 def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.random.Generator) -> None:
+    """The LLM over long clips, on the exact states the product feeds it. A side head on LLM layer 1's output at
+    every frame position learns which kinds are there and which were seen earlier in the clip (the step an order
+    question builds on); the families the fused question cannot answer alone are drawn more often."""
     prefix = build_prompt(tok, "").prefix
     model.eval()
     states = encode_states(model, videos, prefix)
     pool = question_pool(videos, tok, rng, per_family=60, max_range=None)
+    weights = np.array([FAMILY_WEIGHTS[s.family] for s in pool])
+    weights /= weights.sum()
+    hidden = model.config.llama.hidden_size
+    head = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 2 * len(KINDS)))
     trainable = [*model.model.layers.parameters(), *model.model.norm.parameters(), *model.lm_head.parameters()]
     train_only(model, trainable)
-    opt = adamw(trainable, cfg.stage2_lr)
+    opt = adamw(trainable + list(head.parameters()), cfg.stage2_lr)
     bar = tqdm(range(cfg.stage2_steps), desc="stage 2 (LLM over long clips)", dynamic_ncols=True)
     for step in bar:
         set_lr(opt, step, cfg.stage2_steps, cfg.stage2_lr, warmup=20)
         opt.zero_grad(set_to_none=True)
-        total, frames = 0.0, 0
-        for i in rng.choice(len(pool), size=cfg.stage2_batch, replace=False):
+        total, side, frames = 0.0, 0.0, 0
+        for i in rng.choice(len(pool), size=cfg.stage2_batch, replace=False, p=weights):
             s = pool[i]
             sel = states[s.video].select(slice(s.start, s.end + 1))
             with torch.no_grad():
                 q = prefuse_question(model, sel, s.question_ids)
                 p = mean_over_frames(sel.prefix_text)
             inputs = torch.cat([p, sel.compressed.flatten(0, 1), q])[None]
-            loss = llm_loss(model, inputs, s.answer_ids[None]) / cfg.stage2_batch
+            qa, tapped = llm_forward(model, inputs, s.answer_ids[None])
+            n = s.end - s.start + 1
+            at_frames = tapped[0, len(p) : len(p) + n]
+            seen = F.binary_cross_entropy_with_logits(
+                head(at_frames), seen_targets(videos[s.video].probes["counts"][s.start : s.end + 1]))
+            loss = (qa + cfg.seen_weight * seen) / cfg.stage2_batch
             loss.backward()
-            total += loss.item()
-            frames += s.end - s.start + 1
+            total += qa.item() / cfg.stage2_batch
+            side += seen.item() / cfg.stage2_batch
+            frames += n
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        log({"stage": 2, "step": step, "frames": frames, "qa": total, "lr": opt.param_groups[0]["lr"]})
-        bar.set_postfix(qa=f"{total:.3f}", frames=frames)
+        log({"stage": 2, "step": step, "frames": frames, "qa": total, "seen": side, "lr": opt.param_groups[0]["lr"]})
+        bar.set_postfix(qa=f"{total:.3f}", seen=f"{side:.3f}", frames=frames)
     for p in model.parameters():
         p.requires_grad_(True)
 
@@ -574,6 +624,9 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     probes = ProbeHeads(model.config.hidden_size, CellHeads(spec.vision_width, pooling))
     stage0(model, clip, probes, tok, short, held_out, cfg, log, rng)
     stage1(model, clip, probes, tok, short, cfg, log, rng)
+    add_prefusion_layer(model)
+    run_question_fusion(model, tok, short[: cfg.qfusion_videos], held_out, normalize,
+                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr), rng, log)
     del short
     lo, hi = cfg.long_video_s
     long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
@@ -596,10 +649,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--search-only", action="store_true",
                     help="run only stage 3 (search) on the trained model in --out, rewriting its CLIP pair")
     defaults = TrainConfig()
-    for name in ("seed", "videos", "long_videos", "stage0_steps", "stage0_batch", "stage1_steps", "stage2_steps",
+    for name in ("seed", "videos", "long_videos", "stage0_steps", "stage0_batch", "stage1_steps", "qfusion_steps",
+                 "qfusion_videos", "stage2_steps",
                  "stage1_batch", "stage2_batch", "search_steps", "search_batch", "search_videos", "threads"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "stage2_lr", "search_lr"):
+    for name in ("lr", "qfusion_lr", "stage2_lr", "seen_weight", "search_lr"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "search_only")})
