@@ -101,9 +101,10 @@ Matcher = Callable[[str, object], EventProbe | None]
 _WORD_EVENT = re.compile(r"(?:the )?(?:word|text|digit) ['\"]?(\w+)['\"]? (?:is |appears|gets )?"
                          r"(?:shown|displayed|visible|appears|on screen)", re.I)
 _BACKGROUND_EVENT = re.compile(r"(?:the )?background (?:is|turns|becomes|goes) (\w+)", re.I)
-# Calibrated on seed 11 (not a test seed): a word on screen gets P >= 0.99 from the demo model, a blank band
-# still names some word, at up to 0.95.
-DEMO_WORD_THRESHOLD = 0.97
+# Calibrated on the shipped demo model, one frame at a time over an 80-s video of seed 424242 (not a test seed):
+# a word on screen gets P(that word) >= 0.72 (median 0.88), a blank band names some word at P <= 0.47 (the old weights
+# needed 0.97: >= 0.96 against <= 0.96).
+DEMO_WORD_THRESHOLD = 0.6
 
 
 def demo_world_matcher(event: str, engine) -> EventProbe | None:
