@@ -28,10 +28,10 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_ro
 from engine.llama import attention, finish_layer, project_qkv
 from engine.model import LlavaMiniModel
 from engine.prompt import build_prompt
+from synth.questions import FAMILIES
 from synth.world import BACKGROUNDS, KINDS, SHAPE_COLOURS, WORDS
 
 COLOURS = tuple(SHAPE_COLOURS)
-FAMILIES = ("presence", "attribute", "count", "order", "text", "scene")
 MAX_COUNT = 6
 # per-frame head layout (on one frame's fused last question token)
 FRAME_SLICES = {"presence": (0, 1), "attribute": (1, 8), "count": (8, 15), "order": (15, 17), "text": (17, 34),
