@@ -66,7 +66,7 @@ class TrainConfig:
     video_s: tuple[int, int] = (10, 16)
     long_videos: int = 36  # stage-2 timelines
     long_video_s: tuple[int, int] = (60, 600)
-    stage0_steps: int = 1400  # perception: single frames, probes + contrastive
+    stage0_steps: int = 1350  # perception: single frames, probes + contrastive
     stage0_batch: int = 128
     stage1_steps: int = 450
     stage1_batch: int = 24
@@ -74,12 +74,12 @@ class TrainConfig:
     qfusion_steps: int = 1200  # question fusion: the added last pre-fusion layer
     qfusion_videos: int = 1500
     qfusion_lr: float = 1e-3
-    stage2_steps: int = 1600
+    stage2_steps: int = 1400
     stage2_batch: int = 12
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
     seen_weight: float = 0.5
-    search_steps: int = 1250  # stage 3: text → frame search
+    search_steps: int = 1150  # stage 3: text → frame search
     search_batch: int = 192
     search_videos: int = 400
     search_lr: float = 2e-3
@@ -167,11 +167,16 @@ def question_pool(videos: list[Video], tok, rng: np.random.Generator, per_family
                   ) -> list[Sample]:
     eot = generation_eos_ids(tok)[0]
     pool = []
+    # a few dozen distinct texts among hundreds of thousands of questions: tokenize each once
+    questions: dict[str, torch.Tensor] = {}
+    answers: dict[str, torch.Tensor] = {}
     for vi, v in enumerate(videos):
         for q in make_questions(v.timeline, rng, per_family=per_family, max_range_s=max_range):
-            ids = build_prompt(tok, q.question).question
-            ans = torch.tensor(tok(q.answer, add_special_tokens=False).input_ids + [eot])
-            pool.append(Sample(vi, q.start_s, q.end_s, ids, ans, q.family))
+            if q.question not in questions:
+                questions[q.question] = build_prompt(tok, q.question).question
+            if q.answer not in answers:
+                answers[q.answer] = torch.tensor(tok(q.answer, add_special_tokens=False).input_ids + [eot])
+            pool.append(Sample(vi, q.start_s, q.end_s, questions[q.question], answers[q.answer], q.family))
     return pool
 
 
@@ -397,7 +402,7 @@ def probe_accuracy(model, probes: ProbeHeads, videos: list[Video]) -> dict[str, 
 def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: TrainConfig, log,
            rng: np.random.Generator) -> None:
     prefix = build_prompt(tok, "").prefix
-    pool = question_pool(videos, tok, rng, per_family=40, max_range=cfg.stage1_max_frames)
+    pool = question_pool(videos, tok, rng, per_family=15, max_range=cfg.stage1_max_frames)  # ~270k, ample
     groups = buckets(pool)
     keys = sorted(groups)
     weights = np.array([len(groups[k]) for k in keys], dtype=np.float64)
@@ -647,7 +652,7 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     stage1(model, clip, probes, tok, short, cfg, log, rng)
     add_prefusion_layer(model)
     run_question_fusion(model, tok, short[: cfg.qfusion_videos], held_out, normalize,
-                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr), rng, log)
+                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr, every=300), rng, log)
     del short
     lo, hi = cfg.long_video_s
     long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
