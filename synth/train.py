@@ -2,11 +2,9 @@
 
 Stage 0 (perception, single frames from many short videos, so few frames repeat): vision tower, compressor,
 projector and pre-fusion learn to put what a frame shows into its one fused token c'. Side losses only: heads
-on each grid cell's patch features (which kind, which colour and which (colour, kind) pair sits there: without
-them the tower learned words and backgrounds but not shapes; the pair class binds colour to kind in one linear
-feature), probes of c' (which shapes, counts, word, background, and what each of the six cells holds — the
-per-cell probe keeps the binding through the compressor's averaging), and CLIP's contrastive loss between frames
-and captions (trains the text tower used by search). All heads are thrown away.
+on each grid cell's patch features (which kind and colour sits there: without them the tower learned words and
+backgrounds but not shapes), probes of c' (which shapes, counts, word, background), and CLIP's contrastive loss
+between frames and captions (trains the text tower used by search). All heads are thrown away.
 Stage 1 (end to end, clips of 1–8 frames): the world's questions, side losses kept.
 Question fusion (synth.qfusion): a third pre-fusion layer is added as the identity and trained, with everything
 before it frozen and cached, so each frame's fused question carries that frame's answer (side heads at the
@@ -66,20 +64,20 @@ class TrainConfig:
     video_s: tuple[int, int] = (10, 16)
     long_videos: int = 36  # stage-2 timelines
     long_video_s: tuple[int, int] = (60, 600)
-    stage0_steps: int = 1350  # perception: single frames, probes + contrastive
+    stage0_steps: int = 1200  # perception: single frames, probes + contrastive
     stage0_batch: int = 128
-    stage1_steps: int = 450
+    stage1_steps: int = 600
     stage1_batch: int = 24
     stage1_max_frames: int = 8
-    qfusion_steps: int = 1200  # question fusion: the added last pre-fusion layer
+    qfusion_steps: int = 1500  # question fusion: the added last pre-fusion layer
     qfusion_videos: int = 1500
     qfusion_lr: float = 1e-3
-    stage2_steps: int = 1400
+    stage2_steps: int = 800
     stage2_batch: int = 12
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
     seen_weight: float = 0.5
-    search_steps: int = 1150  # stage 3: text → frame search
+    search_steps: int = 1250  # stage 3: text → frame search
     search_batch: int = 192
     search_videos: int = 400
     search_lr: float = 2e-3
@@ -167,7 +165,7 @@ def question_pool(videos: list[Video], tok, rng: np.random.Generator, per_family
                   ) -> list[Sample]:
     eot = generation_eos_ids(tok)[0]
     pool = []
-    # a few dozen distinct texts among hundreds of thousands of questions: tokenize each once
+    # a few dozen distinct texts among hundreds of thousands of questions: tokenize each once (same ids)
     questions: dict[str, torch.Tensor] = {}
     answers: dict[str, torch.Tensor] = {}
     for vi, v in enumerate(videos):
@@ -191,32 +189,25 @@ def fuse_batch(model: LlavaMiniModel, pixels: torch.Tensor, text_ids: torch.Tens
     patches = model.model.mm_projector(feats)
     x = torch.cat([patches, compressed, model.embed(text_ids)], dim=1)
     cos, sin = model.rope(torch.arange(x.shape[1])[None])
-    *inner, last = model.model.prefusion_layers
-    for layer in inner:
+    for layer in model.model.prefusion_layers:
         q, k, v = project_qkv(layer, x, cos, sin)
         x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
-    n = patches.shape[1]  # the last layer's patch outputs feed nothing: queries from c on only
-    q, k, v = project_qkv(last, x, cos, sin)
-    x = finish_layer(last, x[:, n:], attention(q[:, :, n:], k, v, None, causal=True))
-    return x[:, 0], x[:, 1:], out.pooler_output, feats
+    n = patches.shape[1]
+    return x[:, n], x[:, n + 1 :], out.pooler_output, feats
 
 
 def perceive(model: LlavaMiniModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """c' alone: the pre-fusion mask is causal, so [patches, c] through pre-fusion gives the same fused
-    compressed token as the whole sequence does, and the last layer needs only c's query, output projection and
-    MLP (the patches' last outputs feed nothing): about half the pre-fusion cost of the full sequence."""
+    compressed token as the whole sequence does, at two thirds of the cost."""
     tower = model.vision
     out = tower.vision_tower(pixel_values=pixels, output_hidden_states=True)
     feats = out.hidden_states[tower.select_layer][:, 1:]
     x = torch.cat([model.model.mm_projector(feats), model.model.mm_projector(model.model.compressor(feats))], 1)
     cos, sin = model.rope(torch.arange(x.shape[1])[None])
-    *inner, last = model.model.prefusion_layers
-    for layer in inner:
+    for layer in model.model.prefusion_layers:
         q, k, v = project_qkv(layer, x, cos, sin)
         x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
-    q, k, v = project_qkv(last, x, cos, sin)
-    c = finish_layer(last, x[:, -1:], attention(q[:, :, -1:], k, v, None, causal=False))
-    return c[:, 0], out.pooler_output, feats
+    return x[:, -1], out.pooler_output, feats
 
 
 def llm_loss(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -273,19 +264,11 @@ class CellHeads(torch.nn.Module):
         self.register_buffer("pooling", pooling)
         self.kind = torch.nn.Linear(width, len(KINDS) + 1)
         self.colour = torch.nn.Linear(width, len(SHAPE_COLOURS) + 1)
-        self.pair = torch.nn.Linear(width, len(PAIRS) + 1)  # kind and colour bound in one linear feature
 
     def loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         pooled = torch.einsum("cp,bpw->bcw", self.pooling, feats)
         return (F.cross_entropy(self.kind(pooled).flatten(0, 1), cells[:, 0].flatten())
-                + F.cross_entropy(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten())
-                + F.cross_entropy(self.pair(pooled).flatten(0, 1), cell_pairs(cells).flatten()))
-
-
-def cell_pairs(cells: torch.Tensor) -> torch.Tensor:
-    """(…, 2, CELLS) kind + 1 / colour + 1 → (…, CELLS) 0 for an empty cell, else 1 + index into PAIRS."""
-    kind, colour = cells[..., 0, :], cells[..., 1, :]
-    return torch.where(kind > 0, (kind - 1) * len(SHAPE_COLOURS) + colour, torch.zeros_like(kind))
+                + F.cross_entropy(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten()))
 
 
 class ProbeHeads(torch.nn.Module):
@@ -296,7 +279,6 @@ class ProbeHeads(torch.nn.Module):
         self.counts = torch.nn.Linear(hidden, len(KINDS) * (MAX_COUNT + 1))
         self.word = torch.nn.Linear(hidden, len(WORDS) + 1)
         self.background = torch.nn.Linear(hidden, len(BACKGROUNDS))
-        self.grid = torch.nn.Linear(hidden, CELLS * (len(PAIRS) + 1))  # what sits in each cell, from c' alone
 
     @torch.no_grad()
     def accuracy(self, c: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -309,16 +291,13 @@ class ProbeHeads(torch.nn.Module):
             "count_kind": counts.float().mean().item(), "count_all": counts.all(-1).float().mean().item(),
             "word": (self.word(c).argmax(-1) == targets["word"]).float().mean().item(),
             "background": (self.background(c).argmax(-1) == targets["background"]).float().mean().item(),
-            "grid_all": (self.grid(c).view(len(c), CELLS, -1).argmax(-1) == cell_pairs(targets["cells"]))
-            .all(-1).float().mean().item(),
         }
 
     def loss(self, c: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         return (F.binary_cross_entropy_with_logits(self.present(c), targets["present"])
                 + F.cross_entropy(self.counts(c).view(-1, MAX_COUNT + 1), targets["counts"].flatten())
                 + F.cross_entropy(self.word(c), targets["word"])
-                + F.cross_entropy(self.background(c), targets["background"])
-                + F.cross_entropy(self.grid(c).view(-1, len(PAIRS) + 1), cell_pairs(targets["cells"]).flatten()))
+                + F.cross_entropy(self.background(c), targets["background"]))
 
 
 def buckets(pool: list[Sample]) -> dict[tuple[int, int, int], list[Sample]]:
@@ -402,7 +381,7 @@ def probe_accuracy(model, probes: ProbeHeads, videos: list[Video]) -> dict[str, 
 def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: TrainConfig, log,
            rng: np.random.Generator) -> None:
     prefix = build_prompt(tok, "").prefix
-    pool = question_pool(videos, tok, rng, per_family=15, max_range=cfg.stage1_max_frames)  # ~270k, ample
+    pool = question_pool(videos, tok, rng, per_family=40, max_range=cfg.stage1_max_frames)
     groups = buckets(pool)
     keys = sorted(groups)
     weights = np.array([len(groups[k]) for k in keys], dtype=np.float64)
@@ -652,7 +631,7 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     stage1(model, clip, probes, tok, short, cfg, log, rng)
     add_prefusion_layer(model)
     run_question_fusion(model, tok, short[: cfg.qfusion_videos], held_out, normalize,
-                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr, every=300), rng, log)
+                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr), rng, log)
     del short
     lo, hi = cfg.long_video_s
     long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
