@@ -28,10 +28,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_ro
 from engine.llama import attention, finish_layer, project_qkv
 from engine.model import LlavaMiniModel
 from engine.prompt import build_prompt
-from synth.questions import FAMILIES
-from synth.world import BACKGROUNDS, KINDS, SHAPE_COLOURS, WORDS
+from synth.questions import ATTRIBUTE_Q, COLOURS, COUNT_Q, FAMILIES, ORDER_Q, PRESENCE_Q, SCENE_Q, TEXT_Q
+from synth.world import BACKGROUNDS, KINDS, WORDS
 
-COLOURS = tuple(SHAPE_COLOURS)
 MAX_COUNT = 6
 # per-frame head layout (on one frame's fused last question token)
 FRAME_SLICES = {"presence": (0, 1), "attribute": (1, 8), "count": (8, 15), "order": (15, 17), "text": (17, 34),
@@ -91,15 +90,14 @@ class Ask:
     b: int = -1  # second kind (order) or kind (presence)
 
     def text(self) -> str:
+        """The question in the world's own templates (synth.questions)."""
         if self.family == "presence":
-            return f"Is there a {COLOURS[self.a]} {KINDS[self.b]}?"
-        if self.family == "attribute":
-            return f"What colour is the {KINDS[self.a]}?"
-        if self.family == "count":
-            return f"How many {KINDS[self.a]}s are there?"
+            return PRESENCE_Q.format(colour=COLOURS[self.a], kind=KINDS[self.b])
+        if self.family in ("attribute", "count"):
+            return (ATTRIBUTE_Q if self.family == "attribute" else COUNT_Q).format(kind=KINDS[self.a])
         if self.family == "order":
-            return f"Which appears first, the {KINDS[self.a]} or the {KINDS[self.b]}?"
-        return "What word is shown?" if self.family == "text" else "What colour is the background?"
+            return ORDER_Q.format(kind1=KINDS[self.a], kind2=KINDS[self.b])
+        return TEXT_Q if self.family == "text" else SCENE_Q
 
 
 def frame_target(ask: Ask, facts: FrameFacts, f: int) -> tuple[int, ...]:

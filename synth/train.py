@@ -212,14 +212,7 @@ def perceive(model: LlavaMiniModel, pixels: torch.Tensor) -> tuple[torch.Tensor,
 
 def llm_loss(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
     """inputs (B, L, d) = [mean P', c'…, mean Q']; teacher-forced answer tokens after them."""
-    x = torch.cat([inputs, model.embed(answer_ids[:, :-1])], dim=1) if answer_ids.shape[1] > 1 else inputs
-    cos, sin = model.rope(torch.arange(x.shape[1])[None])
-    for layer in model.model.layers:
-        q, k, v = project_qkv(layer, x, cos, sin)
-        x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
-    first = inputs.shape[1] - 1
-    logits = model.logits(x[:, first : first + answer_ids.shape[1]])
-    return F.cross_entropy(logits.flatten(0, 1), answer_ids.flatten())
+    return llm_forward(model, inputs, answer_ids)[0]
 
 
 def text_embedding(clip, tok, texts: list[str]) -> torch.Tensor:
@@ -436,7 +429,8 @@ def encode_states(model, videos: list[Video], prefix: torch.Tensor, batch: int =
 
 def llm_forward(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.Tensor, tap: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`llm_loss` that also returns the hidden states after LLM layer `tap` (for the frame-position heads)."""
+    """The teacher-forced answer loss (see `llm_loss`) and the hidden states after LLM layer `tap` (for the
+    frame-position heads)."""
     x = torch.cat([inputs, model.embed(answer_ids[:, :-1])], dim=1) if answer_ids.shape[1] > 1 else inputs
     cos, sin = model.rope(torch.arange(x.shape[1])[None])
     tapped = x
