@@ -189,11 +189,10 @@ def question_pass(model: LlavaMiniModel, key_valid: torch.Tensor, next_position:
 
 
 @torch.no_grad()
-def fused_question_sum(model: LlavaMiniModel, qp: QuestionPass, keys: list[torch.Tensor],
-                       values: list[torch.Tensor]) -> torch.Tensor:
-    """Q through the pre-fusion layers of a batch of frames (their cached keys/values, (B, Hkv, S, D) per layer);
-    the float32 SUM over those frames of the fused question, (|Q|, d), so batches can be added up exactly as the
-    reference's running sum does."""
+def fused_question_frames(model: LlavaMiniModel, qp: QuestionPass, keys: list[torch.Tensor],
+                          values: list[torch.Tensor]) -> torch.Tensor:
+    """Q through the pre-fusion layers of a batch of frames (their cached keys/values, (B, Hkv, S, D) per layer):
+    each frame's fused question, (B, |Q|, d); positions at ids <= 0 keep their raw embeddings."""
     b = keys[0].shape[0]
     x = qp.text.unsqueeze(0).expand(b, -1, -1)
     for i, layer in enumerate(model.model.prefusion_layers):
@@ -201,7 +200,15 @@ def fused_question_sum(model: LlavaMiniModel, qp: QuestionPass, keys: list[torch
         ks = torch.cat([keys[i].to(model.device, non_blocking=True), k], dim=2)
         vs = torch.cat([values[i].to(model.device, non_blocking=True), v], dim=2)
         x = finish_layer(layer, x, attention(q, ks, vs, qp.mask, causal=False, impl=model.attn_impl))
-    return torch.where(qp.valid[None, :, None], x, qp.text).float().sum(0)
+    return torch.where(qp.valid[None, :, None], x, qp.text)
+
+
+@torch.no_grad()
+def fused_question_sum(model: LlavaMiniModel, qp: QuestionPass, keys: list[torch.Tensor],
+                       values: list[torch.Tensor]) -> torch.Tensor:
+    """The float32 SUM over a batch of frames of the fused question, (|Q|, d), so batches can be added up
+    exactly as the reference's running sum does."""
+    return fused_question_frames(model, qp, keys, values).float().sum(0)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 
 from synth.world import KINDS, SHAPE_COLOURS, Timeline, truth_at
 
-__all__ = ["FAMILIES", "Question", "answer_for", "format_clock", "make_questions"]
+__all__ = ["FAMILIES", "Question", "answer_for", "format_clock", "make_questions", "range_questions", "timeline_facts"]
 
 FAMILIES = ("presence", "attribute", "count", "order", "text", "scene")
 COLOURS = tuple(SHAPE_COLOURS)
@@ -381,4 +381,45 @@ def make_questions(timeline: Timeline, rng: np.random.Generator, per_family: int
             ctx.tags[tag] += 1
             out.append(q)
             got += 1
+    return out
+
+
+def timeline_facts(timeline: Timeline) -> _Facts:
+    """The per-second facts `range_questions` reads; build once per timeline."""
+    return _Facts.build(timeline)
+
+
+def range_questions(facts: _Facts, start_s: int, end_s: int) -> list[Question]:
+    """Every well-defined question of every family about seconds start_s..end_s, each with the answer
+    `answer_for` gives: what training asks several of against one clip (the clip's LLM pass is shared)."""
+    if not 0 <= start_s <= end_s < facts.duration:
+        return []
+    s, e = start_s, end_s
+    out = []
+    bits = np.bitwise_or.reduce(facts.colour_bits[:, s:e + 1], axis=1)
+    for k, kind in enumerate(KINDS):
+        for i, colour in enumerate(COLOURS):
+            yes = "yes" if bits[k] >> i & 1 else "no"
+            out.append(Question("presence", PRESENCE_Q.format(colour=colour, kind=kind), yes, s, e))
+    for k, kind in enumerate(KINDS):
+        b = int(bits[k])
+        if b and not b & (b - 1):
+            out.append(Question("attribute", ATTRIBUTE_Q.format(kind=kind), COLOURS[b.bit_length() - 1], s, e))
+    for k, kind in enumerate(KINDS):
+        counts = facts.counts[k, s:e + 1]
+        if (counts == counts[0]).all():
+            out.append(Question("count", COUNT_Q.format(kind=kind), str(int(counts[0])), s, e))
+    firsts = [_first_in(facts.present[k], s, e) for k in range(len(KINDS))]
+    for a, kind1 in enumerate(KINDS):
+        for b, kind2 in enumerate(KINDS):
+            fa, fb = firsts[a], firsts[b]
+            if a == b or fa is None or fb is None or s in (fa, fb) or abs(fa - fb) < ORDER_MIN_GAP_S:
+                continue
+            out.append(Question("order", ORDER_Q.format(kind1=kind1, kind2=kind2), kind1 if fa < fb else kind2, s, e))
+    words = {w for a, b, w in facts.word_spans if a <= e and b >= s}
+    if len(words) == 1:
+        out.append(Question("text", TEXT_Q, words.pop(), s, e))
+    backgrounds = set(facts.background[s:e + 1].tolist())
+    if len(backgrounds) == 1:
+        out.append(Question("scene", SCENE_Q, facts.backgrounds[backgrounds.pop()], s, e))
     return out

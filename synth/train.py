@@ -2,9 +2,11 @@
 
 Stage 0 (perception, single frames from many short videos, so few frames repeat): vision tower, compressor,
 projector and pre-fusion learn to put what a frame shows into its one fused token c'. Side losses only: heads
-on each grid cell's patch features (which kind and colour sits there: without them the tower learned words and
-backgrounds but not shapes), probes of c' (which shapes, counts, word, background), and CLIP's contrastive loss
-between frames and captions (trains the text tower used by search). All heads are thrown away.
+on each grid cell's patch features (which kind, which colour and which (colour, kind) pair sits there: without
+them the tower learned words and backgrounds but not shapes; the pair class binds colour to kind in one linear
+feature), probes of c' (which shapes, counts, word, background, and what each of the six cells holds — the
+per-cell probe keeps the binding through the compressor's averaging), and CLIP's contrastive loss between frames
+and captions (trains the text tower used by search). All heads are thrown away.
 Stage 1 (end to end, clips of 1–8 frames): the world's questions, side losses kept.
 Question fusion (synth.qfusion): a third pre-fusion layer is added as the identity and trained, with everything
 before it frozen and cached, so each frame's fused question carries that frame's answer (side heads at the
@@ -28,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -38,7 +41,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.fusion import FrameStates, mean_over_frames, prefuse_prefix, prefuse_question
+from engine.fusion import (
+    FrameStates,
+    fused_question_frames,
+    mean_over_frames,
+    prefuse_prefix,
+    question_pass,
+)
 from engine.llama import attention, finish_layer, project_qkv
 from engine.model import LlavaMiniModel
 from engine.prompt import build_prompt
@@ -46,7 +55,7 @@ from engine.tokenizer_tiny import generation_eos_ids
 from engine.vision import resize_nearest
 from synth.demo_model import DemoSpec, build_demo_model, build_tokenizer, save_demo
 from synth.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion
-from synth.questions import make_questions
+from synth.questions import PRESENCE_Q, Question, make_questions, range_questions, timeline_facts
 from synth.render import render_samples
 from synth.world import BACKGROUNDS, CELLS, KINDS, SHAPE_COLOURS, WORDS, cell_box, generate_timeline, truth_at
 
@@ -69,15 +78,16 @@ class TrainConfig:
     stage1_steps: int = 600
     stage1_batch: int = 24
     stage1_max_frames: int = 8
-    qfusion_steps: int = 1500  # question fusion: the added last pre-fusion layer
+    qfusion_steps: int = 1200  # question fusion: the added last pre-fusion layer
     qfusion_videos: int = 1500
     qfusion_lr: float = 1e-3
-    stage2_steps: int = 800
-    stage2_batch: int = 12
+    stage2_steps: int = 1800
+    stage2_batch: int = 12  # clips per step
+    stage2_questions: int = 4  # questions per clip (one LLM pass over the clip)
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
     seen_weight: float = 0.5
-    search_steps: int = 1250  # stage 3: text → frame search
+    search_steps: int = 1150  # stage 3: text → frame search
     search_batch: int = 192
     search_videos: int = 400
     search_lr: float = 2e-3
@@ -159,23 +169,38 @@ class Sample:
     question_ids: torch.Tensor
     answer_ids: torch.Tensor
     family: str
+    question: str
+
+
+class QATokens:
+    """Question and answer ids, each distinct text tokenized once: a few dozen texts are asked hundreds of
+    thousands of times."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.eot = tok, generation_eos_ids(tok)[0]
+        self.questions: dict[str, torch.Tensor] = {}
+        self.answers: dict[str, torch.Tensor] = {}
+
+    def question(self, text: str) -> torch.Tensor:
+        if text not in self.questions:
+            self.questions[text] = build_prompt(self.tok, text).question
+        return self.questions[text]
+
+    def answer(self, text: str) -> torch.Tensor:
+        if text not in self.answers:
+            self.answers[text] = torch.tensor(self.tok(text, add_special_tokens=False).input_ids + [self.eot])
+        return self.answers[text]
+
+    def sample(self, video: int, q: Question) -> Sample:
+        return Sample(video, q.start_s, q.end_s, self.question(q.question), self.answer(q.answer), q.family,
+                      q.question)
 
 
 def question_pool(videos: list[Video], tok, rng: np.random.Generator, per_family: int, max_range: int | None
                   ) -> list[Sample]:
-    eot = generation_eos_ids(tok)[0]
-    pool = []
-    # a few dozen distinct texts among hundreds of thousands of questions: tokenize each once (same ids)
-    questions: dict[str, torch.Tensor] = {}
-    answers: dict[str, torch.Tensor] = {}
-    for vi, v in enumerate(videos):
-        for q in make_questions(v.timeline, rng, per_family=per_family, max_range_s=max_range):
-            if q.question not in questions:
-                questions[q.question] = build_prompt(tok, q.question).question
-            if q.answer not in answers:
-                answers[q.answer] = torch.tensor(tok(q.answer, add_special_tokens=False).input_ids + [eot])
-            pool.append(Sample(vi, q.start_s, q.end_s, questions[q.question], answers[q.answer], q.family))
-    return pool
+    ids = QATokens(tok)
+    return [ids.sample(vi, q) for vi, v in enumerate(videos)
+            for q in make_questions(v.timeline, rng, per_family=per_family, max_range_s=max_range)]
 
 
 # ---- the differentiable forward (stage 1) -------------------------------------------------------------------
@@ -189,25 +214,32 @@ def fuse_batch(model: LlavaMiniModel, pixels: torch.Tensor, text_ids: torch.Tens
     patches = model.model.mm_projector(feats)
     x = torch.cat([patches, compressed, model.embed(text_ids)], dim=1)
     cos, sin = model.rope(torch.arange(x.shape[1])[None])
-    for layer in model.model.prefusion_layers:
+    *inner, last = model.model.prefusion_layers
+    for layer in inner:
         q, k, v = project_qkv(layer, x, cos, sin)
         x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
-    n = patches.shape[1]
-    return x[:, n], x[:, n + 1 :], out.pooler_output, feats
+    n = patches.shape[1]  # the last layer's patch outputs feed nothing: queries from c on only
+    q, k, v = project_qkv(last, x, cos, sin)
+    x = finish_layer(last, x[:, n:], attention(q[:, :, n:], k, v, None, causal=True))
+    return x[:, 0], x[:, 1:], out.pooler_output, feats
 
 
 def perceive(model: LlavaMiniModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """c' alone: the pre-fusion mask is causal, so [patches, c] through pre-fusion gives the same fused
-    compressed token as the whole sequence does, at two thirds of the cost."""
+    compressed token as the whole sequence does, and the last layer needs only c's query, output projection and
+    MLP (the patches' last outputs feed nothing): about half the pre-fusion cost of the full sequence."""
     tower = model.vision
     out = tower.vision_tower(pixel_values=pixels, output_hidden_states=True)
     feats = out.hidden_states[tower.select_layer][:, 1:]
     x = torch.cat([model.model.mm_projector(feats), model.model.mm_projector(model.model.compressor(feats))], 1)
     cos, sin = model.rope(torch.arange(x.shape[1])[None])
-    for layer in model.model.prefusion_layers:
+    *inner, last = model.model.prefusion_layers
+    for layer in inner:
         q, k, v = project_qkv(layer, x, cos, sin)
         x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
-    return x[:, -1], out.pooler_output, feats
+    q, k, v = project_qkv(last, x, cos, sin)
+    c = finish_layer(last, x[:, -1:], attention(q[:, :, -1:], k, v, None, causal=False))
+    return c[:, 0], out.pooler_output, feats
 
 
 def llm_loss(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -257,11 +289,19 @@ class CellHeads(torch.nn.Module):
         self.register_buffer("pooling", pooling)
         self.kind = torch.nn.Linear(width, len(KINDS) + 1)
         self.colour = torch.nn.Linear(width, len(SHAPE_COLOURS) + 1)
+        self.pair = torch.nn.Linear(width, len(PAIRS) + 1)  # kind and colour bound in one linear feature
 
     def loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         pooled = torch.einsum("cp,bpw->bcw", self.pooling, feats)
         return (F.cross_entropy(self.kind(pooled).flatten(0, 1), cells[:, 0].flatten())
-                + F.cross_entropy(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten()))
+                + F.cross_entropy(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten())
+                + F.cross_entropy(self.pair(pooled).flatten(0, 1), cell_pairs(cells).flatten()))
+
+
+def cell_pairs(cells: torch.Tensor) -> torch.Tensor:
+    """(…, 2, CELLS) kind + 1 / colour + 1 → (…, CELLS) 0 for an empty cell, else 1 + index into PAIRS."""
+    kind, colour = cells[..., 0, :], cells[..., 1, :]
+    return torch.where(kind > 0, (kind - 1) * len(SHAPE_COLOURS) + colour, torch.zeros_like(kind))
 
 
 class ProbeHeads(torch.nn.Module):
@@ -272,6 +312,7 @@ class ProbeHeads(torch.nn.Module):
         self.counts = torch.nn.Linear(hidden, len(KINDS) * (MAX_COUNT + 1))
         self.word = torch.nn.Linear(hidden, len(WORDS) + 1)
         self.background = torch.nn.Linear(hidden, len(BACKGROUNDS))
+        self.grid = torch.nn.Linear(hidden, CELLS * (len(PAIRS) + 1))  # what sits in each cell, from c' alone
 
     @torch.no_grad()
     def accuracy(self, c: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -284,13 +325,16 @@ class ProbeHeads(torch.nn.Module):
             "count_kind": counts.float().mean().item(), "count_all": counts.all(-1).float().mean().item(),
             "word": (self.word(c).argmax(-1) == targets["word"]).float().mean().item(),
             "background": (self.background(c).argmax(-1) == targets["background"]).float().mean().item(),
+            "grid_all": (self.grid(c).view(len(c), CELLS, -1).argmax(-1) == cell_pairs(targets["cells"]))
+            .all(-1).float().mean().item(),
         }
 
     def loss(self, c: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         return (F.binary_cross_entropy_with_logits(self.present(c), targets["present"])
                 + F.cross_entropy(self.counts(c).view(-1, MAX_COUNT + 1), targets["counts"].flatten())
                 + F.cross_entropy(self.word(c), targets["word"])
-                + F.cross_entropy(self.background(c), targets["background"]))
+                + F.cross_entropy(self.background(c), targets["background"])
+                + F.cross_entropy(self.grid(c).view(-1, len(PAIRS) + 1), cell_pairs(targets["cells"]).flatten()))
 
 
 def buckets(pool: list[Sample]) -> dict[tuple[int, int, int], list[Sample]]:
@@ -427,6 +471,32 @@ def encode_states(model, videos: list[Video], prefix: torch.Tensor, batch: int =
     return out
 
 
+class FusedQuestionBank:
+    """Each frame's fused question per (video, question text), computed on first use and kept in float16: a
+    clip's fused question is then the float32 mean over its frames (what `prefuse_question` computes) without
+    running pre-fusion again for every question about every clip, which otherwise costs most of stage 2."""
+
+    def __init__(self, model: LlavaMiniModel, states: list[FrameStates], chunk: int = 256) -> None:
+        self.model, self.states, self.chunk = model, states, chunk
+        self.frames: dict[tuple[int, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def fused(self, video: int, text: str, question_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        key = (video, text)
+        if key not in self.frames:
+            st = self.states[video]
+            qp = question_pass(self.model, st.key_valid, st.next_position, question_ids)
+            parts = [fused_question_frames(self.model, qp, [k[i : i + self.chunk] for k in st.keys],
+                                           [v[i : i + self.chunk] for v in st.values]).half()
+                     for i in range(0, st.num_frames, self.chunk)]
+            self.frames[key] = torch.cat(parts)
+            assert torch.isfinite(self.frames[key]).all(), "fused question out of float16 range"
+        return self.frames[key][start : end + 1].float().mean(0).to(self.model.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.frames.values())
+
+
 def llm_forward(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.Tensor, tap: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher-forced answer loss (see `llm_loss`) and the hidden states after LLM layer `tap` (for the
@@ -444,9 +514,42 @@ def llm_forward(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.T
     return F.cross_entropy(logits.flatten(0, 1), answer_ids.flatten()), tapped
 
 
+def clip_questions_forward(model: LlavaMiniModel, prefix: torch.Tensor, questions: list[torch.Tensor],
+                           answers: list[torch.Tensor], tap: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several questions about one clip for the price of one clip. The LLM mask is causal, so the clip's part
+    [mean P', c'…] (L, d) goes through once, and each [fused Q, answer tokens] row reads its keys and values
+    (the product's per-video KV cache, with gradients). Per question the same loss `llm_forward` gives on
+    [prefix, Q] alone; returns those losses (K,) and the clip's hidden states after LLM layer `tap`."""
+    rows = [torch.cat([q, model.embed(a[:-1])]) for q, a in zip(questions, answers, strict=True)]
+    width = max(len(r) for r in rows)
+    y = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])  # right padding: no real row reads it
+    x = prefix[None]
+    n, length = len(rows), prefix.shape[0]
+    cos_p, sin_p = model.rope(torch.arange(length)[None])
+    cos_s, sin_s = model.rope(torch.arange(length, length + width)[None])
+    tapped = x
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        qp, kp, vp = project_qkv(layer, x, cos_p, sin_p)
+        qs, ks, vs = project_qkv(layer, y, cos_s, sin_s)
+        keys = torch.cat([kp.expand(n, -1, -1, -1), ks], 2)
+        values = torch.cat([vp.expand(n, -1, -1, -1), vs], 2)
+        y = finish_layer(layer, y, attention(qs, keys, values, None, causal=True))
+        if i + 1 < len(layers) or tap == len(layers):  # the clip's last outputs feed nothing else
+            x = finish_layer(layer, x, attention(qp, kp, vp, None, causal=True))
+        if i + 1 == tap:
+            tapped = x
+    losses = []
+    for row, (q, a) in enumerate(zip(questions, answers, strict=True)):
+        first = len(q) - 1
+        losses.append(F.cross_entropy(model.logits(y[row, first : first + len(a)]), a))
+    return torch.stack(losses), tapped[0]
+
+
 def seen_targets(counts: np.ndarray) -> torch.Tensor:
-    """Per frame of a clip: which kinds are there now (4 bits) and which were there in an earlier frame of the
-    clip (4 bits) — what "which appears first" needs at each frame position."""
+    """Per frame of a clip, (F, X) counts → 2X bits: which things are there now and which were there in an
+    earlier frame of the clip. Over kinds, what "which appears first" needs at each frame position; over (colour,
+    kind) pairs, "now or before" at the clip's last frame is every presence answer."""
     now = counts > 0
     before = np.zeros_like(now)
     before[1:] = np.logical_or.accumulate(now, axis=0)[:-1]
@@ -454,20 +557,64 @@ def seen_targets(counts: np.ndarray) -> torch.Tensor:
 
 
 FAMILY_WEIGHTS = {"presence": 1.5, "attribute": 0.5, "count": 1.0, "order": 2.5, "text": 0.25, "scene": 0.25}
+PRESENCE_RE = re.compile(re.escape(PRESENCE_Q).replace(r"\{colour\}", r"(\w+)").replace(r"\{kind\}", r"(\w+)"))
+ANSWER_SHARES = {("presence", "yes"): 0.5, ("count", "0"): 0.15, ("count", ""): 0.85}  # as `make_questions` asks
+NO_SHARES = {"hard no": 0.6, "no": 0.4}  # of presence's "no" half, when the clip has both kinds of negative
+
+
+def answer_tag(q: Question, seen: set[tuple[str, str]]) -> str:
+    """The balancing group within a family: presence yes / hard no (the kind is there in another colour, or the
+    colour on another kind: it tests binding) / no; count "0" or not."""
+    if q.family == "presence":
+        if q.answer == "yes":
+            return "yes"
+        colour, kind = PRESENCE_RE.fullmatch(q.question).groups()
+        return "hard no" if any(c == colour or k == kind for c, k in seen) else "no"
+    return "0" if q.family == "count" and q.answer == "0" else ""
+
+
+def more_questions(candidates: list[Question], skip: str, n: int, rng: np.random.Generator) -> list[Question]:
+    """Up to n of a clip's well-defined questions besides `skip`, without repeats: family by FAMILY_WEIGHTS;
+    presence half yes, half no (mostly hard negatives); count "0" at most 15%."""
+    seen = {PRESENCE_RE.fullmatch(q.question).groups() for q in candidates
+            if q.family == "presence" and q.answer == "yes"}
+    groups: dict[tuple[str, str], list[Question]] = defaultdict(list)
+    for q in candidates:
+        if q.question != skip:
+            groups[(q.family, answer_tag(q, seen))].append(q)
+    keys = sorted(groups)
+    nos = sum(NO_SHARES[t] for f, t in keys if f == "presence" and t != "yes")
+    weights = np.array([FAMILY_WEIGHTS[f] * (0.5 * NO_SHARES[t] / nos if f == "presence" and t != "yes"
+                                             else ANSWER_SHARES.get((f, t), 1.0)) for f, t in keys])
+    picked = []
+    while len(picked) < n and keys:
+        g = int(rng.choice(len(keys), p=weights / weights.sum()))
+        members = groups[keys[g]]
+        picked.append(members.pop(int(rng.integers(len(members)))))
+        if not members:
+            keys.pop(g)
+            weights = np.delete(weights, g)
+    return picked
 
 
 def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.random.Generator) -> None:
-    """The LLM over long clips, on the exact states the product feeds it. A side head on LLM layer 1's output at
-    every frame position learns which kinds are there and which were seen earlier in the clip (the step an order
-    question builds on); the families the fused question cannot answer alone are drawn more often."""
+    """The LLM over long clips, on the exact states the product feeds it. Each drawn clip is asked
+    `stage2_questions` questions over one shared LLM pass (`clip_questions_forward`). A side head on LLM layer
+    1's output at every frame position learns which kinds are there and which were seen earlier in the clip
+    (the step an order question builds on); the families the fused question cannot answer alone are drawn more
+    often."""
     prefix = build_prompt(tok, "").prefix
     model.eval()
     states = encode_states(model, videos, prefix)
-    pool = question_pool(videos, tok, rng, per_family=60, max_range=None)
+    ids = QATokens(tok)
+    facts = [timeline_facts(v.timeline) for v in videos]
+    bank = FusedQuestionBank(model, states)
+    seen_things = [np.concatenate([v.probes["counts"], v.probes["present"]], 1) for v in videos]
+    pool = [ids.sample(vi, q) for vi, v in enumerate(videos) for q in make_questions(v.timeline, rng, per_family=60)]
     weights = np.array([FAMILY_WEIGHTS[s.family] for s in pool])
     weights /= weights.sum()
     hidden = model.config.llama.hidden_size
-    head = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 2 * len(KINDS)))
+    head = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 2 * (len(KINDS) + len(PAIRS))))
     trainable = [*model.model.layers.parameters(), *model.model.norm.parameters(), *model.lm_head.parameters()]
     train_only(model, trainable)
     opt = adamw(trainable + list(head.parameters()), cfg.stage2_lr)
@@ -475,27 +622,32 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
     for step in bar:
         set_lr(opt, step, cfg.stage2_steps, cfg.stage2_lr, warmup=20)
         opt.zero_grad(set_to_none=True)
-        total, side, frames = 0.0, 0.0, 0
+        total, side, frames, asked = 0.0, 0.0, 0, 0
         for i in rng.choice(len(pool), size=cfg.stage2_batch, replace=False, p=weights):
             s = pool[i]
+            extra = more_questions(range_questions(facts[s.video], s.start, s.end), s.question,
+                                   cfg.stage2_questions - 1, rng)
+            texts = [s.question] + [q.question for q in extra]
+            answers = [s.answer_ids] + [ids.answer(q.answer) for q in extra]
+            fused = [bank.fused(s.video, t, ids.question(t), s.start, s.end) for t in texts]
             sel = states[s.video].select(slice(s.start, s.end + 1))
             with torch.no_grad():
-                q = prefuse_question(model, sel, s.question_ids)
                 p = mean_over_frames(sel.prefix_text)
-            inputs = torch.cat([p, sel.compressed.flatten(0, 1), q])[None]
-            qa, tapped = llm_forward(model, inputs, s.answer_ids[None])
+            qa, tapped = clip_questions_forward(model, torch.cat([p, sel.compressed.flatten(0, 1)]), fused, answers)
             n = s.end - s.start + 1
-            at_frames = tapped[0, len(p) : len(p) + n]
+            at_frames = tapped[len(p) : len(p) + n]
             seen = F.binary_cross_entropy_with_logits(
-                head(at_frames), seen_targets(videos[s.video].probes["counts"][s.start : s.end + 1]))
-            loss = (qa + cfg.seen_weight * seen) / cfg.stage2_batch
+                head(at_frames), seen_targets(seen_things[s.video][s.start : s.end + 1]))
+            loss = (qa.mean() + cfg.seen_weight * seen) / cfg.stage2_batch
             loss.backward()
-            total += qa.item() / cfg.stage2_batch
+            total += qa.mean().item() / cfg.stage2_batch
             side += seen.item() / cfg.stage2_batch
             frames += n
+            asked += len(texts)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        log({"stage": 2, "step": step, "frames": frames, "qa": total, "seen": side, "lr": opt.param_groups[0]["lr"]})
+        log({"stage": 2, "step": step, "frames": frames, "questions": asked, "qa": total, "seen": side,
+             "lr": opt.param_groups[0]["lr"], "bank_mb": round(bank.nbytes() / 2**20)})
         bar.set_postfix(qa=f"{total:.3f}", seen=f"{side:.3f}", frames=frames)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -625,7 +777,7 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     stage1(model, clip, probes, tok, short, cfg, log, rng)
     add_prefusion_layer(model)
     run_question_fusion(model, tok, short[: cfg.qfusion_videos], held_out, normalize,
-                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr), rng, log)
+                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr, every=300), rng, log)
     del short
     lo, hi = cfg.long_video_s
     long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
@@ -649,6 +801,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="run only stage 3 (search) on the trained model in --out, rewriting its CLIP pair")
     defaults = TrainConfig()
     for name in ("seed", "videos", "long_videos", "stage0_steps", "stage0_batch", "stage1_steps", "qfusion_steps",
+                 "stage2_questions",
                  "qfusion_videos", "stage2_steps",
                  "stage1_batch", "stage2_batch", "search_steps", "search_batch", "search_videos", "threads"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))

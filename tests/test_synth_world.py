@@ -13,7 +13,15 @@ import pytest
 from PIL import Image
 
 from synth import render
-from synth.questions import FAMILIES, Question, answer_for, format_clock, make_questions
+from synth.questions import (
+    FAMILIES,
+    Question,
+    answer_for,
+    format_clock,
+    make_questions,
+    range_questions,
+    timeline_facts,
+)
 from synth.render import INK_RGB, render_frame, render_samples, write_video
 from synth.world import (
     BACKGROUNDS,
@@ -132,6 +140,39 @@ def test_hand_frames():
     assert (f1[by0:by1] == BACKGROUNDS["gray"]).all()  # no word yet
     assert (f2[by0:by1] == INK_RGB).all(axis=2).sum() > 200  # "CAT" is drawn
     assert (f1[:by0] == f0[:by0]).all(axis=2).mean() > 0.9  # only the circle changed above the band
+
+
+def all_question_texts() -> list[tuple[str, str]]:
+    texts = [("presence", f"Is there a {c} {k}?") for k in KINDS for c in SHAPE_COLOURS]
+    texts += [("attribute", f"What colour is the {k}?") for k in KINDS]
+    texts += [("count", f"How many {k}s are there?") for k in KINDS]
+    texts += [("order", f"Which appears first, the {a} or the {b}?") for a in KINDS for b in KINDS if a != b]
+    return texts + [("text", "What word is shown?"), ("scene", "What colour is the background?")]
+
+
+@pytest.mark.parametrize(("seed", "duration"), [(3, 90), (17, 90), (2024, 150)])
+def test_range_questions_are_every_defined_question(seed, duration):
+    """Per range: exactly the texts `answer_for` (the truth_at recheck) defines, with its answers."""
+    tl = generate_timeline(seed, duration)
+    facts = timeline_facts(tl)
+    rng = np.random.default_rng(seed)
+    ranges = [(0, 0), (0, duration - 1), (duration - 1, duration - 1)]
+    for _ in range(80):
+        a, b = sorted(int(x) for x in rng.integers(0, duration, size=2))
+        ranges.append((a, b))
+    families = Counter()
+    for a, b in ranges:
+        got = {(q.family, q.question): q.answer for q in range_questions(facts, a, b)}
+        assert all(q.start_s == a and q.end_s == b for q in range_questions(facts, a, b))
+        want = {}
+        for family, text in all_question_texts():
+            answer = answer_for(tl, family, text, a, b)
+            if answer is not None:
+                want[(family, text)] = answer
+        assert got == want, (a, b)
+        families.update(f for f, _ in got)
+    assert set(families) == set(FAMILIES)
+    assert range_questions(facts, 0, duration) == []  # past the end
 
 
 def test_hand_questions_recheck():

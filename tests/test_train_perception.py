@@ -1,15 +1,18 @@
-"""The perception stage trains the token the product uses: `perceive` (c' from [patches, c] alone) gives the
-engine's own fused compressed token."""
+"""The perception stage's shortcuts and targets: `perceive` gives the engine's own c', and the per-cell pair
+targets name exactly the shape each cell holds."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
 from engine.fusion import prefuse_prefix
+from engine.llama import attention, finish_layer, project_qkv
 from engine.prompt import build_prompt
-from synth.train import load_video, normalize, perceive
+from synth.train import PAIRS, cell_pairs, fuse_batch, load_video, normalize, perceive
+from synth.world import CELLS, truth_at
 
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
 
@@ -29,3 +32,47 @@ def test_perceive_gives_the_engines_fused_compressed_token():
     torch.testing.assert_close(c.float(), expected, rtol=1e-4, atol=1e-4)
     # and it is not trivially equal: different frames give different tokens
     assert (c[0] - c[1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("seed", [3, 77, 1234])
+def test_cell_pair_targets_name_each_cells_shape(seed):
+    video = load_video(seed, 20, 32)
+    pairs = cell_pairs(torch.from_numpy(video.probes["cells"])).numpy()
+    assert pairs.shape == (20, CELLS)
+    for t in range(20):
+        want = np.zeros(CELLS, np.int64)
+        for s in truth_at(video.timeline, t).shapes:
+            want[s.cell] = 1 + PAIRS.index((s.colour, s.kind))
+        np.testing.assert_array_equal(pairs[t], want)
+    assert pairs.max() <= len(PAIRS) and (pairs > 0).any()
+
+
+def _full_sequence(model, pixels, text_ids):
+    """Every position through every pre-fusion layer (what the training shortcuts must equal)."""
+    tower = model.vision
+    out = tower.vision_tower(pixel_values=pixels, output_hidden_states=True)
+    feats = out.hidden_states[tower.select_layer][:, 1:]
+    patches = model.model.mm_projector(feats)
+    x = torch.cat([patches, model.model.mm_projector(model.model.compressor(feats)), model.embed(text_ids)], 1)
+    cos, sin = model.rope(torch.arange(x.shape[1])[None])
+    for layer in model.model.prefusion_layers:
+        q, k, v = project_qkv(layer, x, cos, sin)
+        x = finish_layer(layer, x, attention(q, k, v, None, causal=True))
+    n = patches.shape[1]
+    return x[:, n], x[:, n + 1 :]
+
+
+@shipped
+def test_fuse_batch_equals_the_full_sequence():
+    engine = open_engine(choose_model(str(SHIPPED_MODEL_DIR)))
+    model, tok = engine.model, engine.tokenizer
+    video = load_video(999, 4, model.vision.vision_tower.config.image_size)
+    pixels = normalize(video.pixels)
+    text_ids = torch.cat([build_prompt(tok, "").prefix, build_prompt(tok, "How many stars are there?").question])
+    text_ids = text_ids[None].repeat(len(pixels), 1)
+    with torch.no_grad():
+        c, text, _, _ = fuse_batch(model, pixels, text_ids)
+        c_full, text_full = _full_sequence(model, pixels, text_ids)
+    assert text.shape == text_full.shape == (len(pixels), text_ids.shape[1], c.shape[-1])
+    torch.testing.assert_close(c, c_full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(text, text_full, rtol=1e-4, atol=1e-4)

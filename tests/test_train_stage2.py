@@ -1,0 +1,132 @@
+"""Stage 2's shared clip pass: several questions over one LLM pass of a clip give each question exactly the
+loss, gradients and frame states of its own full pass, and the extra questions are drawn as promised."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
+from engine.fusion import mean_over_frames, prefuse_prefix, prefuse_question
+from engine.prompt import build_prompt
+from synth.questions import range_questions, timeline_facts
+from synth.train import (
+    PAIRS,
+    FusedQuestionBank,
+    QATokens,
+    clip_questions_forward,
+    llm_forward,
+    load_video,
+    more_questions,
+    normalize,
+    seen_targets,
+)
+from synth.world import generate_timeline
+
+shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
+
+
+@shipped
+def test_shared_clip_pass_equals_one_pass_per_question():
+    engine = open_engine(choose_model(str(SHIPPED_MODEL_DIR)))
+    model, tok = engine.model, engine.tokenizer
+    torch.manual_seed(0)
+    for p in model.model.layers.parameters():  # off the trained weights, so no loss is ~0 by luck
+        p.data += 0.02 * torch.randn_like(p)
+    video = load_video(31337, 12, model.vision.vision_tower.config.image_size)
+    with torch.no_grad():
+        patches, compressed = model.encode_visual(normalize(video.pixels)[:, None])
+        states = prefuse_prefix(model, patches, compressed, build_prompt(tok, "").prefix)
+    sel = states.select(slice(2, 11))
+    ids = QATokens(tok)
+    asked = [("Which appears first, the circle or the square?", "circle"), ("What word is shown?", "CAT"),
+             ("Is there a red star?", "no"), ("How many triangles are there?", "2")]
+    with torch.no_grad():
+        fused = [prefuse_question(model, sel, ids.question(q)) for q, _ in asked]
+        prefix = torch.cat([mean_over_frames(sel.prefix_text), sel.compressed.flatten(0, 1)])
+    answers = [ids.answer(a) for _, a in asked]
+    assert len({len(f) for f in fused}) > 1  # rows of different lengths: the padding is exercised
+    params = list(model.model.layers.parameters())
+
+    losses, tapped = clip_questions_forward(model, prefix, fused, answers)
+    shared_grads = torch.autograd.grad(losses.sum(), params)
+    one_by_one, grads = [], [torch.zeros_like(p) for p in params]
+    for f, a in zip(fused, answers, strict=True):
+        loss, tap = llm_forward(model, torch.cat([prefix, f])[None], a[None])
+        one_by_one.append(loss)
+        for g, d in zip(grads, torch.autograd.grad(loss, params), strict=True):
+            g += d
+        torch.testing.assert_close(tapped, tap[0, : len(prefix)], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses, torch.stack(one_by_one).detach(), rtol=1e-4, atol=1e-5)
+    assert losses.min() > 1e-3 and (losses.max() - losses.min()) > 1e-3
+    for g, d in zip(grads, shared_grads, strict=True):
+        torch.testing.assert_close(d, g, rtol=1e-3, atol=1e-5)
+
+
+@shipped
+def test_question_bank_gives_the_engines_fused_question():
+    """The bank's clip mean of per-frame float16 fused questions is the engine's `prefuse_question`."""
+    engine = open_engine(choose_model(str(SHIPPED_MODEL_DIR)))
+    model, tok = engine.model, engine.tokenizer
+    video = load_video(5150, 40, model.vision.vision_tower.config.image_size)
+    with torch.no_grad():
+        patches, compressed = model.encode_visual(normalize(video.pixels)[:, None])
+        states = prefuse_prefix(model, patches, compressed, build_prompt(tok, "").prefix)
+    bank = FusedQuestionBank(model, [states], chunk=16)  # several chunks
+    ids = QATokens(tok)
+    for text, (a, b) in [("Is there a blue circle?", (0, 39)), ("What word is shown?", (3, 3)),
+                         ("Is there a blue circle?", (17, 30)), ("How many stars are there?", (20, 35))]:
+        want = prefuse_question(model, states.select(slice(a, b + 1)), ids.question(text))
+        got = bank.fused(0, text, ids.question(text), a, b)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    assert len(bank.frames) == 3 and bank.frames[(0, "What word is shown?")].shape[0] == 40
+    whole = bank.fused(0, "Is there a blue circle?", ids.question("Is there a blue circle?"), 0, 39)
+    part = bank.fused(0, "Is there a blue circle?", ids.question("Is there a blue circle?"), 17, 30)
+    assert (whole - part).abs().max() > 1e-3  # the range matters
+
+
+def test_more_questions_balance_and_never_repeat():
+    tl = generate_timeline(8080, 120)
+    facts = timeline_facts(tl)
+    rng = np.random.default_rng(0)
+    drawn: Counter = Counter()
+    for _ in range(400):
+        a = int(rng.integers(0, 100))
+        candidates = range_questions(facts, a, a + int(rng.integers(0, 20)))
+        skip = candidates[0].question
+        picked = more_questions(candidates, skip, 5, rng)
+        texts = [q.question for q in picked]
+        assert len(texts) == len(set(texts)) == min(5, len(candidates) - 1)
+        assert skip not in texts and all(q in candidates for q in picked)
+        there = [q.question.split()[3:5] for q in candidates if q.family == "presence" and q.answer == "yes"]
+        for q in picked:
+            if q.family == "presence" and q.answer == "no":
+                colour, kind = q.question[:-1].split()[3:5]
+                hard = any(c == colour or k == kind for c, k in there)
+                drawn[("presence", "hard no" if hard else "easy no")] += 1
+            elif q.family in ("presence", "count"):
+                drawn[(q.family, q.answer)] += 1
+    yes, hard, easy = drawn[("presence", "yes")], drawn[("presence", "hard no")], drawn[("presence", "easy no")]
+    assert yes > 100 and 0.8 < yes / (hard + easy) < 1.25  # most candidates are "no": balanced anyway
+    assert hard > easy  # binding is tested more often than plain absence
+    zeros = drawn[("count", "0")] / sum(v for (f, _), v in drawn.items() if f == "count")
+    assert zeros < 0.25
+    everything = range_questions(facts, 0, 119)
+    assert len(more_questions(everything, "", 10_000, rng)) == len(everything)  # drains every group
+
+
+@pytest.mark.parametrize(("seed", "start", "end"), [(21, 0, 29), (21, 7, 7), (99, 4, 22)])
+def test_pair_seen_bits_at_a_clips_last_frame_are_its_presence_answers(seed, start, end):
+    video = load_video(seed, 30, 32)
+    bits = seen_targets(video.probes["present"][start : end + 1]).numpy()
+    last = np.logical_or(bits[-1, : len(PAIRS)], bits[-1, len(PAIRS) :])
+    answers = {q.question: q.answer for q in range_questions(timeline_facts(video.timeline), start, end)
+               if q.family == "presence"}
+    assert len(answers) == len(PAIRS)
+    for (colour, kind), seen in zip(PAIRS, last, strict=True):
+        assert answers[f"Is there a {colour} {kind}?"] == ("yes" if seen else "no")
+    assert 0 < last.sum() < len(PAIRS)
