@@ -12,13 +12,15 @@ Question fusion (synth.qfusion): a third pre-fusion layer is added as the identi
 before it frozen and cached, so each frame's fused question carries that frame's answer (side heads at the
 question's kind words and last token, per frame and over weighted bags of frames, which is what the LLM reads).
 Stage 2 (LLM only, clips up to 10 minutes): everything before the LLM is frozen, so each frame's states are
-computed once by the engine's own `prefuse_prefix`, and each question's fused tokens by `prefuse_question` —
-the exact numbers the product feeds the LLM at inference. A side head at the frame positions learns which kinds
-were seen earlier in the clip (what "which appears first" builds on).
+computed once by the engine's own `prefuse_prefix`, and each frame's fused question per question text once (the
+mean over a clip's frames is what `prefuse_question` gives) — the numbers the product feeds the LLM. Each clip is
+asked several questions over one LLM pass of its frames (the mask is causal: the product's KV cache, with
+gradients). A side head at the frame positions learns which kinds and which (colour, kind) pairs are there and
+were seen earlier in the clip (what "which appears first" and "is there" build on).
 Stage 3 (search): the vision tower's last layer (LLaVA-Mini reads the one before it), the projections and the
 text tower, tuned for text → frame retrieval on frames cached up to that layer; no answer changes.
 
-  python -m synth.train --out models/vidmini-demo            # the shipped weights (~56 min on 2 cores)
+  python -m synth.train --out models/vidmini-demo            # the shipped weights (~52 min on 2 cores)
   python -m synth.train --out models/vidmini-demo --search-only   # stage 3 alone on trained weights (~11 min)
   python -m synth.train --out /tmp/m --videos 20 --long-videos 2 --stage0-steps 20 --stage1-steps 20 \
       --qfusion-steps 10 --qfusion-videos 20 --stage2-steps 10 --search-steps 10 --search-videos 4  # smoke run
