@@ -6,6 +6,7 @@ use; everything that shows a model name says plainly that its answers are meanin
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from engine.checkpoint import load_checkpoint
 from engine.inference import Engine
 from engine.retrieval import RetrievalSpace
+from ingest.fingerprint import fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL_DIR = REPO_ROOT / "models" / "vidmini-demo"
@@ -64,4 +66,20 @@ def open_engine(choice: ModelChoice, dtype: str = "fp32", device: str = "cpu", p
         retrieval = RetrievalSpace.load(loaded.vision_dir, device=device,
                                         dtype=torch.float32 if device == "cpu" else loaded.model.dtype)
     return Engine(loaded.model, loaded.tokenizer, loaded.processor, loaded.eos_ids, name=choice.label,
-                  prompt_style=prompt_style, is_demo=choice.is_demo or choice.is_random, retrieval=retrieval)
+                  prompt_style=prompt_style, is_demo=choice.is_demo or choice.is_random, retrieval=retrieval,
+                  weights=weights_fingerprint([loaded.directory, loaded.vision_dir]))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_fingerprint(directories: list[Path | None]) -> str:
+    """Which weights these are: the cheap content key (size, first and last MiB) of every weight file under the
+    checkpoint and vision-tower directories. Stored states are keyed by it, so a retrained model with the same
+    config (`make model`, a new release) never reads states encoded by the old one."""
+    files = sorted({p.resolve() for d in directories if d is not None for p in Path(d).rglob("*")
+                    if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)})
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}:{fingerprint(p)};".encode())
+    return h.hexdigest()[:16] if files else ""

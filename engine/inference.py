@@ -57,6 +57,7 @@ class Engine:
     encode_batch: int = 16
     is_demo: bool = False
     retrieval: RetrievalSpace | None = None  # text–frame search space; None when the model has no text tower
+    weights: str = ""  # a content key of the weight files (app.models.weights_fingerprint); "" when unknown
     _prompts: dict = field(default_factory=dict, repr=False, compare=False)  # (style, question) → PromptIds
 
 

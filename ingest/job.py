@@ -85,10 +85,12 @@ class PreparedChunk:
 
 
 def model_fingerprint(engine: Engine) -> tuple[str, str]:
-    """(model id, config hash): the hash covers the config and the prompt prefix the states were built for."""
+    """(model id, config hash): the hash covers the config, the prompt prefix the states were built for and,
+    when known, the weights (a retrained model with the same config must not read the old model's states)."""
     cfg = json.dumps(engine.model.config.to_dict(), sort_keys=True, default=str)
     prefix = ",".join(map(str, engine.prefix_ids.tolist()))
-    digest = hashlib.sha256(f"{cfg}|{engine.prompt_style}|{prefix}|{engine.model.dtype}".encode()).hexdigest()
+    key = f"{cfg}|{engine.prompt_style}|{prefix}|{engine.model.dtype}"
+    digest = hashlib.sha256((key + f"|weights {engine.weights}" if engine.weights else key).encode()).hexdigest()
     return engine.name, digest[:16]
 
 

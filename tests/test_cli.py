@@ -135,3 +135,29 @@ def test_download_without_network_fails_cleanly(tmp_path):
     res = vidmini("download", "ICTNLP/llava-mini-llama-3.1-8b", env=env)
     assert res.returncode == 2
     assert "download of ICTNLP/llava-mini-llama-3.1-8b failed" in res.stderr
+
+
+def test_retrained_weights_in_the_same_place_never_read_the_old_states(tmp_path):
+    """`make model` (or a new release) rewrites the checkpoint in place with the same config: the library must
+    encode the video again for it, not answer from the old weights' stored states."""
+    model = build_tiny_checkpoint(tmp_path / "model", seed=5)
+    video = str(FIXTURES / "safari.mp4")
+
+    def ingest() -> tuple[str, str]:
+        res = vidmini("ingest", video, "--model", str(model), "--json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout.strip().splitlines()[-1])["id"], res.stdout
+
+    first, _ = ingest()
+    again, _ = ingest()
+    assert again == first  # unchanged weights: the same store
+    config = (model / "config.json").read_text()
+    build_tiny_checkpoint(tmp_path / "retrained", seed=6)
+    assert (tmp_path / "retrained" / "config.json").read_text() == config  # same config, other weights
+    for name in ("model.safetensors", "vision_tower/model.safetensors"):
+        (model / name).write_bytes((tmp_path / "retrained" / name).read_bytes())
+    retrained, _ = ingest()
+    assert retrained != first
+    listing = vidmini("list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert {first, retrained} <= {row["video_id"] for row in json.loads(listing.stdout)}
