@@ -17,7 +17,7 @@ import numpy as np
 
 from synth.world import KINDS, SHAPE_COLOURS, Timeline, truth_at
 
-__all__ = ["FAMILIES", "Question", "answer_for", "format_clock", "make_questions", "range_questions", "timeline_facts"]
+__all__ = ["FAMILIES", "PRESENCE_RE", "Question", "answer_for", "format_clock", "make_questions", "range_questions", "timeline_facts"]
 
 FAMILIES = ("presence", "attribute", "count", "order", "text", "scene")
 COLOURS = tuple(SHAPE_COLOURS)
@@ -31,7 +31,7 @@ ORDER_Q = "Which appears first, the {kind1} or the {kind2}?"
 TEXT_Q = "What word is shown?"
 SCENE_Q = "What colour is the background?"
 
-_PRESENCE_RE = re.compile(r"Is there a (\w+) (\w+)\?")
+PRESENCE_RE = re.compile(r"Is there a (\w+) (\w+)\?")
 _ATTRIBUTE_RE = re.compile(r"What colour is the (\w+)\?")
 _COUNT_RE = re.compile(r"How many (\w+)s are there\?")
 _ORDER_RE = re.compile(r"Which appears first, the (\w+) or the (\w+)\?")
@@ -71,7 +71,7 @@ def answer_for(timeline: Timeline, family: str, question_text: str, start_s: int
         return None
     truths = [truth_at(timeline, t) for t in range(start_s, end_s + 1)]
     if family == "presence":
-        m = _PRESENCE_RE.fullmatch(question_text)
+        m = PRESENCE_RE.fullmatch(question_text)
         if not m or m[1] not in SHAPE_COLOURS or m[2] not in KINDS:
             return None
         hit = any(s.colour == m[1] and s.kind == m[2] for tr in truths for s in tr.shapes)

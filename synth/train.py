@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import random
-import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -57,7 +56,7 @@ from engine.tokenizer_tiny import generation_eos_ids
 from engine.vision import resize_nearest
 from synth.demo_model import DemoSpec, build_demo_model, build_tokenizer, save_demo
 from synth.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion
-from synth.questions import PRESENCE_Q, Question, make_questions, range_questions, timeline_facts
+from synth.questions import PRESENCE_RE, Question, make_questions, range_questions, timeline_facts
 from synth.render import render_samples
 from synth.world import BACKGROUNDS, CELLS, KINDS, SHAPE_COLOURS, WORDS, cell_box, generate_timeline, truth_at
 
@@ -559,7 +558,6 @@ def seen_targets(counts: np.ndarray) -> torch.Tensor:
 
 
 FAMILY_WEIGHTS = {"presence": 1.5, "attribute": 0.5, "count": 1.0, "order": 2.5, "text": 0.25, "scene": 0.25}
-PRESENCE_RE = re.compile(re.escape(PRESENCE_Q).replace(r"\{colour\}", r"(\w+)").replace(r"\{kind\}", r"(\w+)"))
 ANSWER_SHARES = {("presence", "yes"): 0.5, ("count", "0"): 0.15, ("count", ""): 0.85}  # as `make_questions` asks
 NO_SHARES = {"hard no": 0.6, "no": 0.4}  # of presence's "no" half, when the clip has both kinds of negative
 
@@ -612,7 +610,7 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
     facts = [timeline_facts(v.timeline) for v in videos]
     bank = FusedQuestionBank(model, states)
     seen_things = [np.concatenate([v.probes["counts"], v.probes["present"]], 1) for v in videos]
-    pool = [ids.sample(vi, q) for vi, v in enumerate(videos) for q in make_questions(v.timeline, rng, per_family=60)]
+    pool = question_pool(videos, tok, rng, per_family=60, max_range=None)
     weights = np.array([FAMILY_WEIGHTS[s.family] for s in pool])
     weights /= weights.sum()
     hidden = model.config.llama.hidden_size
