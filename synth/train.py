@@ -70,29 +70,32 @@ MAX_COUNT = 6
 @dataclass
 class TrainConfig:
     seed: int = 0
-    videos: int = 3000  # stage-0/1 timelines: many short ones, so frames are diverse (few repeat)
-    video_s: tuple[int, int] = (10, 16)
+    videos: int = 8000  # stage-0/1 timelines: many short ones, so scenes are diverse (perception generalizes)
+    video_s: tuple[int, int] = (5, 9)
     long_videos: int = 36  # stage-2 timelines
     long_video_s: tuple[int, int] = (60, 600)
-    stage0_steps: int = 1200  # perception: single frames, probes + contrastive
+    stage0_steps: int = 1400  # perception: single frames, probes + contrastive
     stage0_batch: int = 128
     stage1_steps: int = 600
     stage1_batch: int = 24
     stage1_max_frames: int = 8
+    stage1_per_family: int = 15  # questions per family per video in stage 1's pool
     qfusion_steps: int = 1200  # question fusion: the added last pre-fusion layer
-    qfusion_videos: int = 1500
+    qfusion_videos: int = 2500
     qfusion_lr: float = 1e-3
-    stage2_steps: int = 1800
+    stage2_steps: int = 2000
     stage2_batch: int = 12  # clips per step
     stage2_questions: int = 4  # questions per clip (one LLM pass over the clip)
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
     seen_weight: float = 0.5
-    search_steps: int = 1150  # stage 3: text → frame search
+    search_steps: int = 1050  # stage 3: text → frame search
     search_batch: int = 192
     search_videos: int = 400
     search_lr: float = 2e-3
     probe_weight: float = 1.0
+    presence_weight: float = 3.0  # the c' presence probe's weight within the probe loss
+    bag_weight: float = 3.0  # presence read from the plain mean of the patch features (additive coding)
     clip_weight: float = 0.5
     threads: int = 0
 
@@ -306,9 +309,12 @@ def cell_pairs(cells: torch.Tensor) -> torch.Tensor:
 
 
 class ProbeHeads(torch.nn.Module):
-    def __init__(self, hidden: int, cells: CellHeads) -> None:
+    def __init__(self, hidden: int, cells: CellHeads, presence_weight: float = 1.0, bag_weight: float = 0.0
+                 ) -> None:
         super().__init__()
         self.cells = cells
+        self.presence_weight, self.bag_weight = presence_weight, bag_weight
+        self.bag = torch.nn.Linear(cells.kind.in_features, len(PAIRS))
         self.present = torch.nn.Linear(hidden, len(PAIRS))
         self.counts = torch.nn.Linear(hidden, len(KINDS) * (MAX_COUNT + 1))
         self.word = torch.nn.Linear(hidden, len(WORDS) + 1)
@@ -330,8 +336,15 @@ class ProbeHeads(torch.nn.Module):
             .all(-1).float().mean().item(),
         }
 
+    def bag_loss(self, feats: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Which (colour, kind) pairs the frame holds, from the plain mean of its patch features: any average of
+        the patches then keeps them (a compressor's attention is one), where cell-specific codes cancel out."""
+        if not self.bag_weight:
+            return feats.new_zeros(())
+        return self.bag_weight * F.binary_cross_entropy_with_logits(self.bag(feats.mean(1)), present)
+
     def loss(self, c: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (F.binary_cross_entropy_with_logits(self.present(c), targets["present"])
+        return (self.presence_weight * F.binary_cross_entropy_with_logits(self.present(c), targets["present"])
                 + F.cross_entropy(self.counts(c).view(-1, MAX_COUNT + 1), targets["counts"].flatten())
                 + F.cross_entropy(self.word(c), targets["word"])
                 + F.cross_entropy(self.background(c), targets["background"])
@@ -389,7 +402,8 @@ def stage0(model, clip, probes: ProbeHeads, tok, videos: list[Video], held_out: 
         picks = [frames[i] for i in rng.choice(len(frames), size=cfg.stage0_batch, replace=False)]
         c, pooled, feats = perceive(model, normalize(np.stack([videos[v].pixels[t] for v, t in picks])))
         targets = frame_targets(videos, picks)
-        probe = probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
+        probe = (probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
+                 + probes.bag_loss(feats, targets["present"]))
         captions = [caption(videos[v].captions[t], rng) for v, t in picks]
         contrast = clip_loss(clip, pooled, captions, tok)
         loss = probe + cfg.clip_weight * contrast
@@ -419,7 +433,7 @@ def probe_accuracy(model, probes: ProbeHeads, videos: list[Video]) -> dict[str, 
 def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: TrainConfig, log,
            rng: np.random.Generator) -> None:
     prefix = build_prompt(tok, "").prefix
-    pool = question_pool(videos, tok, rng, per_family=40, max_range=cfg.stage1_max_frames)
+    pool = question_pool(videos, tok, rng, per_family=cfg.stage1_per_family, max_range=cfg.stage1_max_frames)
     groups = buckets(pool)
     keys = sorted(groups)
     weights = np.array([len(groups[k]) for k in keys], dtype=np.float64)
@@ -444,7 +458,8 @@ def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: Train
         qa = llm_loss(model, inputs, torch.stack([s.answer_ids for s in batch]))
         targets = {k: torch.from_numpy(np.concatenate([videos[s.video].probes[k][s.start : s.end + 1]
                                                         for s in batch])) for k in PROBE_KEYS}
-        probe = probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
+        probe = (probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
+                 + probes.bag_loss(feats, targets["present"]))
         captions = [caption(f, rng) for s in batch for f in videos[s.video].captions[s.start : s.end + 1]]
         keep = rng.choice(len(captions), size=min(48, len(captions)), replace=False)
         contrast = clip_loss(clip, pooled[keep], [captions[i] for i in keep], tok)
@@ -557,6 +572,16 @@ def seen_targets(counts: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([now, before], 1).astype(np.float32))
 
 
+def onset_targets(counts: np.ndarray) -> torch.Tensor:
+    """Per frame of a clip, (F, X) counts → X bits: which things first appear in the clip at this frame (there
+    now, in no earlier frame). At the onset of one kind, whether the other was seen before answers "which
+    appears first"."""
+    now = counts > 0
+    before = np.zeros_like(now)
+    before[1:] = np.logical_or.accumulate(now, axis=0)[:-1]
+    return torch.from_numpy((now & ~before).astype(np.float32))
+
+
 FAMILY_WEIGHTS = {"presence": 1.5, "attribute": 0.5, "count": 1.0, "order": 2.5, "text": 0.25, "scene": 0.25}
 ANSWER_SHARES = {("presence", "yes"): 0.5, ("count", "0"): 0.15, ("count", ""): 0.85}  # as `make_questions` asks
 NO_SHARES = {"hard no": 0.6, "no": 0.4}  # of presence's "no" half, when the clip has both kinds of negative
@@ -614,7 +639,8 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
     weights = np.array([FAMILY_WEIGHTS[s.family] for s in pool])
     weights /= weights.sum()
     hidden = model.config.llama.hidden_size
-    head = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 2 * (len(KINDS) + len(PAIRS))))
+    head = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 2 * (len(KINDS) + len(PAIRS))
+                                                                             + len(KINDS)))
     trainable = [*model.model.layers.parameters(), *model.model.norm.parameters(), *model.lm_head.parameters()]
     train_only(model, trainable)
     opt = adamw(trainable + list(head.parameters()), cfg.stage2_lr)
@@ -636,8 +662,9 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
             qa, tapped = clip_questions_forward(model, torch.cat([p, sel.compressed.flatten(0, 1)]), fused, answers)
             n = s.end - s.start + 1
             at_frames = tapped[len(p) : len(p) + n]
-            seen = F.binary_cross_entropy_with_logits(
-                head(at_frames), seen_targets(seen_things[s.video][s.start : s.end + 1]))
+            things = seen_things[s.video][s.start : s.end + 1]
+            targets = torch.cat([seen_targets(things), onset_targets(things[:, : len(KINDS)])], 1)
+            seen = F.binary_cross_entropy_with_logits(head(at_frames), targets)
             loss = (qa.mean() + cfg.seen_weight * seen) / cfg.stage2_batch
             loss.backward()
             total += qa.mean().item() / cfg.stage2_batch
@@ -772,7 +799,8 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
              for s in tqdm(seeds(cfg.videos, 0), desc="rendering training videos", dynamic_ncols=True)]
     held_out = [load_video(s, 60, spec.image_size) for s in seeds(3, 90_000)]
     pooling = cell_pooling(spec.image_size, spec.patch_size)
-    probes = ProbeHeads(model.config.hidden_size, CellHeads(spec.vision_width, pooling))
+    probes = ProbeHeads(model.config.hidden_size, CellHeads(spec.vision_width, pooling), cfg.presence_weight,
+                        cfg.bag_weight)
     stage0(model, clip, probes, tok, short, held_out, cfg, log, rng)
     stage1(model, clip, probes, tok, short, cfg, log, rng)
     add_prefusion_layer(model)
@@ -800,12 +828,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--search-only", action="store_true",
                     help="run only stage 3 (search) on the trained model in --out, rewriting its CLIP pair")
     defaults = TrainConfig()
-    for name in ("seed", "videos", "long_videos", "stage0_steps", "stage0_batch", "stage1_steps", "qfusion_steps",
+    for name in ("seed", "videos", "long_videos", "stage1_per_family", "stage0_steps", "stage0_batch", "stage1_steps", "qfusion_steps",
                  "stage2_questions",
                  "qfusion_videos", "stage2_steps",
                  "stage1_batch", "stage2_batch", "search_steps", "search_batch", "search_videos", "threads"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "qfusion_lr", "stage2_lr", "seen_weight", "search_lr"):
+    for name in ("lr", "qfusion_lr", "stage2_lr", "seen_weight", "search_lr", "presence_weight", "bag_weight"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "search_only")})
