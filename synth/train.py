@@ -74,22 +74,22 @@ class TrainConfig:
     video_s: tuple[int, int] = (5, 9)
     long_videos: int = 36  # stage-2 timelines
     long_video_s: tuple[int, int] = (60, 600)
-    stage0_steps: int = 1400  # perception: single frames, probes + contrastive
+    stage0_steps: int = 1250  # perception: single frames, probes + contrastive
     stage0_batch: int = 128
-    stage1_steps: int = 600
+    stage1_steps: int = 550
     stage1_batch: int = 24
     stage1_max_frames: int = 8
     stage1_per_family: int = 15  # questions per family per video in stage 1's pool
-    qfusion_steps: int = 1200  # question fusion: the added last pre-fusion layer
+    qfusion_steps: int = 1000  # question fusion: the added last pre-fusion layer
     qfusion_videos: int = 2500
     qfusion_lr: float = 1e-3
-    stage2_steps: int = 2000
+    stage2_steps: int = 1900
     stage2_batch: int = 12  # clips per step
     stage2_questions: int = 4  # questions per clip (one LLM pass over the clip)
     lr: float = 1.5e-3
     stage2_lr: float = 6e-4
     seen_weight: float = 0.5
-    search_steps: int = 1050  # stage 3: text → frame search
+    search_steps: int = 1000  # stage 3: text → frame search
     search_batch: int = 192
     search_videos: int = 400
     search_lr: float = 2e-3
@@ -97,6 +97,7 @@ class TrainConfig:
     presence_weight: float = 3.0  # the c' presence probe's weight within the probe loss
     bag_weight: float = 3.0  # presence read from the plain mean of the patch features (additive coding)
     clip_weight: float = 0.5
+    bf16: bool = True  # bfloat16 autocast for the training passes (weights and optimizer stay float32)
     threads: int = 0
 
 
@@ -366,6 +367,13 @@ def train_only(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> Non
         p.requires_grad_(True)
 
 
+def mixed(cfg: TrainConfig) -> torch.autocast:
+    """bfloat16 autocast for a training pass on the CPU: about 30% faster steps on this machine's AVX-512 BF16
+    cores, with float32 weights, optimizer, softmax and losses; the states the product feeds the LLM (stage 2's
+    encoded frames and fused questions) are still computed in float32, outside it."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
 def adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -400,13 +408,14 @@ def stage0(model, clip, probes: ProbeHeads, tok, videos: list[Video], held_out: 
     for step in bar:
         set_lr(opt, step, cfg.stage0_steps, cfg.lr)
         picks = [frames[i] for i in rng.choice(len(frames), size=cfg.stage0_batch, replace=False)]
-        c, pooled, feats = perceive(model, normalize(np.stack([videos[v].pixels[t] for v, t in picks])))
         targets = frame_targets(videos, picks)
-        probe = (probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
-                 + probes.bag_loss(feats, targets["present"]))
         captions = [caption(videos[v].captions[t], rng) for v, t in picks]
-        contrast = clip_loss(clip, pooled, captions, tok)
-        loss = probe + cfg.clip_weight * contrast
+        with mixed(cfg):
+            c, pooled, feats = perceive(model, normalize(np.stack([videos[v].pixels[t] for v, t in picks])))
+            probe = (probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
+                     + probes.bag_loss(feats, targets["present"]))
+            contrast = clip_loss(clip, pooled, captions, tok)
+            loss = probe + cfg.clip_weight * contrast
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -451,19 +460,21 @@ def stage1(model, clip, probes: ProbeHeads, tok, videos: list[Video], cfg: Train
         batch = [members[i] for i in rng.choice(len(members), size=min(batch_n, len(members)), replace=False)]
         pix = np.stack([videos[s.video].pixels[s.start : s.end + 1] for s in batch])  # (B, N, S, S, 3)
         text_ids = torch.stack([torch.cat([prefix, s.question_ids]) for s in batch])
-        c, text, pooled, feats = fuse_batch(model, normalize(pix).flatten(0, 1), text_ids.repeat_interleave(n_frames, 0))
-        b, d = len(batch), c.shape[-1]
-        text = text.view(b, n_frames, *text.shape[1:]).float().mean(1)
-        inputs = torch.cat([text[:, : len(prefix)], c.view(b, n_frames, d), text[:, len(prefix) :]], dim=1)
-        qa = llm_loss(model, inputs, torch.stack([s.answer_ids for s in batch]))
         targets = {k: torch.from_numpy(np.concatenate([videos[s.video].probes[k][s.start : s.end + 1]
                                                         for s in batch])) for k in PROBE_KEYS}
-        probe = (probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
-                 + probes.bag_loss(feats, targets["present"]))
         captions = [caption(f, rng) for s in batch for f in videos[s.video].captions[s.start : s.end + 1]]
         keep = rng.choice(len(captions), size=min(48, len(captions)), replace=False)
-        contrast = clip_loss(clip, pooled[keep], [captions[i] for i in keep], tok)
-        loss = qa + cfg.probe_weight * probe + cfg.clip_weight * contrast
+        with mixed(cfg):
+            c, text, pooled, feats = fuse_batch(model, normalize(pix).flatten(0, 1),
+                                                text_ids.repeat_interleave(n_frames, 0))
+            b, d = len(batch), c.shape[-1]
+            text = text.view(b, n_frames, *text.shape[1:]).float().mean(1)
+            inputs = torch.cat([text[:, : len(prefix)], c.view(b, n_frames, d).float(), text[:, len(prefix) :]], dim=1)
+            qa = llm_loss(model, inputs, torch.stack([s.answer_ids for s in batch]))
+            probe = (probes.loss(c, targets) + probes.cells.loss(feats, targets["cells"])
+                     + probes.bag_loss(feats, targets["present"]))
+            contrast = clip_loss(clip, pooled[keep], [captions[i] for i in keep], tok)
+            loss = qa + cfg.probe_weight * probe + cfg.clip_weight * contrast
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -659,12 +670,14 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
             sel = states[s.video].select(slice(s.start, s.end + 1))
             with torch.no_grad():
                 p = mean_over_frames(sel.prefix_text)
-            qa, tapped = clip_questions_forward(model, torch.cat([p, sel.compressed.flatten(0, 1)]), fused, answers)
             n = s.end - s.start + 1
-            at_frames = tapped[len(p) : len(p) + n]
             things = seen_things[s.video][s.start : s.end + 1]
             targets = torch.cat([seen_targets(things), onset_targets(things[:, : len(KINDS)])], 1)
-            seen = F.binary_cross_entropy_with_logits(head(at_frames), targets)
+            with mixed(cfg):
+                qa, tapped = clip_questions_forward(model, torch.cat([p, sel.compressed.flatten(0, 1)]), fused,
+                                                    answers)
+                at_frames = tapped[len(p) : len(p) + n]
+                seen = F.binary_cross_entropy_with_logits(head(at_frames).float(), targets)
             loss = (qa.mean() + cfg.seen_weight * seen) / cfg.stage2_batch
             loss.backward()
             total += qa.mean().item() / cfg.stage2_batch
@@ -728,9 +741,10 @@ def stage3_search(clip, tok, videos: list[Video], cfg: TrainConfig, log) -> None
                 chosen.append([f[j] for j in sorted(rng.choice(len(f), size=int(rng.integers(1, len(f) + 1)),
                                                                replace=False))])
         match = torch.tensor([[set(c) <= set(facts[i]) for i in picks] for c in chosen], dtype=torch.float32)
-        image = image_embedding(clip, cached[torch.from_numpy(picks)])
-        text = text_embedding(clip, tok, [", ".join(c) for c in chosen])
-        logits = clip.logit_scale.exp().clamp(max=100) * text @ image.T  # (captions, frames)
+        with mixed(cfg):
+            image = image_embedding(clip, cached[torch.from_numpy(picks)])
+            text = text_embedding(clip, tok, [", ".join(c) for c in chosen])
+        logits = clip.logit_scale.exp().clamp(max=100) * text.float() @ image.float().T  # (captions, frames)
         loss = -(F.log_softmax(logits, -1) * match / match.sum(-1, keepdim=True)).sum(-1).mean()
         loss = loss - (F.log_softmax(logits.T, -1) * match.T / match.T.sum(-1, keepdim=True).clamp(min=1)).sum(-1)[
             match.T.sum(-1) > 0].mean()
@@ -835,8 +849,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "qfusion_lr", "stage2_lr", "seen_weight", "search_lr", "presence_weight", "bag_weight"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    ap.add_argument("--fp32", action="store_true", help="train in float32 (no bfloat16 autocast)")
     args = ap.parse_args(argv)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "search_only")})
+    cfg = TrainConfig(bf16=not args.fp32, **{k: v for k, v in vars(args).items()
+                                             if k not in ("out", "search_only", "fp32")})
     path = retune_search(args.out, cfg) if args.search_only else train(args.out, cfg)
     print(f"wrote {path}")
 

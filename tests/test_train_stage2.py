@@ -22,9 +22,10 @@ from synth.train import (
     load_video,
     more_questions,
     normalize,
+    onset_targets,
     seen_targets,
 )
-from synth.world import generate_timeline
+from synth.world import KINDS, generate_timeline
 
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
 
@@ -130,3 +131,33 @@ def test_pair_seen_bits_at_a_clips_last_frame_are_its_presence_answers(seed, sta
     for (colour, kind), seen in zip(PAIRS, last, strict=True):
         assert answers[f"Is there a {colour} {kind}?"] == ("yes" if seen else "no")
     assert 0 < last.sum() < len(PAIRS)
+
+
+def test_onset_bits_mark_each_kinds_first_frame_in_the_clip():
+    counts = np.array([[0, 0, 0, 0], [1, 0, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [1, 0, 0, 3]])
+    assert onset_targets(counts).numpy().tolist() == [
+        [0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("seed", [21, 33, 99])
+def test_order_answers_follow_from_onset_and_seen_before_bits(seed):
+    """At the frame where one named kind first appears, whether the other was seen before is the answer to
+    "which appears first": what the frame-position head's targets give the LLM to build on."""
+    video = load_video(seed, 120, 32)
+    facts = timeline_facts(video.timeline)
+    checked = 0
+    for start, length in [(s, n) for s in range(0, 110, 2) for n in (8, 30, 90)]:
+        end = min(119, start + length - 1)
+        counts = video.probes["counts"][start : end + 1]
+        onset, seen = onset_targets(counts).numpy(), seen_targets(counts).numpy()
+        before = seen[:, len(KINDS) :]
+        for q in range_questions(facts, start, end):
+            if q.family != "order":
+                continue
+            kind1, kind2 = q.question.removeprefix("Which appears first, the ").removesuffix("?").split(" or the ")
+            a, b = KINDS.index(kind1), KINDS.index(kind2)
+            assert onset[:, b].sum() == 1  # each named kind first appears exactly once in the clip
+            frame = int(np.flatnonzero(onset[:, b])[0])
+            assert q.answer == (kind1 if before[frame, a] else kind2)
+            checked += 1
+    assert checked >= 5
