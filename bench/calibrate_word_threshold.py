@@ -1,7 +1,8 @@
 """Where the demo model's word-shown threshold (`app.describe.DEMO_WORD_THRESHOLD`) can sit for a set of weights.
 
-Each frame of a few synthetic videos (seeds that no test or evaluation uses) is asked "What word is shown?" on its
-own; the top first-token probability is split by whether the truth shows a word. A threshold between the blank
+Each frame of a few synthetic videos (seeds that no test or evaluation uses), written as H.264 and ingested as the
+app ingests (1 fps exact decode → encode → store), is asked "What word is shown?" on its own; the highest first-token probability among the world's words (`synth.world.WORDS`) is split by whether the
+truth shows a word (on a blank band the model's top token is often no word at all, e.g. "0" or end-of-turn). A threshold between the blank
 frames' highest and the word frames' lowest probability separates them on these videos.
 
   python bench/calibrate_word_threshold.py [--model DIR]
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.models import choose_model, open_engine  # noqa: E402
+from ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
+from ingest.store import VideoStore  # noqa: E402
 from synth.questions import TEXT_Q  # noqa: E402
-from synth.render import render_samples  # noqa: E402
-from synth.world import generate_timeline, truth_at  # noqa: E402
+from synth.render import write_video  # noqa: E402
+from synth.world import WORDS, generate_timeline, truth_at  # noqa: E402
 
 VIDEOS = ((424242, 80), (535353, 150), (646464, 200))
 
@@ -31,14 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
     args = ap.parse_args(argv)
     engine = open_engine(choose_model(args.model))
+    word_ids = torch.tensor([int(engine.tokenizer.encode(w, add_special_tokens=False)[0]) for w in WORDS])
     word_p, blank_p = [], []
-    for seed, duration in VIDEOS:
-        timeline = generate_timeline(seed, duration)
-        frames = [f for _, f in render_samples(timeline, 1.0)]
-        states = engine.encode_frames(engine.frame_pixels(frames))
-        for t in range(duration):
-            probs = torch.softmax(engine.first_logits(TEXT_Q, states.select([t])).reshape(-1).float(), -1)
-            (word_p if truth_at(timeline, t).word else blank_p).append(float(probs.max()))
+    with tempfile.TemporaryDirectory(prefix="vidmini-calibrate-") as tmp:
+        for seed, duration in VIDEOS:
+            timeline = generate_timeline(seed, duration)
+            path = write_video(timeline, Path(tmp) / f"calibrate-{seed}.mp4")
+            ingested = run_ingest(str(path), engine, Path(tmp) / "store", IngestOptions(fps=1.0, mode="exact"))
+            store = VideoStore.load_existing(ingested.store_path)
+            states = load_states(store)
+            seconds = np.rint(store.timestamps()).astype(int)
+            for i, t in enumerate(seconds.tolist()):
+                probs = torch.softmax(engine.first_logits(TEXT_Q, states.select([i])).reshape(-1).float(), -1)
+                (word_p if truth_at(timeline, t).word else blank_p).append(float(probs[word_ids].max()))
     word_p, blank_p = np.array(word_p), np.array(blank_p)
     print("| frames | count | min | median | max |\n| --- | --- | --- | --- | --- |")
     for name, p in (("word shown", word_p), ("blank band", blank_p)):

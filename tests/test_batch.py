@@ -285,3 +285,29 @@ def test_a_general_model_gets_plain_prompts_and_yes_no_events(world, tmp_path, t
         jsonschema.validate(json.loads((out / "clip.json").read_text()), JSON_SCHEMA)
         list(srt.parse((out / "clip.srt").read_text(), ignore_errors=False))
         webvtt.read(str(out / "clip.vtt"))
+
+
+def test_demo_describer_names_only_the_worlds_words_and_only_when_one_is_shown():
+    """One-second windows of a fresh video: a blank band's top token is often no word ("0", end-of-turn), so the
+    describer must choose among the world's words, and say none when none is shown."""
+    import numpy as np
+
+    from app.describe import Asker, DemoWorldDescriber
+    from engine.session import VideoSession
+    from synth.render import render_samples
+    from synth.world import WORDS, truth_at
+
+    engine = open_engine(choose_model(None))
+    timeline = generate_timeline(161803, 90)
+    frames = [f for _, f in render_samples(timeline, 1.0)]
+    session = VideoSession.from_states(engine, engine.encode_frames(engine.frame_pixels(frames)),
+                                       [float(t) for t in range(90)])
+    asker, describer = Asker(session), DemoWorldDescriber()
+    said = [describer.describe(asker, range(t, t + 1)).facts["word"] for t in range(90)]
+    truth = [truth_at(timeline, t).word for t in range(90)]
+    assert all(w is None or w in WORDS for w in said)
+    shown = [t for t in range(90) if truth[t]]
+    blank = [t for t in range(90) if not truth[t]]
+    assert shown and blank
+    assert np.mean([said[t] == truth[t] for t in shown]) >= 0.9, [(t, truth[t], said[t]) for t in shown]
+    assert np.mean([said[t] is None for t in blank]) >= 0.95, [(t, said[t]) for t in blank if said[t]]
