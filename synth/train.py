@@ -590,10 +590,9 @@ def onset_targets(counts: np.ndarray) -> torch.Tensor:
     """Per frame of a clip, (F, X) counts → X bits: which things first appear in the clip at this frame (there
     now, in no earlier frame). At the onset of one kind, whether the other was seen before answers "which
     appears first"."""
-    now = counts > 0
-    before = np.zeros_like(now)
-    before[1:] = np.logical_or.accumulate(now, axis=0)[:-1]
-    return torch.from_numpy((now & ~before).astype(np.float32))
+    bits = seen_targets(counts)
+    now, before = bits[:, : counts.shape[1]], bits[:, counts.shape[1] :]
+    return now * (1 - before)
 
 
 FAMILY_WEIGHTS = {"presence": 1.5, "attribute": 0.5, "count": 1.0, "order": 2.5, "text": 0.25, "scene": 0.25}
