@@ -856,6 +856,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training passes")
     ap.add_argument("--onset-head", action="store_true", help="stage 2's frame head also learns kind onsets")
     args = ap.parse_args(argv)
+    for name in ("presence_weight", "bag_weight", "seen_weight"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "search_only")})
     path = retune_search(args.out, cfg) if args.search_only else train(args.out, cfg)
     print(f"wrote {path}")
