@@ -9,6 +9,7 @@ add one to teach the summarizer another model's vocabulary.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ class Asker:
 
 def first_token(tokenizer, text: str) -> int:
     return int(tokenizer.encode(text, add_special_tokens=False)[0])
+
+
+@functools.lru_cache(maxsize=8)
+def word_token_ids(tokenizer) -> torch.Tensor:
+    """The first tokens of the synthetic world's words (`WORDS` order): the only answers the demo describer and its
+    threshold's calibration read. Tokenized once per tokenizer, not once per window."""
+    return torch.tensor([first_token(tokenizer, w) for w in WORDS])
 
 
 # ---- events --------------------------------------------------------------------------------------------------
@@ -197,8 +205,7 @@ class DemoWorldDescriber:
     def describe(self, asker: Asker, frames: range) -> Description:
         background = asker.answer(SCENE_Q, frames, 4).lower()
         probs = asker.probs(TEXT_Q, frames)
-        tok = asker.engine.tokenizer
-        p, best = torch.max(probs[torch.tensor([first_token(tok, w) for w in WORDS])], -1)
+        p, best = torch.max(probs[word_token_ids(asker.engine.tokenizer)], -1)
         word = WORDS[int(best)] if float(p) >= DEMO_WORD_THRESHOLD else None
         text = f"{background.capitalize()} background, " + (f"the word {word} shown." if word else "no word shown.")
         return Description(text, background, {"background": background, "word": word})

@@ -1,9 +1,10 @@
 """Where the demo model's word-shown threshold (`app.describe.DEMO_WORD_THRESHOLD`) can sit for a set of weights.
 
 Each frame of a few synthetic videos (seeds that no test or evaluation uses), written as H.264 and ingested as the
-app ingests (1 fps exact decode → encode → store), is asked "What word is shown?" on its own; the highest first-token probability among the world's words (`synth.world.WORDS`) is split by whether the
-truth shows a word (on a blank band the model's top token is often no word at all, e.g. "0" or end-of-turn). A threshold between the blank
-frames' highest and the word frames' lowest probability separates them on these videos.
+app ingests (1 fps exact decode → encode → store), is asked "What word is shown?" on its own. The highest
+first-token probability among the world's words is split by whether the truth shows a word (over the whole
+vocabulary a blank band's top token is often no word at all, e.g. "0" or end-of-turn). A threshold between the
+blank frames' highest and the word frames' lowest probability separates them on these videos.
 
   python bench/calibrate_word_threshold.py [--model DIR]
 """
@@ -20,12 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.describe import word_token_ids  # noqa: E402
 from app.models import choose_model, open_engine  # noqa: E402
 from ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
 from ingest.store import VideoStore  # noqa: E402
 from synth.questions import TEXT_Q  # noqa: E402
 from synth.render import write_video  # noqa: E402
-from synth.world import WORDS, generate_timeline, truth_at  # noqa: E402
+from synth.world import generate_timeline, truth_at  # noqa: E402
 
 VIDEOS = ((424242, 80), (535353, 150), (646464, 200))
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
     args = ap.parse_args(argv)
     engine = open_engine(choose_model(args.model))
-    word_ids = torch.tensor([int(engine.tokenizer.encode(w, add_special_tokens=False)[0]) for w in WORDS])
+    word_ids = word_token_ids(engine.tokenizer)
     word_p, blank_p = [], []
     with tempfile.TemporaryDirectory(prefix="vidmini-calibrate-") as tmp:
         for seed, duration in VIDEOS:

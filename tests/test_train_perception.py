@@ -76,3 +76,22 @@ def test_fuse_batch_equals_the_full_sequence():
     assert text.shape == text_full.shape == (len(pixels), text_ids.shape[1], c.shape[-1])
     torch.testing.assert_close(c, c_full, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(text, text_full, rtol=1e-4, atol=1e-4)
+
+
+def test_bag_head_reads_only_the_plain_patch_mean_and_is_absent_when_off():
+    """The bag loss asks which pairs a frame holds from the plain mean of its patch features, so where a shape sits
+    cannot matter (any average of the patches keeps what it holds); with weight 0 there is no head and no loss."""
+    from synth.train import CellHeads, ProbeHeads, cell_pooling
+
+    torch.manual_seed(0)
+    cells = CellHeads(16, cell_pooling(80, 10))
+    heads = ProbeHeads(32, cells, bag_weight=2.0)
+    feats = torch.randn(3, 64, 16, requires_grad=True)
+    present = (torch.rand(3, len(PAIRS)) < 0.2).float()
+    loss = heads.bag_loss(feats, present)
+    shuffled = heads.bag_loss(feats[:, torch.randperm(64)], present)
+    assert torch.allclose(loss, shuffled, atol=1e-6) and loss > 0
+    loss.backward()
+    assert torch.allclose(feats.grad, feats.grad[:, :1].expand_as(feats.grad))  # every patch gets the same gradient
+    off = ProbeHeads(32, cells)
+    assert not hasattr(off, "bag") and off.bag_loss(feats, present).item() == 0.0
