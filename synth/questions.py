@@ -17,7 +17,7 @@ import numpy as np
 
 from synth.world import KINDS, SHAPE_COLOURS, Timeline, truth_at
 
-__all__ = ["FAMILIES", "PRESENCE_RE", "Question", "answer_for", "format_clock", "make_questions", "range_questions", "timeline_facts"]
+__all__ = ["FAMILIES", "ORDER_RE", "PRESENCE_RE", "Question", "answer_for", "format_clock", "make_questions", "range_questions", "timeline_facts"]
 
 FAMILIES = ("presence", "attribute", "count", "order", "text", "scene")
 COLOURS = tuple(SHAPE_COLOURS)
@@ -34,7 +34,7 @@ SCENE_Q = "What colour is the background?"
 PRESENCE_RE = re.compile(r"Is there a (\w+) (\w+)\?")
 _ATTRIBUTE_RE = re.compile(r"What colour is the (\w+)\?")
 _COUNT_RE = re.compile(r"How many (\w+)s are there\?")
-_ORDER_RE = re.compile(r"Which appears first, the (\w+) or the (\w+)\?")
+ORDER_RE = re.compile(r"Which appears first, the (\w+) or the (\w+)\?")
 
 
 def format_clock(seconds: int) -> str:
@@ -89,7 +89,7 @@ def answer_for(timeline: Timeline, family: str, question_text: str, start_s: int
         counts = {sum(s.kind == m[1] for s in tr.shapes) for tr in truths}
         return str(counts.pop()) if len(counts) == 1 else None
     if family == "order":
-        m = _ORDER_RE.fullmatch(question_text)
+        m = ORDER_RE.fullmatch(question_text)
         if not m or m[1] not in KINDS or m[2] not in KINDS or m[1] == m[2]:
             return None
         firsts = []

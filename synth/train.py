@@ -56,7 +56,7 @@ from engine.tokenizer_tiny import generation_eos_ids
 from engine.vision import resize_nearest
 from synth.demo_model import DemoSpec, build_demo_model, build_tokenizer, save_demo
 from synth.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion
-from synth.questions import PRESENCE_RE, Question, make_questions, range_questions, timeline_facts
+from synth.questions import ORDER_RE, PRESENCE_RE, Question, make_questions, range_questions, timeline_facts
 from synth.render import render_samples
 from synth.world import BACKGROUNDS, CELLS, KINDS, SHAPE_COLOURS, WORDS, cell_box, generate_timeline, truth_at
 
@@ -98,6 +98,13 @@ class TrainConfig:
     bag_weight: float = 0.0  # presence read from the plain mean of the patch features (additive coding)
     clip_weight: float = 0.5
     onset_head: bool = False  # stage 2's frame head also learns where each kind first appears in the clip
+    retrieval_weight: float = 0.0  # stage 2: one LLM head's attention at the answer position finds the evidence
+    retrieval_layer: int = 1  # ... in this LLM layer (0-based; reads the frame head's layer-1 features)
+    retrieval_head: int = 0
+    retrieval_steps: int = 0  # stage 2b: stage 2 continued with that attention loss (0: no stage 2b)
+    retrieval_videos: int = 36
+    retrieval_lr: float = 3e-4
+    retrieval_stage_weight: float = 1.0
     bf16: bool = False  # bfloat16 autocast for the training passes (weights and optimizer stay float32)
     threads: int = 0
 
@@ -544,12 +551,26 @@ def llm_forward(model: LlavaMiniModel, inputs: torch.Tensor, answer_ids: torch.T
     return F.cross_entropy(logits.flatten(0, 1), answer_ids.flatten()), tapped
 
 
+@dataclass
+class RetrievalProbe:
+    """Where one attention head's probabilities are read (`clip_questions_forward`): `layer`, `head`, and the
+    clip's frame positions [first, first + frames) within its part of the sequence."""
+
+    layer: int
+    head: int
+    first: int
+    frames: int
+
+
 def clip_questions_forward(model: LlavaMiniModel, prefix: torch.Tensor, questions: list[torch.Tensor],
-                           answers: list[torch.Tensor], tap: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                           answers: list[torch.Tensor], tap: int = 1, probe: RetrievalProbe | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Several questions about one clip for the price of one clip. The LLM mask is causal, so the clip's part
     [mean P', c'…] (L, d) goes through once, and each [fused Q, answer tokens] row reads its keys and values
     (the product's per-video KV cache, with gradients). Per question the same loss `llm_forward` gives on
-    [prefix, Q] alone; returns those losses (K,) and the clip's hidden states after LLM layer `tap`."""
+    [prefix, Q] alone; returns those losses (K,), the clip's hidden states after LLM layer `tap`, and with
+    `probe` the (K, frames + 1) attention probabilities of that head at each question's answer position (its
+    last token): on each frame, then the rest (prompt and question tokens) summed."""
     rows = [torch.cat([q, model.embed(a[:-1])]) for q, a in zip(questions, answers, strict=True)]
     width = max(len(r) for r in rows)
     y = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])  # right padding: no real row reads it
@@ -557,13 +578,15 @@ def clip_questions_forward(model: LlavaMiniModel, prefix: torch.Tensor, question
     n, length = len(rows), prefix.shape[0]
     cos_p, sin_p = model.rope(torch.arange(length)[None])
     cos_s, sin_s = model.rope(torch.arange(length, length + width)[None])
-    tapped = x
+    tapped, probs = x, None
     layers = model.model.layers
     for i, layer in enumerate(layers):
         qp, kp, vp = project_qkv(layer, x, cos_p, sin_p)
         qs, ks, vs = project_qkv(layer, y, cos_s, sin_s)
         keys = torch.cat([kp.expand(n, -1, -1, -1), ks], 2)
         values = torch.cat([vp.expand(n, -1, -1, -1), vs], 2)
+        if probe is not None and i == probe.layer:
+            probs = answer_attention(qs, keys, [len(q) - 1 for q in questions], length, probe)
         y = finish_layer(layer, y, attention(qs, keys, values, None, causal=True))
         if i + 1 < len(layers) or tap == len(layers):  # the clip's last outputs feed nothing else
             x = finish_layer(layer, x, attention(qp, kp, vp, None, causal=True))
@@ -573,7 +596,48 @@ def clip_questions_forward(model: LlavaMiniModel, prefix: torch.Tensor, question
     for row, (q, a) in enumerate(zip(questions, answers, strict=True)):
         first = len(q) - 1
         losses.append(F.cross_entropy(model.logits(y[row, first : first + len(a)]), a))
-    return torch.stack(losses), tapped[0]
+    return torch.stack(losses), tapped[0], probs
+
+
+def answer_attention(queries: torch.Tensor, keys: torch.Tensor, last: list[int], length: int,
+                     probe: RetrievalProbe) -> torch.Tensor:
+    """The probabilities `attention` computes for one head, at one query row per question: row r's position
+    `last[r]` sees the clip's `length` positions and its own first last[r] + 1 positions (float32 softmax)."""
+    groups = queries.shape[1] // keys.shape[1]
+    out = []
+    for r, p in enumerate(last):
+        q = queries[r, probe.head, p].float()
+        k = keys[r, probe.head // groups, : length + p + 1].float()
+        w = torch.softmax(k @ q * q.shape[-1] ** -0.5, dim=-1)
+        on_frames = w[probe.first : probe.first + probe.frames]
+        out.append(torch.cat([on_frames, (1 - on_frames.sum()).clamp(min=0)[None]]))
+    return torch.stack(out)
+
+
+def retrieval_target(question: str, family: str, present: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """The clip's frames that answer "yes" or "the first-named kind" (F,) bool, for the two families whose answer
+    is whether such a frame exists: presence (the asked (colour, kind) pair is there) and order (the first-named
+    kind is there while the other has not yet been seen, now or before; the range's first frame shows neither).
+    None for the other families. `present` (F, pairs) and `counts` (F, kinds) are the clip's per-frame truth."""
+    if family == "presence":
+        colour, kind = PRESENCE_RE.fullmatch(question).groups()
+        return present[:, PAIRS.index((colour, kind))] > 0
+    if family == "order":
+        first, second = (KINDS.index(k) for k in ORDER_RE.fullmatch(question).groups())
+        return (counts[:, first] > 0) & ~np.logical_or.accumulate(counts[:, second] > 0)
+    return None
+
+
+def retrieval_loss(probs: torch.Tensor, targets: list[np.ndarray | None]) -> torch.Tensor | None:
+    """-log of the attention mass on the evidence: on the target frames when there are any, else on the rest
+    (prompt and question: nothing in the clip answers yes). Mean over the questions that have a target."""
+    rows = []
+    for p, t in zip(probs, targets, strict=True):
+        if t is None:
+            continue
+        mass = p[:-1][torch.from_numpy(t)].sum() if t.any() else p[-1]
+        rows.append(-torch.log(mass.clamp(min=1e-6)))
+    return torch.stack(rows).mean() if rows else None
 
 
 def seen_targets(counts: np.ndarray) -> torch.Tensor:
@@ -648,6 +712,7 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
     facts = [timeline_facts(v.timeline) for v in videos]
     bank = FusedQuestionBank(model, states)
     seen_things = [np.concatenate([v.probes["counts"], v.probes["present"]], 1) for v in videos]
+    present_now = [v.probes["present"] for v in videos]
     pool = question_pool(videos, tok, rng, per_family=60, max_range=None)
     weights = np.array([FAMILY_WEIGHTS[s.family] for s in pool])
     weights /= weights.sum()
@@ -661,7 +726,7 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
     for step in bar:
         set_lr(opt, step, cfg.stage2_steps, cfg.stage2_lr, warmup=20)
         opt.zero_grad(set_to_none=True)
-        total, side, frames, asked = 0.0, 0.0, 0, 0
+        total, side, retrieval, frames, asked = 0.0, 0.0, 0.0, 0, 0
         for i in rng.choice(len(pool), size=cfg.stage2_batch, replace=False, p=weights):
             s = pool[i]
             extra = more_questions(range_questions(facts[s.video], s.start, s.end), s.question,
@@ -677,24 +742,78 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
             targets = seen_targets(things)
             if cfg.onset_head:
                 targets = torch.cat([targets, onset_targets(things[:, : len(KINDS)])], 1)
+            probe = RetrievalProbe(cfg.retrieval_layer, cfg.retrieval_head, len(p), n) if cfg.retrieval_weight else None
             with mixed(cfg):
-                qa, tapped = clip_questions_forward(model, torch.cat([p, sel.compressed.flatten(0, 1)]), fused,
-                                                    answers)
+                qa, tapped, probs = clip_questions_forward(model, torch.cat([p, sel.compressed.flatten(0, 1)]),
+                                                           fused, answers, probe=probe)
                 at_frames = tapped[len(p) : len(p) + n]
                 seen = F.binary_cross_entropy_with_logits(head(at_frames).float(), targets)
-            loss = (qa.mean() + cfg.seen_weight * seen) / cfg.stage2_batch
-            loss.backward()
+            loss = qa.mean() + cfg.seen_weight * seen
+            if probs is not None:
+                families = [s.family] + [q.family for q in extra]
+                wanted = [retrieval_target(t, f, present_now[s.video][s.start : s.end + 1],
+                                           seen_things[s.video][s.start : s.end + 1, : len(KINDS)])
+                          for t, f in zip(texts, families, strict=True)]
+                found = retrieval_loss(probs, wanted)
+                if found is not None:
+                    loss = loss + cfg.retrieval_weight * found
+                    retrieval += found.item() / cfg.stage2_batch
+            (loss / cfg.stage2_batch).backward()
             total += qa.mean().item() / cfg.stage2_batch
             side += seen.item() / cfg.stage2_batch
             frames += n
             asked += len(texts)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        log({"stage": 2, "step": step, "frames": frames, "questions": asked, "qa": total, "seen": side,
-             "lr": opt.param_groups[0]["lr"], "bank_mb": round(bank.nbytes() / 2**20)})
+        row = {"stage": 2, "step": step, "frames": frames, "questions": asked, "qa": total, "seen": side,
+               "lr": opt.param_groups[0]["lr"], "bank_mb": round(bank.nbytes() / 2**20)}
+        if cfg.retrieval_weight:
+            row["retrieval"] = retrieval
+        log(row)
         bar.set_postfix(qa=f"{total:.3f}", seen=f"{side:.3f}", frames=frames)
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+def stage2_retrieval(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
+    """Stage 2b: stage 2 continued on its own long videos, with the retrieval loss: for presence and order the
+    answer is whether some frame of the clip is evidence (`retrieval_target`), so one head of LLM layer
+    `retrieval_layer` learns to put its attention at the answer position on those frames, or on the prompt
+    when there are none; the rest of the model reads the answer from where it looked. Its own seed and videos,
+    like stage 3, so it runs the same at the end of a full run or alone on trained weights
+    (`--retrieval-only`)."""
+    rng = np.random.default_rng(cfg.seed + 2_500)
+    torch.manual_seed(cfg.seed + 2_500)
+    seeds = [TRAIN_SEED_BASE + cfg.seed * 100_000 + 80_000 + i for i in range(cfg.retrieval_videos)]
+    lo, hi = cfg.long_video_s
+    videos = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
+              for s in tqdm(seeds, desc="rendering stage-2b videos", dynamic_ncols=True)]
+    inner = TrainConfig(**{**asdict(cfg), "stage2_steps": cfg.retrieval_steps, "stage2_lr": cfg.retrieval_lr,
+                           "retrieval_weight": cfg.retrieval_stage_weight})
+    stage2(model, tok, videos, inner, lambda row: log({**row, "stage": "2b"}), rng)
+
+
+def retune_retrieval(model_dir: Path, cfg: TrainConfig) -> Path:
+    """Stage 2b alone on a trained model directory (its LLM weights are rewritten in place)."""
+    from app.models import ModelChoice, open_engine
+    from engine.checkpoint import save_checkpoint
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    spec = DemoSpec(**json.loads((model_dir / "training_config.json").read_text())["spec"])
+    engine = open_engine(ModelChoice(str(model_dir), str(model_dir)))
+    model, tok = engine.model, engine.tokenizer
+    t0 = time.perf_counter()
+    with (model_dir / "training_log.jsonl").open("a") as log_file:
+        def log(row: dict) -> None:
+            row["elapsed_s"] = round(time.perf_counter() - t0, 2)
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+
+        stage2_retrieval(model, tok, cfg, spec, log)
+    model.eval()
+    save_checkpoint(model, tok, model_dir, eos_ids=tuple(generation_eos_ids(tok)))
+    return model_dir
 
 
 # ---- stage 3: search ------------------------------------------------------------------------------------------
@@ -830,6 +949,8 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
             for s in tqdm(seeds(cfg.long_videos, 50_000), desc="rendering long videos", dynamic_ncols=True)]
     stage2(model, tok, long, cfg, log, rng)
     del long
+    if cfg.retrieval_steps:
+        stage2_retrieval(model, tok, cfg, spec, log)
     stage3_search(clip, tok, search_videos(cfg, spec), cfg, log)
     model.eval()
     save_demo(model, clip, tok, out)
@@ -845,22 +966,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("models/vidmini-demo"))
     ap.add_argument("--search-only", action="store_true",
                     help="run only stage 3 (search) on the trained model in --out, rewriting its CLIP pair")
+    ap.add_argument("--retrieval-only", action="store_true",
+                    help="run only stage 2b (retrieval) on the trained model in --out, rewriting its LLM weights")
     defaults = TrainConfig()
-    for name in ("seed", "videos", "long_videos", "stage1_per_family", "stage0_steps", "stage0_batch", "stage1_steps", "qfusion_steps",
+    for name in ("seed", "videos", "long_videos", "retrieval_layer", "retrieval_head", "retrieval_steps",
+                 "retrieval_videos", "stage1_per_family", "stage0_steps", "stage0_batch", "stage1_steps", "qfusion_steps",
                  "stage2_questions",
                  "qfusion_videos", "stage2_steps",
                  "stage1_batch", "stage2_batch", "search_steps", "search_batch", "search_videos", "threads"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "qfusion_lr", "stage2_lr", "seen_weight", "search_lr", "presence_weight", "bag_weight"):
+    for name in ("lr", "qfusion_lr", "stage2_lr", "seen_weight", "search_lr", "presence_weight", "bag_weight",
+                 "retrieval_weight", "retrieval_lr", "retrieval_stage_weight"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training passes")
     ap.add_argument("--onset-head", action="store_true", help="stage 2's frame head also learns kind onsets")
     args = ap.parse_args(argv)
-    for name in ("presence_weight", "bag_weight", "seen_weight"):
+    for name in ("presence_weight", "bag_weight", "seen_weight", "retrieval_weight", "retrieval_stage_weight"):
         if getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "search_only")})
-    path = retune_search(args.out, cfg) if args.search_only else train(args.out, cfg)
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "search_only", "retrieval_only")})
+    if args.search_only:
+        path = retune_search(args.out, cfg)
+    elif args.retrieval_only:
+        path = retune_retrieval(args.out, cfg)
+    else:
+        path = train(args.out, cfg)
     print(f"wrote {path}")
 
 

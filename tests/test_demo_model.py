@@ -119,7 +119,7 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
 
     cfg = dict(videos=4, video_s=(20, 30), long_videos=2, long_video_s=(30, 40), stage0_steps=2, stage0_batch=8,
                stage1_steps=3, qfusion_steps=2, qfusion_videos=4, stage2_steps=2, stage1_batch=4, stage2_batch=2,
-               search_steps=2, search_batch=8, search_videos=2)
+               search_steps=2, search_batch=8, search_videos=2, retrieval_steps=2, retrieval_videos=1)
     a = train(tmp_path / "a", TrainConfig(seed=3, **cfg))
     b = train(tmp_path / "b", TrainConfig(seed=3, **cfg))
     c = train(tmp_path / "c", TrainConfig(seed=4, **cfg))
@@ -127,7 +127,8 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     log = [json.loads(line) for line in (a / "training_log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in log] == [0, 0, 1, 1, 1, "qfusion", "qfusion", 2, 2, 3, 3]
+    assert [r["stage"] for r in log] == [0, 0, 1, 1, 1, "qfusion", "qfusion", 2, 2, "2b", "2b", 3, 3]
+    assert all(r["retrieval"] > 0 for r in log if r["stage"] == "2b")
     assert "held_out" in log[6]  # question fusion's held-out head accuracy after its last step
     assert "held_out" in log[1]  # perception metrics on held-out frames after the last perception step
     loaded = load_checkpoint(a)
@@ -157,6 +158,19 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
         pooled_after = again.model.encode_visual_pooled(pixels)[2]
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))  # patches, compressed: as before
     assert not torch.equal(pooled_before, pooled_after)  # the search embedding did move
+
+    # stage 2b alone (retrieval) on a run without it: the full run's weights, and only the LLM's moved
+    from synth.train import retune_retrieval
+
+    n = train(tmp_path / "n", TrainConfig(seed=3, **{**cfg, "retrieval_steps": 0}))
+    before = load_file(str(n / "model.safetensors"))
+    retune_retrieval(n, TrainConfig(seed=3, **cfg))
+    after = load_file(str(n / "model.safetensors"))
+    assert after.keys() == wa.keys() and all(torch.equal(after[k], wa[k]) for k in wa)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("model.layers.", "model.norm.", "lm_head.")) for k in moved)
+    vn = load_file(str(n / "vision_tower" / "model.safetensors"))
+    assert all(torch.equal(vn[k], va[k]) for k in va)
 
 
 @shipped

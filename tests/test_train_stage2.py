@@ -11,18 +11,23 @@ import torch
 
 from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
 from engine.fusion import mean_over_frames, prefuse_prefix, prefuse_question
+from engine.llama import attention
 from engine.prompt import build_prompt
 from synth.questions import range_questions, timeline_facts
 from synth.train import (
     PAIRS,
     FusedQuestionBank,
     QATokens,
+    RetrievalProbe,
+    answer_attention,
     clip_questions_forward,
     llm_forward,
     load_video,
     more_questions,
     normalize,
     onset_targets,
+    retrieval_loss,
+    retrieval_target,
     seen_targets,
 )
 from synth.world import KINDS, generate_timeline
@@ -52,7 +57,7 @@ def test_shared_clip_pass_equals_one_pass_per_question():
     assert len({len(f) for f in fused}) > 1  # rows of different lengths: the padding is exercised
     params = list(model.model.layers.parameters())
 
-    losses, tapped = clip_questions_forward(model, prefix, fused, answers)
+    losses, tapped, _ = clip_questions_forward(model, prefix, fused, answers)
     shared_grads = torch.autograd.grad(losses.sum(), params)
     one_by_one, grads = [], [torch.zeros_like(p) for p in params]
     for f, a in zip(fused, answers, strict=True):
@@ -161,3 +166,75 @@ def test_order_answers_follow_from_onset_and_seen_before_bits(seed):
             assert q.answer == (kind1 if before[frame, a] else kind2)
             checked += 1
     assert checked >= 5
+
+
+def test_answer_attention_is_the_engines_attention_at_each_answer_position():
+    """With one-hot values (value j = e_j) the engine's attention output is its probability row, so the probe's
+    probabilities can be checked against the real `attention` (GQA, causal, the clip shared by every row)."""
+    torch.manual_seed(0)
+    n, heads, kv_heads, width, length, d = 3, 4, 2, 7, 20, 32
+    queries = torch.randn(n, heads, width, d) * 2
+    keys = torch.randn(n, kv_heads, length + width, d)
+    keys[:, :, :length] = keys[:1, :, :length]  # the clip's keys are the same for every row
+    values = torch.eye(length + width, d).expand(n, kv_heads, -1, -1)
+    out = attention(queries, keys, values, None, causal=True)  # (n, heads, width, d): row i sees length + i + 1
+    last = [6, 3, 4]
+    for head in range(heads):
+        probe = RetrievalProbe(layer=0, head=head, first=5, frames=12)
+        probs = answer_attention(queries, keys, last, length, probe)
+        assert probs.shape == (n, 13)
+        for r, p in enumerate(last):
+            want = out[r, head, p]
+            torch.testing.assert_close(probs[r, :-1], want[5:17])
+            torch.testing.assert_close(probs[r, -1], want.sum() - want[5:17].sum())
+            assert want[length + p + 1 :].abs().max() < 1e-6  # nothing after its own position
+    assert not torch.allclose(answer_attention(queries, keys, last, length, RetrievalProbe(0, 0, 5, 12)),
+                              answer_attention(queries, keys, last, length, RetrievalProbe(0, 2, 5, 12)))
+
+
+def test_retrieval_targets_by_hand():
+    present = np.zeros((5, len(PAIRS)))
+    green_triangle = PAIRS.index(("green", "triangle"))
+    present[[1, 3], green_triangle] = 1
+    got = retrieval_target("Is there a green triangle?", "presence", present, np.zeros((5, 4)))
+    assert got.tolist() == [False, True, False, True, False]
+    counts = np.array([[0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 2]])
+    order = "Which appears first, the {} or the {}?"
+    assert retrieval_target(order.format("square", "circle"), "order", present, counts).tolist() == [
+        False, True, False, False, False]  # the square alone, before any circle
+    assert not retrieval_target(order.format("circle", "square"), "order", present, counts).any()
+    assert retrieval_target(order.format("star", "circle"), "order", present, counts).tolist() == [False] * 5
+    assert retrieval_target(order.format("circle", "star"), "order", present, counts).tolist() == [
+        False, False, True, True, False]
+    assert retrieval_target("What word is shown?", "text", present, counts) is None
+
+
+@pytest.mark.parametrize("seed", [21, 77])
+def test_retrieval_targets_exist_exactly_when_the_answer_is_yes_or_the_first_named_kind(seed):
+    """Checked against `range_questions`' answers, which come from the timeline's events, not the frame truth."""
+    video = load_video(seed, 150, 32)
+    facts = timeline_facts(video.timeline)
+    checked = Counter()
+    for start, length in [(s, n) for s in range(0, 140, 3) for n in (1, 6, 40, 150)]:
+        end = min(149, start + length - 1)
+        present, counts = video.probes["present"][start : end + 1], video.probes["counts"][start : end + 1]
+        for q in range_questions(facts, start, end):
+            target = retrieval_target(q.question, q.family, present, counts)
+            if q.family == "presence":
+                assert target.any() == (q.answer == "yes")
+            elif q.family == "order":
+                first_named = q.question.removeprefix("Which appears first, the ").split(" or ")[0]
+                assert target.any() == (q.answer == first_named)
+            else:
+                assert target is None
+                continue
+            checked[(q.family, bool(target.any()))] += 1
+    assert min(checked.values()) >= 10 and len(checked) == 4
+
+
+def test_retrieval_loss_is_minus_log_mass_on_the_evidence():
+    probs = torch.tensor([[0.1, 0.6, 0.1, 0.2], [0.05, 0.05, 0.1, 0.8], [0.25, 0.25, 0.25, 0.25]])
+    targets = [np.array([False, True, True]), np.array([False, False, False]), None]
+    loss = retrieval_loss(probs, targets)
+    torch.testing.assert_close(loss, -(torch.log(torch.tensor(0.7)) + torch.log(torch.tensor(0.8))) / 2)
+    assert retrieval_loss(probs, [None, None, None]) is None
