@@ -705,6 +705,10 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
     1's output at every frame position learns which kinds are there and which were seen earlier in the clip
     (the step an order question builds on); the families the fused question cannot answer alone are drawn more
     often."""
+    heads, layers = model.config.llama.num_attention_heads, len(model.model.layers)
+    if cfg.retrieval_weight and not (0 <= cfg.retrieval_layer < layers and 0 <= cfg.retrieval_head < heads):
+        raise ValueError(f"retrieval head {cfg.retrieval_head} of layer {cfg.retrieval_layer} does not exist "
+                         f"(the LLM has {layers} layers of {heads} heads)")
     prefix = build_prompt(tok, "").prefix
     model.eval()
     states = encode_states(model, videos, prefix)

@@ -238,3 +238,16 @@ def test_retrieval_loss_is_minus_log_mass_on_the_evidence():
     loss = retrieval_loss(probs, targets)
     torch.testing.assert_close(loss, -(torch.log(torch.tensor(0.7)) + torch.log(torch.tensor(0.8))) / 2)
     assert retrieval_loss(probs, [None, None, None]) is None
+
+
+@shipped
+@pytest.mark.parametrize(("layer", "head"), [(4, 0), (-1, 0), (1, 4)])
+def test_a_retrieval_head_that_does_not_exist_is_refused_before_any_work(layer, head):
+    from synth.train import TrainConfig, stage2
+
+    engine = open_engine(choose_model(str(SHIPPED_MODEL_DIR)))
+    cfg = TrainConfig(retrieval_weight=1.0, retrieval_layer=layer, retrieval_head=head)
+    with pytest.raises(ValueError, match="does not exist"):
+        stage2(engine.model, engine.tokenizer, [], cfg, lambda row: None, np.random.default_rng(0))
+    stage_off = TrainConfig(retrieval_weight=0.0, retrieval_layer=layer, retrieval_head=head, stage2_steps=0)
+    stage2(engine.model, engine.tokenizer, [], stage_off, lambda row: None, np.random.default_rng(0))  # unused: fine
