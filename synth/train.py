@@ -716,7 +716,6 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
     facts = [timeline_facts(v.timeline) for v in videos]
     bank = FusedQuestionBank(model, states)
     seen_things = [np.concatenate([v.probes["counts"], v.probes["present"]], 1) for v in videos]
-    present_now = [v.probes["present"] for v in videos]
     pool = question_pool(videos, tok, rng, per_family=60, max_range=None)
     weights = np.array([FAMILY_WEIGHTS[s.family] for s in pool])
     weights /= weights.sum()
@@ -755,8 +754,7 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
             loss = qa.mean() + cfg.seen_weight * seen
             if probs is not None:
                 families = [s.family] + [q.family for q in extra]
-                wanted = [retrieval_target(t, f, present_now[s.video][s.start : s.end + 1],
-                                           seen_things[s.video][s.start : s.end + 1, : len(KINDS)])
+                wanted = [retrieval_target(t, f, things[:, len(KINDS) :], things[:, : len(KINDS)])
                           for t, f in zip(texts, families, strict=True)]
                 found = retrieval_loss(probs, wanted)
                 if found is not None:
