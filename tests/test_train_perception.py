@@ -3,6 +3,8 @@ targets name exactly the shape each cell holds."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,34 @@ def test_bag_head_reads_only_the_plain_patch_mean_and_is_absent_when_off():
     assert torch.allclose(feats.grad, feats.grad[:, :1].expand_as(feats.grad))  # every patch gets the same gradient
     off = ProbeHeads(32, cells)
     assert not hasattr(off, "bag") and off.bag_loss(feats, present).item() == 0.0
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 fma avx avx2\n", False),  # this project's AMD EPYC, 2026-12-02
+    ("flags\t\t: avx2 avx512f avx512bw avx512_bf16\n", True),
+    ("flags\t\t: avx2 amx_bf16 amx_tile\n", True),
+    ("processor\t: 0\nmodel name\t: something\n", None),  # no flags line: unknown, not "no"
+])
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, expected):
+    from synth.train import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(cpuinfo) is expected
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_before_any_work(monkeypatch, tmp_path):
+    import synth.train as train_mod
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_args, **_kwargs):
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(train_mod, "build_tokenizer", stop)
+    with pytest.warns(UserWarning, match="emulated"), pytest.raises(Stop):
+        train_mod.train(tmp_path / "m", train_mod.TrainConfig(bf16=True))
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    with pytest.raises(Stop), warnings.catch_warnings():  # no warning where bfloat16 is native
+        warnings.simplefilter("error")
+        train_mod.train(tmp_path / "m2", train_mod.TrainConfig(bf16=True))
