@@ -243,8 +243,10 @@ def save_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     include_vision: bool = False,
     eos_ids: tuple[int, ...] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the reference layout: config.json, safetensors shards + index, tokenizer, generation config."""
+    """Write the reference layout: config.json, safetensors shards + index, tokenizer, generation config.
+    `dtype`: store floating-point weights in it (the loader casts to the dtype it runs in)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -255,6 +257,8 @@ def save_checkpoint(
     embed = state.get("model.embed_tokens.weight")
     if embed is not None and "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == embed.data_ptr():
         del state["lm_head.weight"]  # tied: the reference layout stores the embedding once
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():

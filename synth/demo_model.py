@@ -135,6 +135,18 @@ def _init_(model: LlavaMiniModel, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
 
 
+STORED_DTYPE = torch.float16  # the LLaVA-Mini weights on disk (the engine loads them into its own dtype)
+
+
+@torch.no_grad()
+def round_to_stored(model: LlavaMiniModel) -> None:
+    """Round the weights `save_demo` writes to what the file holds, so a stage that continues from them in
+    memory computes what it computes after a save and a load (`--retrieval-only`, `--binding-only`)."""
+    for name, p in model.named_parameters():
+        if not name.startswith("model.vision_tower.") and p.is_floating_point():
+            p.copy_(p.to(STORED_DTYPE).to(p.dtype))
+
+
 def save_demo(model: LlavaMiniModel, clip: CLIPModel, tok: PreTrainedTokenizerFast, directory: str | Path
               ) -> Path:
     """The reference layout: LLaVA-Mini weights at the root, the CLIP pair (+ processor, tokenizer for the
@@ -145,5 +157,5 @@ def save_demo(model: LlavaMiniModel, clip: CLIPModel, tok: PreTrainedTokenizerFa
     clip.save_pretrained(str(vision_dir))
     make_image_processor(clip.config.vision_config.image_size).save_pretrained(str(vision_dir))
     tok.save_pretrained(str(vision_dir))
-    save_checkpoint(model, tok, directory, eos_ids=tuple(generation_eos_ids(tok)))
+    save_checkpoint(model, tok, directory, eos_ids=tuple(generation_eos_ids(tok)), dtype=STORED_DTYPE)
     return directory

@@ -197,11 +197,12 @@ def build_prefix_cache(model: LlavaMiniModel, feats: torch.Tensor, prefix_ids: t
                        torch.arange(s), s, feats.shape[1])
 
 
-def fuse_questions(model: LlavaMiniModel, cache: PrefixCache, frames: torch.Tensor, qids: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_questions(model: LlavaMiniModel, cache: PrefixCache, frames: torch.Tensor, qids: torch.Tensor,
+                   tap: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Question tokens (one row of `qids` per frame, equal lengths) through every pre-fusion layer against the
     frames' states (the same positions and masks as `prefuse_question`), with gradients into the new last layer
-    and the embeddings. Returns the fused question (B, T, d) and the new c' (B, d)."""
+    and the embeddings. Returns the fused question (B, T, d), the new c' (B, d) and, with `tap`, that head's
+    attention probabilities in the new layer from each question token (B, T, prefix + T)."""
     layers = model.model.prefusion_layers
     frozen = len(layers) - 1
     b, t = qids.shape
@@ -224,16 +225,22 @@ def fuse_questions(model: LlavaMiniModel, cache: PrefixCache, frames: torch.Tens
     pv = attn.v_proj(h).view(b, s, -1, d).transpose(1, 2)
     _, pk = apply_rotary_pos_emb(pk, pk, pcos, psin)
     q, k, v = project_qkv(last, x, cos, sin)
-    out = finish_layer(last, x, attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), mask, causal=False))
+    keys = torch.cat([pk, k], 2)
+    out = finish_layer(last, x, attention(q, keys, torch.cat([pv, v], 2), mask, causal=False))
+    probs = None
+    if tap is not None:
+        kv = tap // (q.shape[1] // keys.shape[1])
+        scores = q[:, tap] @ keys[:, kv].transpose(-1, -2) / math.sqrt(d)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     qc = attn.q_proj(h[:, ci : ci + 1]).view(b, 1, -1, d).transpose(1, 2)
     qc, _ = apply_rotary_pos_emb(qc, qc, pcos[:, ci : ci + 1], psin[:, ci : ci + 1])
     c_att = attention(qc, pk[:, :, : ci + 1], pv[:, :, : ci + 1], None, causal=False)
     c_new = finish_layer(last, pre[:, ci : ci + 1], c_att)[:, 0]
-    return out, c_new
+    return out, c_new, probs
 
 
 class Heads(torch.nn.Module):
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, route: bool = False) -> None:
         super().__init__()
         self.frame = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 39))
         self.bag = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 38))
@@ -241,6 +248,11 @@ class Heads(torch.nn.Module):
         # and over a bag, the colours the kind has in any of its frames
         self.kind_frame = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 6 + 7 + 1))
         self.kind_bag = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, 6 + 1))
+        # at the kind word of a presence question: the ASKED colour, which only the colour word before it holds —
+        # the kind word must look there to compute "is the asked colour on this kind" (built only when used, so
+        # the recipes without it draw the same random numbers)
+        self.route = torch.nn.Sequential(torch.nn.RMSNorm(hidden), torch.nn.Linear(hidden, len(COLOURS))) if route \
+            else None
 
 
 def family_loss(logits: torch.Tensor, family: str, target: torch.Tensor, slices: dict) -> torch.Tensor:
@@ -338,6 +350,9 @@ class QFusionConfig:
     every: int = 100
     embed_scale: float = 40.0  # question-only embedding rows start this much larger (pre-fusion drowns them)
     embed_lr_mult: float = 10.0
+    route_weight: float = 0.0  # the asked-colour head at a presence question's kind word (0: no such head)
+    route_attention_weight: float = 0.0  # head `route_head` of the new layer looks from that kind word at the colour
+    route_head: int = 0
 
 
 @torch.no_grad()
@@ -365,7 +380,7 @@ class QuestionFusion:
             cache = build_prefix_cache(model, feats, prefix, frozen)
             offsets = np.cumsum([0] + [len(v.pixels) for v in vids])
             self.sets[name] = (cache, offsets, [FrameFacts.from_probes(v.probes) for v in vids])
-        self.heads = Heads(model.config.llama.hidden_size)
+        self.heads = Heads(model.config.llama.hidden_size, route=cfg.route_weight > 0)
         self.qids: dict[Ask, torch.Tensor] = {}
         self.kind_pos: dict[Ask, list[tuple[int, int]]] = {}
         last = model.model.prefusion_layers[-1]
@@ -415,7 +430,7 @@ class QuestionFusion:
                 for pos, k in positions:
                     asked = int(facts[v].pairs[f, ask.a, k]) if family == "presence" else -1
                     kinds.append((len(rows), pos, k, j, facts[v].pairs[f, :, k].astype(np.float32),
-                                  int(facts[v].counts[f, k]), asked))
+                                  int(facts[v].counts[f, k]), asked, ask.a if family == "presence" else -100))
                 rows.append(offsets[v] + f)
                 qids.append(ids)
                 ftargets.append(p + (-1,) * (2 - len(p)))
@@ -434,19 +449,23 @@ class QuestionFusion:
                     bt=torch.tensor(btargets), by_len=by_len, kinds=kinds, kind_bags=kind_bags, bags=bags)
 
     def forward(self, cache, rows, qids, by_len):
-        """Fused question tokens per frame (list of (T, d)) and the new c' (B, d), in the order of `rows`."""
+        """Fused question tokens per frame (list of (T, d)), the new c' (B, d) and, when the route head's
+        attention is trained, its attention per frame (list of (T, prefix + T)), in the order of `rows`."""
         out = [None] * len(rows)
         cs = [None] * len(rows)
+        attn = [None] * len(rows)
+        tap = self.cfg.route_head if self.cfg.route_attention_weight else None
         for _, idx in by_len.items():
             q = torch.stack([qids[i] for i in idx])
-            fused, c_new = fuse_questions(self.model, cache, rows[idx], q)
+            fused, c_new, probs = fuse_questions(self.model, cache, rows[idx], q, tap=tap)
             for j, i in enumerate(idx):
                 out[i], cs[i] = fused[j], c_new[j]
-        return out, torch.stack(cs)
+                attn[i] = None if probs is None else probs[j]
+        return out, torch.stack(cs), attn
 
     def losses(self, which: str, family: str, bags: int, rng: np.random.Generator) -> dict:
         b = self.batch(which, family, bags, rng)
-        fused, c_new = self.forward(b["cache"], b["rows"], b["qids"], b["by_len"])
+        fused, c_new, attn = self.forward(b["cache"], b["rows"], b["qids"], b["by_len"])
         last = torch.stack([t[-1] for t in fused])
         w = b["w"]
         mean = torch.zeros(bags, last.shape[1]).index_add(0, b["bag_of"], last * w[:, None])
@@ -465,6 +484,11 @@ class QuestionFusion:
                                  torch.tensor([k[5] for k in b["kinds"]]),
                                  torch.tensor([k[6] for k in b["kinds"]], dtype=torch.float32))
             out["kind_bag"] = (self.heads.kind_bag(kmean), torch.tensor(np.stack([b["kind_bags"][k] for k in keys])))
+            if self.heads.route is not None:
+                out["route"] = (self.heads.route(states), torch.tensor([k[7] for k in b["kinds"]]))
+            if family == "presence" and attn[0] is not None:  # the colour word is the token before the kind word
+                s = b["cache"].next_position
+                out["route_attention"] = torch.stack([attn[r][pos, s + pos - 1] for r, pos, *_ in b["kinds"]])
         return out
 
     def loss(self, family: str, parts: dict) -> torch.Tensor:
@@ -481,6 +505,10 @@ class QuestionFusion:
             total = total + self.cfg.bag_weight * F.binary_cross_entropy_with_logits(logits[:, :6], bits[:, :6])
             if family == "presence":
                 total = total + self.cfg.bag_weight * F.binary_cross_entropy_with_logits(logits[:, 6], bits[:, 6])
+            if family == "presence" and "route" in parts:
+                total = total + self.cfg.route_weight * F.cross_entropy(*parts["route"])
+            if "route_attention" in parts:
+                total = total - self.cfg.route_attention_weight * parts["route_attention"].clamp(min=1e-6).log().mean()
         return total
 
     def step(self, step: int) -> dict:
@@ -520,13 +548,18 @@ class QuestionFusion:
                 if family == "presence":
                     res.append(round(((parts["kind_frame"][0][:, 13] > 0).float() == asked).float().mean().item(), 3))
                     res.append(round(((logits[:, 6] > 0).float() == bits[:, 6]).float().mean().item(), 3))
+                    if "route" in parts:
+                        logits, colour = parts["route"]
+                        res.append(round((logits.argmax(1) == colour).float().mean().item(), 3))
+                    if "route_attention" in parts:
+                        res.append(round(parts["route_attention"].mean().item(), 3))
             out[family] = tuple(res)
             out["keep"] = round(parts["keep"].item(), 4)
         return out
 
 
 def run_question_fusion(model: LlavaMiniModel, tok, videos: list, held: list, normalize, cfg: QFusionConfig,
-                        rng: np.random.Generator, log=lambda row: None) -> None:
+                        rng: np.random.Generator, log=lambda row: None, name: str = "qfusion") -> None:
     stage = QuestionFusion(model, tok, videos, held, normalize, cfg, rng)
     tqdm.write(f"question fusion step 0: held-out (frame, bag) accuracy {stage.evaluate()}")
     bar = tqdm(range(cfg.steps), desc="question fusion", dynamic_ncols=True)
@@ -535,6 +568,6 @@ def run_question_fusion(model: LlavaMiniModel, tok, videos: list, held: list, no
         if (step + 1) % cfg.every == 0 or step + 1 == cfg.steps:
             row["held_out"] = stage.evaluate()
             tqdm.write(f"question fusion step {step + 1}: held-out (frame, bag) accuracy {row['held_out']}")
-        log({"stage": "qfusion", "step": step, **row})
+        log({"stage": name, "step": step, **row})
         bar.set_postfix(loss=row["loss"])
     stage.close()

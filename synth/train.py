@@ -17,13 +17,19 @@ mean over a clip's frames is what `prefuse_question` gives) — the numbers the 
 asked several questions over one LLM pass of its frames (the mask is causal: the product's KV cache, with
 gradients). A side head at the frame positions learns which kinds and which (colour, kind) pairs are there and
 were seen earlier in the clip (what "which appears first" and "is there" build on).
+Binding (a fourth pre-fusion layer, question fusion again on top of the third, then stage 2 continued as "2c"):
+in "Is there a green triangle?" the word "triangle" reads the triangles' colours from the patches, but nothing
+before it brings "green" there; one head of the new layer is told to look from the kind word at the word before
+it, so "is the asked colour on this kind" becomes a per-frame fact at the kind word (`stage_binding`).
 Stage 3 (search): the vision tower's last layer (LLaVA-Mini reads the one before it), the projections and the
 text tower, tuned for text → frame retrieval on frames cached up to that layer; no answer changes.
 
-  python -m synth.train --out models/vidmini-demo            # the shipped weights (~52 min on 2 cores)
+  python -m synth.train --out models/vidmini-demo            # the shipped weights (~77 min on 2 cores)
   python -m synth.train --out models/vidmini-demo --search-only   # stage 3 alone on trained weights (~11 min)
+  python -m synth.train --out DIR --binding-only              # binding + 2c alone on a run without it (~26 min)
   python -m synth.train --out /tmp/m --videos 20 --long-videos 2 --stage0-steps 20 --stage1-steps 20 \
-      --qfusion-steps 10 --qfusion-videos 20 --stage2-steps 10 --search-steps 10 --search-videos 4  # smoke run
+      --qfusion-steps 10 --qfusion-videos 20 --stage2-steps 10 --search-steps 10 --search-videos 4 \
+      --binding-steps 10 --binding-videos 10 --binding-stage2-steps 10  # smoke run
 """
 
 from __future__ import annotations
@@ -55,7 +61,14 @@ from engine.model import LlavaMiniModel
 from engine.prompt import build_prompt
 from engine.tokenizer_tiny import generation_eos_ids
 from engine.vision import resize_nearest
-from synth.demo_model import DemoSpec, build_demo_model, build_tokenizer, save_demo
+from synth.demo_model import (
+    STORED_DTYPE,
+    DemoSpec,
+    build_demo_model,
+    build_tokenizer,
+    round_to_stored,
+    save_demo,
+)
 from synth.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion
 from synth.questions import ORDER_RE, PRESENCE_RE, Question, make_questions, range_questions, timeline_facts
 from synth.render import render_samples
@@ -106,6 +119,9 @@ class TrainConfig:
     retrieval_videos: int = 36
     retrieval_lr: float = 3e-4
     retrieval_stage_weight: float = 1.0
+    binding_steps: int = 1000  # a second question-fusion layer where a presence question's kind word reads its
+    binding_videos: int = 1500  # colour word (0: none), then stage 2 continued for `binding_stage2_steps` ("2c")
+    binding_stage2_steps: int = 800
     bf16: bool = False  # bfloat16 autocast for the training passes (weights and optimizer stay float32)
     threads: int = 0
 
@@ -800,6 +816,7 @@ def stage2_retrieval(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
     when there are none; the rest of the model reads the answer from where it looked. Its own seed and videos,
     like stage 3, so it runs the same at the end of a full run or alone on trained weights
     (`--retrieval-only`)."""
+    round_to_stored(model)
     rng = np.random.default_rng(cfg.seed + 2_500)
     torch.manual_seed(cfg.seed + 2_500)
     seeds = [TRAIN_SEED_BASE + cfg.seed * 100_000 + 80_000 + i for i in range(cfg.retrieval_videos)]
@@ -811,14 +828,45 @@ def stage2_retrieval(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
     stage2(model, tok, videos, inner, lambda row: log({**row, "stage": "2b"}), rng)
 
 
-def retune_retrieval(model_dir: Path, cfg: TrainConfig) -> Path:
-    """Stage 2b alone on a trained model directory (its LLM weights are rewritten in place)."""
+def stage_binding(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
+    """Binding: "Is there a green triangle?" needs "green" at the word "triangle", which reads the triangles'
+    colours from the patches — and no frozen layer carries it there (linear probes: the asked colour is readable
+    at the colour word, barely at the kind word). So a further pre-fusion layer is added as the identity and
+    trained like question fusion, everything before it frozen and cached, with one head of it told to look
+    from the kind word at the word before it and a head on the kind word that must name the asked colour; the
+    kind word's "is the asked colour on this kind" heads (per frame, over bags) then have both facts in one
+    place. Then stage 2 continues on the new fused questions ("2c"). Its own seed and videos, so
+    `--binding-only` on trained weights gives what a full run ends with."""
+    round_to_stored(model)
+    rng = np.random.default_rng(cfg.seed + 2_700)
+    torch.manual_seed(cfg.seed + 2_700)
+    base = TRAIN_SEED_BASE + cfg.seed * 100_000
+    lo, hi = cfg.video_s
+    short = [load_video(base + 60_000 + i, int(rng.integers(lo, hi + 1)), spec.image_size)
+             for i in tqdm(range(cfg.binding_videos), desc="rendering binding videos", dynamic_ncols=True)]
+    held = [load_video(base + 90_000 + i, 60, spec.image_size) for i in range(3)]
+    add_prefusion_layer(model)
+    run_question_fusion(model, tok, short, held, normalize,
+                        QFusionConfig(steps=cfg.binding_steps, lr=cfg.qfusion_lr, every=200, embed_scale=1.0,
+                                      embed_lr_mult=1.0, route_weight=1.0, route_attention_weight=1.0),
+                        rng, log, name="binding")
+    del short
+    lo, hi = cfg.long_video_s
+    long = [load_video(base + 85_000 + i, int(rng.integers(lo, hi + 1)), spec.image_size)
+            for i in tqdm(range(cfg.long_videos), desc="rendering stage-2c videos", dynamic_ncols=True)]
+    inner = TrainConfig(**{**asdict(cfg), "stage2_steps": cfg.binding_stage2_steps})
+    stage2(model, tok, long, inner, lambda row: log({**row, "stage": "2c"}), rng)
+
+
+def retune_llm(model_dir: Path, cfg: TrainConfig, stage) -> Path:
+    """One of the late stages (2b or binding) alone on a trained model directory, rewritten in place."""
     from app.models import ModelChoice, open_engine
     from engine.checkpoint import save_checkpoint
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    spec = DemoSpec(**json.loads((model_dir / "training_config.json").read_text())["spec"])
+    record = json.loads((model_dir / "training_config.json").read_text())
+    spec = DemoSpec(**record["spec"])
     engine = open_engine(ModelChoice(str(model_dir), str(model_dir)))
     model, tok = engine.model, engine.tokenizer
     t0 = time.perf_counter()
@@ -828,9 +876,14 @@ def retune_retrieval(model_dir: Path, cfg: TrainConfig) -> Path:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
 
-        stage2_retrieval(model, tok, cfg, spec, log)
+        stage(model, tok, cfg, spec, log)
     model.eval()
-    save_checkpoint(model, tok, model_dir, eos_ids=tuple(generation_eos_ids(tok)))
+    save_checkpoint(model, tok, model_dir, eos_ids=tuple(generation_eos_ids(tok)), dtype=STORED_DTYPE)
+    # the recipe the weights now come from (a full run with these settings gives them) and what each run took
+    record["continued"] = [*record.get("continued", []), {"stage": stage.__name__, "seconds": round(
+        time.perf_counter() - t0, 1), "torch": torch.__version__}]
+    record["train"] = {**record["train"], **asdict(cfg)}
+    (model_dir / "training_config.json").write_text(json.dumps(record, indent=2))
     return model_dir
 
 
@@ -972,6 +1025,8 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     del long
     if cfg.retrieval_steps:
         stage2_retrieval(model, tok, cfg, spec, log)
+    if cfg.binding_steps:
+        stage_binding(model, tok, cfg, spec, log)
     stage3_search(clip, tok, search_videos(cfg, spec), cfg, log)
     model.eval()
     save_demo(model, clip, tok, out)
@@ -989,8 +1044,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="run only stage 3 (search) on the trained model in --out, rewriting its CLIP pair")
     ap.add_argument("--retrieval-only", action="store_true",
                     help="run only stage 2b (retrieval) on the trained model in --out, rewriting its LLM weights")
+    ap.add_argument("--binding-only", action="store_true",
+                    help="run only the binding stage (+ stage 2c) on the trained model in --out, rewriting it")
     defaults = TrainConfig()
-    for name in ("seed", "videos", "long_videos", "retrieval_layer", "retrieval_head", "retrieval_steps",
+    for name in ("seed", "videos", "long_videos", "binding_steps", "binding_videos", "binding_stage2_steps",
+                 "retrieval_layer", "retrieval_head", "retrieval_steps",
                  "retrieval_videos", "stage1_per_family", "stage0_steps", "stage0_batch", "stage1_steps", "qfusion_steps",
                  "stage2_questions",
                  "qfusion_videos", "stage2_steps",
@@ -1005,11 +1063,21 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("presence_weight", "bag_weight", "seen_weight", "retrieval_weight", "retrieval_stage_weight"):
         if getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "search_only", "retrieval_only")})
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items()
+                         if k not in ("out", "search_only", "retrieval_only", "binding_only")})
     if args.search_only:
         path = retune_search(args.out, cfg)
     elif args.retrieval_only:
-        path = retune_retrieval(args.out, cfg)
+        path = retune_llm(args.out, cfg, stage2_retrieval)
+    elif args.binding_only:
+        if not cfg.binding_steps:
+            ap.error("--binding-only needs --binding-steps N (N > 0)")
+        record = json.loads((args.out / "training_config.json").read_text())
+        layers = json.loads((args.out / "config.json").read_text())["prefusion_layer_num"]
+        if layers != record["spec"]["prefusion_layers"] + 1:
+            ap.error(f"{args.out} has {layers} pre-fusion layers: it already went through binding (a run without "
+                     f"it has {record['spec']['prefusion_layers'] + 1})")
+        path = retune_llm(args.out, cfg, stage_binding)
     else:
         path = train(args.out, cfg)
     print(f"wrote {path}")

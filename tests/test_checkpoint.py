@@ -545,3 +545,20 @@ def test_tied_embeddings_save_round_trip(tied, tmp_path):
     shutil.copytree(tied / "vision_tower", out / "vision_tower")
     again = load_checkpoint(out)
     assert torch.equal(again.model.lm_head.weight, embed)
+
+
+def test_save_in_half_precision_stores_rounded_weights_and_keeps_ties(tied, tmp_path):
+    """`save_checkpoint(dtype=...)` (the demo model's 30 MB budget): every floating tensor on disk in that dtype, the
+    fp32 load gives exactly the rounded weights, and a tied embedding is still stored once."""
+    loaded = load_checkpoint(tied)
+    out = save_checkpoint(loaded.model, loaded.tokenizer, tmp_path / "half", dtype=torch.float16)
+    shutil.copytree(tied / "vision_tower", out / "vision_tower")
+    on_disk = weights(out)
+    assert on_disk and all(v.dtype == torch.float16 for v in on_disk.values())
+    assert "lm_head.weight" not in on_disk
+    again = load_checkpoint(out)
+    originals = dict(loaded.model.named_parameters())
+    for k, v in on_disk.items():
+        assert torch.equal(dict(again.model.named_parameters())[k], originals[k].half().float()), k
+    assert torch.equal(again.model.lm_head.weight, again.model.model.embed_tokens.weight)
+    assert not torch.equal(again.model.model.embed_tokens.weight, loaded.model.model.embed_tokens.weight)

@@ -119,7 +119,8 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
 
     cfg = dict(videos=4, video_s=(20, 30), long_videos=2, long_video_s=(30, 40), stage0_steps=2, stage0_batch=8,
                stage1_steps=3, qfusion_steps=2, qfusion_videos=4, stage2_steps=2, stage1_batch=4, stage2_batch=2,
-               search_steps=2, search_batch=8, search_videos=2, retrieval_steps=2, retrieval_videos=1)
+               search_steps=2, search_batch=8, search_videos=2, retrieval_steps=2, retrieval_videos=1, binding_steps=2,
+               binding_videos=2, binding_stage2_steps=2)
     a = train(tmp_path / "a", TrainConfig(seed=3, **cfg))
     b = train(tmp_path / "b", TrainConfig(seed=3, **cfg))
     c = train(tmp_path / "c", TrainConfig(seed=4, **cfg))
@@ -127,13 +128,15 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     log = [json.loads(line) for line in (a / "training_log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in log] == [0, 0, 1, 1, 1, "qfusion", "qfusion", 2, 2, "2b", "2b", 3, 3]
+    assert [r["stage"] for r in log] == [0, 0, 1, 1, 1, "qfusion", "qfusion", 2, 2, "2b", "2b", "binding", "binding",
+                                         "2c", "2c", 3, 3]
+    assert all("held_out" in r for r in log if r["stage"] == "binding")
     assert all(r["retrieval"] > 0 for r in log if r["stage"] == "2b")
     assert "held_out" in log[6]  # question fusion's held-out head accuracy after its last step
     assert "held_out" in log[1]  # perception metrics on held-out frames after the last perception step
     loaded = load_checkpoint(a)
     assert loaded.model.config.extra.get("vidmini_demo") is True
-    assert loaded.model.config.prefusion_layer_num == 3  # question fusion added the last pre-fusion layer
+    assert loaded.model.config.prefusion_layer_num == 4  # question fusion and binding each added one
     assert torch.equal(loaded.model.lm_head.weight, wa["lm_head.weight"])
 
     # stage 3 alone (search) on a copy: same weights as in the full run, and nothing an answer reads changes
@@ -159,16 +162,22 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))  # patches, compressed: as before
     assert not torch.equal(pooled_before, pooled_after)  # the search embedding did move
 
-    # stage 2b alone (retrieval) on a run without it: the full run's weights, and only the LLM's moved
-    from synth.train import retune_retrieval
+    # stage 2b (retrieval), then binding (+ 2c), alone on a run without them: the full run's weights; 2b moves only
+    # the LLM, binding adds the fourth pre-fusion layer
+    from synth.train import retune_llm, stage2_retrieval, stage_binding
 
-    n = train(tmp_path / "n", TrainConfig(seed=3, **{**cfg, "retrieval_steps": 0}))
+    n = train(tmp_path / "n", TrainConfig(seed=3, **{**cfg, "retrieval_steps": 0, "binding_steps": 0}))
+    assert load_checkpoint(n).model.config.prefusion_layer_num == 3
     before = load_file(str(n / "model.safetensors"))
-    retune_retrieval(n, TrainConfig(seed=3, **cfg))
+    retune_llm(n, TrainConfig(seed=3, **cfg), stage2_retrieval)
+    mid = load_file(str(n / "model.safetensors"))
+    moved = {k for k in before if not torch.equal(before[k], mid[k])}
+    assert moved and all(k.startswith(("model.layers.", "model.norm.", "lm_head.")) for k in moved)
+    retune_llm(n, TrainConfig(seed=3, **cfg), stage_binding)
     after = load_file(str(n / "model.safetensors"))
     assert after.keys() == wa.keys() and all(torch.equal(after[k], wa[k]) for k in wa)
-    moved = {k for k in before if not torch.equal(before[k], after[k])}
-    assert moved and all(k.startswith(("model.layers.", "model.norm.", "lm_head.")) for k in moved)
+    assert set(after) - set(mid) and all(k.startswith("model.prefusion_layers.3.") for k in set(after) - set(mid))
+    assert all(v.dtype == torch.float16 for v in after.values())  # the demo stores its weights in half precision
     vn = load_file(str(n / "vision_tower" / "model.safetensors"))
     assert all(torch.equal(vn[k], va[k]) for k in va)
 
@@ -217,3 +226,19 @@ def test_training_pixels_equal_the_engines_preprocessing():
     engine = preprocess_frames(frames, make_image_processor(80))[:, 0]
     assert ours.shape == engine.shape == (4, 3, 80, 80)
     assert torch.allclose(ours, engine, atol=1e-5)
+
+
+@shipped
+def test_binding_only_refuses_a_model_that_already_has_the_binding_layer(tmp_path, capsys):
+    """`--binding-only` twice would stack a fifth pre-fusion layer on the shipped weights: it stops first."""
+    import shutil
+
+    from synth.train import main
+
+    target = tmp_path / "m"
+    shutil.copytree(SHIPPED_MODEL_DIR, target)
+    before = (target / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["--out", str(target), "--binding-only"])
+    assert "already went through binding" in capsys.readouterr().err
+    assert (target / "model.safetensors").read_bytes() == before

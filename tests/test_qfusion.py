@@ -81,7 +81,7 @@ def test_cached_training_path_equals_the_engines_prefusion(demo):
             ids = question_ids(tok, ask)
             rows = torch.arange(len(video.pixels))
             with torch.no_grad():
-                fused, c_new = fuse_questions(model, cache, rows, ids[None].expand(len(rows), -1))
+                fused, c_new, _ = fuse_questions(model, cache, rows, ids[None].expand(len(rows), -1))
             for f in range(len(rows)):
                 want = prefuse_question(model, states.select([f]), ids)
                 scale = want.abs().max().item()
@@ -91,6 +91,59 @@ def test_cached_training_path_equals_the_engines_prefusion(demo):
                 assert err.max().item() < 3e-3 * scale and err.mean().item() < 3e-4 * scale
             scale = states.compressed.abs().max().item()
             assert (c_new - states.compressed[:, 0]).abs().max().item() < 1e-3 * scale
+    finally:
+        del model.model.prefusion_layers[-1]
+        model.config.prefusion_layer_num = len(model.model.prefusion_layers)
+
+
+@shipped
+def test_route_head_attention_is_the_new_layers_own_and_the_colour_word_precedes_the_kind(demo, monkeypatch):
+    """The binding stage trains one head of the new layer to look from a presence question's kind word at the word
+    before it: the probabilities it trains are the ones the layer's attention uses (checked through the attention
+    function itself, with one-hot values), and the word before the kind word is the asked colour in every
+    presence question."""
+    import synth.qfusion as qf
+
+    model, tok = demo
+    for c in range(len(COLOURS)):
+        for k in range(len(KINDS)):
+            ids = question_ids(tok, Ask("presence", c, k))
+            [(pos, kind)] = kind_positions(tok, ids)
+            assert kind == k and tok.decode([int(ids[pos - 1])]).strip() == COLOURS[c]
+    video = load_video(778, 3, model.vision.vision_tower.config.image_size)
+    try:
+        layer = add_prefusion_layer(model)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        feats = tower_features(model, [video.pixels], normalize)
+        cache = build_prefix_cache(model, feats, build_prompt(tok, "").prefix,
+                                   frozen=len(model.model.prefusion_layers) - 1)
+        calls = []
+        real = qf.attention
+
+        def spy(q, k, v, mask, causal):
+            calls.append((q, k, mask))
+            return real(q, k, v, mask, causal=causal)
+
+        monkeypatch.setattr(qf, "attention", spy)
+        ids = question_ids(tok, Ask("presence", 2, 1))
+        rows = torch.arange(len(video.pixels))
+        heads, kv_heads = model.config.llama.num_attention_heads, model.config.llama.num_key_value_heads
+        for head in (0, heads - 1):
+            calls.clear()
+            with torch.no_grad():
+                _, _, probs = fuse_questions(model, cache, rows, ids[None].expand(len(rows), -1), tap=head)
+            q, k, mask = calls[-2]  # the new layer over the question (the last call is c's own query)
+            n = k.shape[2]
+            kv = head // (heads // kv_heads)
+            onehot = torch.eye(n).expand(len(rows), 1, n, n)
+            want = real(q[:, head : head + 1], k[:, kv : kv + 1], onehot, mask, causal=False)[:, 0]
+            assert probs.shape == want.shape == (len(rows), len(ids), n)
+            torch.testing.assert_close(probs, want, rtol=0, atol=1e-5)
+            assert torch.allclose(probs.sum(-1), torch.ones(len(rows), len(ids)))
+            assert probs[:, 0, cache.next_position + 1 :].abs().max() == 0  # causal within the question
     finally:
         del model.model.prefusion_layers[-1]
         model.config.prefusion_layer_num = len(model.model.prefusion_layers)
