@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"separable: any threshold in ({blank_p.max():.3f}, {word_p.min():.3f}]")
     else:
         print(f"not separable: {int((blank_p >= word_p.min()).sum())} blank frames at or above the lowest word frame")
+    print("highest blank frames:", " ".join(f"{p:.3f}" for p in np.sort(blank_p)[::-1][:5]),
+          "| lowest word frames:", " ".join(f"{p:.3f}" for p in np.sort(word_p)[:5]))
 
 
 if __name__ == "__main__":

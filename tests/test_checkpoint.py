@@ -557,8 +557,8 @@ def test_save_in_half_precision_stores_rounded_weights_and_keeps_ties(tied, tmp_
     assert on_disk and all(v.dtype == torch.float16 for v in on_disk.values())
     assert "lm_head.weight" not in on_disk
     again = load_checkpoint(out)
-    originals = dict(loaded.model.named_parameters())
+    originals, reloaded = dict(loaded.model.named_parameters()), dict(again.model.named_parameters())
     for k, v in on_disk.items():
-        assert torch.equal(dict(again.model.named_parameters())[k], originals[k].half().float()), k
+        assert torch.equal(reloaded[k], originals[k].half().float()) and torch.equal(reloaded[k], v.float()), k
     assert torch.equal(again.model.lm_head.weight, again.model.model.embed_tokens.weight)
     assert not torch.equal(again.model.model.embed_tokens.weight, loaded.model.model.embed_tokens.weight)
