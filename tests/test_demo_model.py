@@ -130,7 +130,7 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     log = [json.loads(line) for line in (a / "training_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == [0, 0, 1, 1, 1, "qfusion", "qfusion", 2, 2, "2b", "2b", "binding", "binding",
                                          "2c", "2c", 3, 3]
-    assert all("held_out" in r for r in log if r["stage"] == "binding")
+    assert "held_out" in [r for r in log if r["stage"] == "binding"][-1]  # its held-out heads after its last step
     assert all(r["retrieval"] > 0 for r in log if r["stage"] == "2b")
     assert "held_out" in log[6]  # question fusion's held-out head accuracy after its last step
     assert "held_out" in log[1]  # perception metrics on held-out frames after the last perception step
