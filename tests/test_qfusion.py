@@ -59,6 +59,15 @@ def test_added_layer_starts_as_the_identity(demo):
         model.config.prefusion_layer_num = len(model.model.prefusion_layers)
 
 
+def add_layer_off_identity(model, seed: int) -> None:
+    """An added pre-fusion layer moved off the identity (random small offsets), so it changes the numbers."""
+    layer = add_prefusion_layer(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
 @shipped
 def test_cached_training_path_equals_the_engines_prefusion(demo):
     """With the new layer moved off the identity, the stage's cached computation gives each frame's fused question
@@ -67,11 +76,7 @@ def test_cached_training_path_equals_the_engines_prefusion(demo):
     size = model.vision.vision_tower.config.image_size
     video = load_video(777, 6, size)
     try:
-        layer = add_prefusion_layer(model)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        add_layer_off_identity(model, seed=0)
         prefix = build_prompt(tok, "").prefix
         feats = tower_features(model, [video.pixels], normalize)
         cache = build_prefix_cache(model, feats, prefix, frozen=len(model.model.prefusion_layers) - 1)
@@ -112,11 +117,7 @@ def test_route_head_attention_is_the_new_layers_own_and_the_colour_word_precedes
             assert kind == k and tok.decode([int(ids[pos - 1])]).strip() == COLOURS[c]
     video = load_video(778, 3, model.vision.vision_tower.config.image_size)
     try:
-        layer = add_prefusion_layer(model)
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        add_layer_off_identity(model, seed=1)
         feats = tower_features(model, [video.pixels], normalize)
         cache = build_prefix_cache(model, feats, build_prompt(tok, "").prefix,
                                    frozen=len(model.model.prefusion_layers) - 1)
