@@ -1065,6 +1065,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     cfg = TrainConfig(**{k: v for k, v in vars(args).items()
                          if k not in ("out", "search_only", "retrieval_only", "binding_only")})
+    if args.search_only or args.retrieval_only or args.binding_only:
+        missing = [n for n in ("training_config.json", "config.json") if not (args.out / n).is_file()]
+        if missing:
+            ap.error(f"{args.out} is not a trained demo model directory (no {' or '.join(missing)}); "
+                     f"train one first: python -m synth.train --out {args.out}")
     if args.search_only:
         path = retune_search(args.out, cfg)
     elif args.retrieval_only:

@@ -242,3 +242,15 @@ def test_binding_only_refuses_a_model_that_already_has_the_binding_layer(tmp_pat
         main(["--out", str(target), "--binding-only"])
     assert "already went through binding" in capsys.readouterr().err
     assert (target / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", ["--binding-only", "--retrieval-only", "--search-only"])
+def test_late_stage_modes_refuse_a_directory_without_a_trained_model(tmp_path, capsys, mode):
+    """A wrong --out for a late stage alone: one line saying what is missing, before any work, nothing written."""
+    from synth.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "nowhere"), mode])
+    err = capsys.readouterr().err
+    assert "is not a trained demo model directory" in err and "training_config.json" in err
+    assert not (tmp_path / "nowhere").exists()
