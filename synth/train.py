@@ -828,6 +828,11 @@ def stage2_retrieval(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
     stage2(model, tok, videos, inner, lambda row: log({**row, "stage": "2b"}), rng)
 
 
+def held_out_videos(cfg: TrainConfig, spec: DemoSpec) -> list[Video]:
+    """The three 60-s videos every stage's held-out heads are scored on (never trained on)."""
+    return [load_video(TRAIN_SEED_BASE + cfg.seed * 100_000 + 90_000 + i, 60, spec.image_size) for i in range(3)]
+
+
 def stage_binding(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
     """Binding: "Is there a green triangle?" needs "green" at the word "triangle", which reads the triangles'
     colours from the patches — and no frozen layer carries it there (linear probes: the asked colour is readable
@@ -844,7 +849,7 @@ def stage_binding(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
     lo, hi = cfg.video_s
     short = [load_video(base + 60_000 + i, int(rng.integers(lo, hi + 1)), spec.image_size)
              for i in tqdm(range(cfg.binding_videos), desc="rendering binding videos", dynamic_ncols=True)]
-    held = [load_video(base + 90_000 + i, 60, spec.image_size) for i in range(3)]
+    held = held_out_videos(cfg, spec)
     add_prefusion_layer(model)
     run_question_fusion(model, tok, short, held, normalize,
                         QFusionConfig(steps=cfg.binding_steps, lr=cfg.qfusion_lr, every=200, embed_scale=1.0,
@@ -1008,7 +1013,7 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     lo, hi = cfg.video_s
     short = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
              for s in tqdm(seeds(cfg.videos, 0), desc="rendering training videos", dynamic_ncols=True)]
-    held_out = [load_video(s, 60, spec.image_size) for s in seeds(3, 90_000)]
+    held_out = held_out_videos(cfg, spec)
     pooling = cell_pooling(spec.image_size, spec.patch_size)
     probes = ProbeHeads(model.config.hidden_size, CellHeads(spec.vision_width, pooling), cfg.presence_weight,
                         cfg.bag_weight)
