@@ -631,6 +631,59 @@ def clip_questions_forward(model: LlavaMiniModel, prefix: torch.Tensor, question
     return torch.stack(losses), tapped[0], probs
 
 
+def clips_questions_forward(model: LlavaMiniModel, prefixes: list[torch.Tensor], questions: list[list[torch.Tensor]],
+                            answers: list[list[torch.Tensor]], tap: int = 1
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`clip_questions_forward` for a whole step's clips at once: what it computes per clip, with every clip's
+    tokens (and every question row) stacked into one matrix for each projection and MLP, and only attention run
+    clip by clip. A stage-2 step is a dozen clips of ~60 frames: one at a time, their matmuls are too small to
+    keep the cores busy and the per-op overhead (forward and backward) was most of the step. Returns each clip's
+    (K,) losses and its hidden states after LLM layer `tap`."""
+    lengths = [len(p) for p in prefixes]
+    starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    x = torch.cat(prefixes)[None]  # (1, Σ L, d)
+    cos_x, sin_x = model.rope(torch.cat([torch.arange(n) for n in lengths])[None])
+    rows = [torch.cat([q, model.embed(a[:-1])]) for qs, ans in zip(questions, answers, strict=True)
+            for q, a in zip(qs, ans, strict=True)]
+    clip_of_row = [c for c, qs in enumerate(questions) for _ in qs]
+    width = max(len(r) for r in rows)
+    y = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])  # right padding: no real row reads it
+    positions = torch.tensor([lengths[c] for c in clip_of_row])[:, None] + torch.arange(width)[None]
+    cos_y, sin_y = model.rope(positions)
+    first_row = np.concatenate([[0], np.cumsum([len(qs) for qs in questions])]).tolist()
+    tapped = x
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        qx, kx, vx = project_qkv(layer, x, cos_x, sin_x)
+        qy, ky, vy = project_qkv(layer, y, cos_y, sin_y)
+        out_y, out_x = [], []
+        for c in range(len(prefixes)):
+            seg, rs = slice(starts[c], starts[c + 1]), slice(first_row[c], first_row[c + 1])
+            n = first_row[c + 1] - first_row[c]
+            keys = torch.cat([kx[:, :, seg].expand(n, -1, -1, -1), ky[rs]], 2)
+            values = torch.cat([vx[:, :, seg].expand(n, -1, -1, -1), vy[rs]], 2)
+            out_y.append(attention(qy[rs], keys, values, None, causal=True))
+            out_x.append(attention(qx[:, :, seg], kx[:, :, seg], vx[:, :, seg], None, causal=True))
+        y = finish_layer(layer, y, torch.cat(out_y))
+        if i + 1 < len(layers) or tap == len(layers):  # the clips' last outputs feed nothing else
+            x = finish_layer(layer, x, torch.cat(out_x, 2))
+        if i + 1 == tap:
+            tapped = x
+    picks_row, picks_pos, targets, owner = [], [], [], []
+    for r, (q, a) in enumerate(zip((q for qs in questions for q in qs), (a for ans in answers for a in ans),
+                                   strict=True)):
+        picks_row += [r] * len(a)
+        picks_pos += range(len(q) - 1, len(q) - 1 + len(a))
+        targets.append(a)
+        owner += [r] * len(a)
+    token_loss = F.cross_entropy(model.logits(y[torch.tensor(picks_row), torch.tensor(picks_pos)]),
+                                 torch.cat(targets), reduction="none")
+    row_loss = torch.zeros(len(rows), dtype=token_loss.dtype).index_add(0, torch.tensor(owner), token_loss)
+    row_loss = row_loss / torch.tensor([len(a) for a in targets], dtype=token_loss.dtype)
+    losses = [row_loss[first_row[c] : first_row[c + 1]] for c in range(len(prefixes))]
+    return losses, [tapped[0, starts[c] : starts[c + 1]] for c in range(len(prefixes))]
+
+
 def answer_attention(queries: torch.Tensor, keys: torch.Tensor, last: list[int], length: int,
                      probe: RetrievalProbe) -> torch.Tensor:
     """The probabilities `attention` computes for one head, at one query row per question: row r's position
@@ -731,6 +784,23 @@ def more_questions(candidates: list[Question], skip: str, n: int, rng: np.random
     return picked
 
 
+@dataclass
+class ClipItem:
+    """One drawn stage-2 clip: its questions, their fused rows and answers, the LLM input before them
+    ([mean P', c'…]: `prompt` positions, then `frames`), and the frame head's targets."""
+
+    sample: Sample
+    extra: list[Question]
+    texts: list[str]
+    answers: list[torch.Tensor]
+    fused: list[torch.Tensor]
+    inputs: torch.Tensor
+    prompt: int
+    frames: int
+    things: np.ndarray
+    targets: torch.Tensor
+
+
 def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.random.Generator) -> None:
     """The LLM over long clips, on the exact states the product feeds it. Each drawn clip is asked
     `stage2_questions` questions over one shared LLM pass (`clip_questions_forward`). A side head on LLM layer
@@ -762,6 +832,7 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
         set_lr(opt, step, cfg.stage2_steps, cfg.stage2_lr, warmup=20)
         opt.zero_grad(set_to_none=True)
         total, side, retrieval, frames, asked = 0.0, 0.0, 0.0, 0, 0
+        clips = []  # drawn first, in the order the random stream gives them, then run in one pass
         for i in rng.choice(len(pool), size=cfg.stage2_batch, replace=False, p=weights):
             s = pool[i]
             extra = more_questions(range_questions(facts[s.video], s.start, s.end), s.question,
@@ -772,31 +843,46 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
             sel = states[s.video].select(slice(s.start, s.end + 1))
             with torch.no_grad():
                 p = mean_over_frames(sel.prefix_text)
-            n = s.end - s.start + 1
             things = seen_things[s.video][s.start : s.end + 1]
             targets = seen_targets(things)
             if cfg.onset_head:
                 targets = torch.cat([targets, onset_targets(things[:, : len(KINDS)])], 1)
-            probe = RetrievalProbe(cfg.retrieval_layer, cfg.retrieval_head, len(p), n) if cfg.retrieval_weight else None
-            with mixed(cfg):
-                qa, tapped, probs = clip_questions_forward(model, torch.cat([p, sel.compressed.flatten(0, 1)]),
-                                                           fused, answers, probe=probe)
-                at_frames = tapped[len(p) : len(p) + n]
-                seen = F.binary_cross_entropy_with_logits(head(at_frames).float(), targets)
-            loss = qa.mean() + cfg.seen_weight * seen
-            if probs is not None:
-                families = [s.family] + [q.family for q in extra]
-                wanted = [retrieval_target(t, f, things[:, len(KINDS) :], things[:, : len(KINDS)])
-                          for t, f in zip(texts, families, strict=True)]
+            clips.append(ClipItem(s, extra, texts, answers, fused, torch.cat([p, sel.compressed.flatten(0, 1)]),
+                                  len(p), s.end - s.start + 1, things, targets))
+        if cfg.retrieval_weight:  # the attention probe reads one clip's probabilities: clip by clip
+            for c in clips:
+                probe = RetrievalProbe(cfg.retrieval_layer, cfg.retrieval_head, c.prompt, c.frames)
+                with mixed(cfg):
+                    qa, tapped, probs = clip_questions_forward(model, c.inputs, c.fused, c.answers, probe=probe)
+                    seen = F.binary_cross_entropy_with_logits(
+                        head(tapped[c.prompt : c.prompt + c.frames]).float(), c.targets)
+                loss = qa.mean() + cfg.seen_weight * seen
+                families = [c.sample.family] + [q.family for q in c.extra]
+                wanted = [retrieval_target(t, f, c.things[:, len(KINDS) :], c.things[:, : len(KINDS)])
+                          for t, f in zip(c.texts, families, strict=True)]
                 found = retrieval_loss(probs, wanted)
                 if found is not None:
                     loss = loss + cfg.retrieval_weight * found
                     retrieval += found.item() / cfg.stage2_batch
-            (loss / cfg.stage2_batch).backward()
-            total += qa.mean().item() / cfg.stage2_batch
-            side += seen.item() / cfg.stage2_batch
-            frames += n
-            asked += len(texts)
+                (loss / cfg.stage2_batch).backward()
+                total += qa.mean().item() / cfg.stage2_batch
+                side += seen.item() / cfg.stage2_batch
+        else:
+            with mixed(cfg):
+                qas, tapped = clips_questions_forward(model, [c.inputs for c in clips], [c.fused for c in clips],
+                                                      [c.answers for c in clips])
+                at_frames = torch.cat([t[c.prompt : c.prompt + c.frames] for t, c in zip(tapped, clips, strict=True)])
+                bits = F.binary_cross_entropy_with_logits(head(at_frames).float(), torch.cat([c.targets for c in clips]),
+                                                          reduction="none").mean(1)
+            bounds = np.concatenate([[0], np.cumsum([c.frames for c in clips])]).tolist()
+            seens = [bits[bounds[j] : bounds[j + 1]].mean() for j in range(len(clips))]
+            qa_means = torch.stack([qa.mean() for qa in qas])
+            loss = (qa_means.sum() + cfg.seen_weight * torch.stack(seens).sum()) / cfg.stage2_batch
+            loss.backward()
+            total = qa_means.sum().item() / cfg.stage2_batch
+            side = torch.stack(seens).sum().item() / cfg.stage2_batch
+        frames = sum(c.frames for c in clips)
+        asked = sum(len(c.texts) for c in clips)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         row = {"stage": 2, "step": step, "frames": frames, "questions": asked, "qa": total, "seen": side,

@@ -21,6 +21,7 @@ from synth.train import (
     RetrievalProbe,
     answer_attention,
     clip_questions_forward,
+    clips_questions_forward,
     llm_forward,
     load_video,
     more_questions,
@@ -69,6 +70,49 @@ def test_shared_clip_pass_equals_one_pass_per_question():
     torch.testing.assert_close(losses, torch.stack(one_by_one).detach(), rtol=1e-4, atol=1e-5)
     assert losses.min() > 1e-3 and (losses.max() - losses.min()) > 1e-3
     for g, d in zip(grads, shared_grads, strict=True):
+        torch.testing.assert_close(d, g, rtol=1e-3, atol=1e-5)
+
+
+@shipped
+def test_one_pass_over_a_steps_clips_equals_one_pass_per_clip():
+    """Clips of different lengths, with different numbers of questions of different widths, stacked into one
+    pass: each clip's losses, frame states and the summed gradients are what it gives alone."""
+    engine = open_engine(choose_model(str(SHIPPED_MODEL_DIR)))
+    model, tok = engine.model, engine.tokenizer
+    torch.manual_seed(1)
+    for p in model.model.layers.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    video = load_video(4242, 20, model.vision.vision_tower.config.image_size)
+    with torch.no_grad():
+        patches, compressed = model.encode_visual(normalize(video.pixels)[:, None])
+        states = prefuse_prefix(model, patches, compressed, build_prompt(tok, "").prefix)
+    ids = QATokens(tok)
+    asked = [[("Is there a red star?", "no"), ("How many triangles are there?", "12")],
+             [("What word is shown?", "CAT")],
+             [("Which appears first, the circle or the square?", "circle"), ("What colour is the background?",
+                                                                              "dark blue"),
+              ("Is there a green circle?", "yes")]]
+    ranges = [(0, 7), (5, 5), (3, 19)]
+    prefixes, fused, answers = [], [], []
+    with torch.no_grad():
+        for (a, b), qs in zip(ranges, asked, strict=True):
+            sel = states.select(slice(a, b + 1))
+            prefixes.append(torch.cat([mean_over_frames(sel.prefix_text), sel.compressed.flatten(0, 1)]))
+            fused.append([prefuse_question(model, sel, ids.question(q)) for q, _ in qs])
+    answers = [[ids.answer(x) for _, x in qs] for qs in asked]
+    params = list(model.model.layers.parameters())
+
+    losses, tapped = clips_questions_forward(model, prefixes, fused, answers)
+    together = torch.autograd.grad(sum(x.sum() for x in losses) + sum(t.square().mean() for t in tapped), params)
+    alone = [torch.zeros_like(p) for p in params]
+    for c in range(len(prefixes)):
+        loss, tap, _ = clip_questions_forward(model, prefixes[c], fused[c], answers[c])
+        torch.testing.assert_close(losses[c], loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tapped[c], tap, rtol=1e-4, atol=1e-5)
+        for g, d in zip(alone, torch.autograd.grad(loss.sum() + tap.square().mean(), params), strict=True):
+            g += d
+    assert [len(x) for x in losses] == [2, 1, 3]
+    for g, d in zip(alone, together, strict=True):
         torch.testing.assert_close(d, g, rtol=1e-3, atol=1e-5)
 
 
