@@ -24,7 +24,7 @@ it, so "is the asked colour on this kind" becomes a per-frame fact at the kind w
 Stage 3 (search): the vision tower's last layer (LLaVA-Mini reads the one before it), the projections and the
 text tower, tuned for text → frame retrieval on frames cached up to that layer; no answer changes.
 
-  python -m synth.train --out models/vidmini-demo            # the shipped weights (~77 min on 2 cores)
+  python -m synth.train --out models/vidmini-demo            # the shipped weights (~2 h on 2 cores)
   python -m synth.train --out models/vidmini-demo --search-only   # stage 3 alone on trained weights (~11 min)
   python -m synth.train --out DIR --binding-only              # binding + 2c alone on a run without it (~26 min)
   python -m synth.train --out /tmp/m --videos 20 --long-videos 2 --stage0-steps 20 --stage1-steps 20 \
