@@ -112,8 +112,9 @@ _BACKGROUND_EVENT = re.compile(r"(?:the )?background (?:is|turns|becomes|goes) (
 # Calibrated on the shipped demo model with bench/calibrate_word_threshold.py: each frame of the videos of seeds 424242
 # (80 s), 535353 (150 s) and 646464 (200 s), none a test seed, written as H.264 and ingested, asked on its own. Over the
 # world's words only, a word on screen gets P(that word) >= 0.950 (median 0.997); a blank band gives every word
-# P <= 0.935 (median 0.354; weights of 2026-12-03, bench/calibrate_word_threshold.log). Over the whole vocabulary a blank band's top token is often no word at all ("0", "1",
-# end-of-turn at P up to 1.000), so the describer only ever chooses among the world's words.
+# P <= 0.935 (median 0.354; weights of 2026-12-03, bench/calibrate_word_threshold.log). Over the whole vocabulary
+# a blank band's top token is often no word at all ("0", "1", end-of-turn at P up to 1.000), so the describer only
+# ever chooses among the world's words.
 DEMO_WORD_THRESHOLD = 0.945
 
 

@@ -801,9 +801,30 @@ class ClipItem:
     targets: torch.Tensor
 
 
+def draw_clip(s: Sample, facts: list, states: list[FrameStates], bank: FusedQuestionBank, ids: QATokens,
+              extra_questions: int, rng: np.random.Generator, seen_things: list[np.ndarray],
+              onset_head: bool = False) -> ClipItem:
+    """A stage-2 clip for the drawn question `s`: `extra_questions` more about the same range (drawn from
+    `rng`), their fused rows from the bank, the LLM input before them and the frame head's targets."""
+    extra = more_questions(range_questions(facts[s.video], s.start, s.end), s.question, extra_questions, rng)
+    texts = [s.question] + [q.question for q in extra]
+    answers = [s.answer_ids] + [ids.answer(q.answer) for q in extra]
+    fused = [bank.fused(s.video, t, ids.question(t), s.start, s.end) for t in texts]
+    sel = states[s.video].select(slice(s.start, s.end + 1))
+    with torch.no_grad():
+        p = mean_over_frames(sel.prefix_text)
+    things = seen_things[s.video][s.start : s.end + 1]
+    targets = seen_targets(things)
+    if onset_head:
+        targets = torch.cat([targets, onset_targets(things[:, : len(KINDS)])], 1)
+    return ClipItem(s, extra, texts, answers, fused, torch.cat([p, sel.compressed.flatten(0, 1)]), len(p),
+                    s.end - s.start + 1, things, targets)
+
+
 def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.random.Generator) -> None:
     """The LLM over long clips, on the exact states the product feeds it. Each drawn clip is asked
-    `stage2_questions` questions over one shared LLM pass (`clip_questions_forward`). A side head on LLM layer
+    `stage2_questions` questions over one shared LLM pass of its frames; a step's clips go through the LLM
+    together (`clips_questions_forward`; clip by clip when the retrieval loss is on). A side head on LLM layer
     1's output at every frame position learns which kinds are there and which were seen earlier in the clip
     (the step an order question builds on); the families the fused question cannot answer alone are drawn more
     often."""
@@ -834,21 +855,8 @@ def stage2(model, tok, videos: list[Video], cfg: TrainConfig, log, rng: np.rando
         total, side, retrieval, frames, asked = 0.0, 0.0, 0.0, 0, 0
         clips = []  # drawn first, in the order the random stream gives them, then run in one pass
         for i in rng.choice(len(pool), size=cfg.stage2_batch, replace=False, p=weights):
-            s = pool[i]
-            extra = more_questions(range_questions(facts[s.video], s.start, s.end), s.question,
-                                   cfg.stage2_questions - 1, rng)
-            texts = [s.question] + [q.question for q in extra]
-            answers = [s.answer_ids] + [ids.answer(q.answer) for q in extra]
-            fused = [bank.fused(s.video, t, ids.question(t), s.start, s.end) for t in texts]
-            sel = states[s.video].select(slice(s.start, s.end + 1))
-            with torch.no_grad():
-                p = mean_over_frames(sel.prefix_text)
-            things = seen_things[s.video][s.start : s.end + 1]
-            targets = seen_targets(things)
-            if cfg.onset_head:
-                targets = torch.cat([targets, onset_targets(things[:, : len(KINDS)])], 1)
-            clips.append(ClipItem(s, extra, texts, answers, fused, torch.cat([p, sel.compressed.flatten(0, 1)]),
-                                  len(p), s.end - s.start + 1, things, targets))
+            clips.append(draw_clip(pool[i], facts, states, bank, ids, cfg.stage2_questions - 1, rng,
+                                   seen_things, cfg.onset_head))
         if cfg.retrieval_weight:  # the attention probe reads one clip's probabilities: clip by clip
             for c in clips:
                 probe = RetrievalProbe(cfg.retrieval_layer, cfg.retrieval_head, c.prompt, c.frames)
