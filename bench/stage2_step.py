@@ -19,9 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.models import SHIPPED_MODEL_DIR, ModelChoice, open_engine  # noqa: E402
-from engine.fusion import mean_over_frames  # noqa: E402
 from engine.prompt import build_prompt  # noqa: E402
-from synth.questions import range_questions, timeline_facts  # noqa: E402
+from synth.questions import timeline_facts  # noqa: E402
 from synth.train import (  # noqa: E402
     FAMILY_WEIGHTS,
     TRAIN_SEED_BASE,
@@ -29,9 +28,9 @@ from synth.train import (  # noqa: E402
     QATokens,
     clip_questions_forward,
     clips_questions_forward,
+    draw_clip,
     encode_states,
     load_video,
-    more_questions,
     question_pool,
 )
 
@@ -47,19 +46,12 @@ def draw_steps(model, tok, steps: int, batch: int, videos: int, rng: np.random.G
     pool = question_pool(long, tok, rng, per_family=60, max_range=None)
     weights = np.array([FAMILY_WEIGHTS[s.family] for s in pool])
     weights /= weights.sum()
+    seen_things = [np.concatenate([v.probes["counts"], v.probes["present"]], 1) for v in long]
     out = []
     for _ in range(steps):
-        clips = []
-        for i in rng.choice(len(pool), size=batch, replace=False, p=weights):
-            s = pool[i]
-            extra = more_questions(range_questions(facts[s.video], s.start, s.end), s.question, 3, rng)
-            texts = [s.question] + [q.question for q in extra]
-            answers = [s.answer_ids] + [ids.answer(q.answer) for q in extra]
-            fused = [bank.fused(s.video, t, ids.question(t), s.start, s.end) for t in texts]
-            sel = states[s.video].select(slice(s.start, s.end + 1))
-            inputs = torch.cat([mean_over_frames(sel.prefix_text), sel.compressed.flatten(0, 1)])
-            clips.append((inputs, fused, answers))
-        out.append(clips)
+        clips = [draw_clip(pool[i], facts, states, bank, ids, 3, rng, seen_things)
+                 for i in rng.choice(len(pool), size=batch, replace=False, p=weights)]
+        out.append([(c.inputs, c.fused, c.answers) for c in clips])
     return out
 
 
