@@ -65,7 +65,7 @@ def build_engine(name: str, device: str, dtype: torch.dtype, attn: str) -> Engin
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02)
-        model.rotary = type(model.rotary)(llama).to(device)
+        model.rotary = type(model.rotary)(cfg.rope, cfg.head_dim).to(device)
     model = model.to(device=device, dtype=dtype).eval()
     processor = make_image_processor(model.vision.config.image_size)
     return Engine(model, tok, processor, eos, name=name, encode_batch=32 if device.startswith("cuda") else 16)

@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, CLIPVisionModel
+from transformers import CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
 from engine.config import LlavaMiniConfig
+from engine.hf_files import FileFormatError, clip_vision_config, load_tokenizer, read_json
 from engine.model import LlavaMiniModel
+from engine.rope import RotaryEmbedding
 from engine.vision import VisionTower, load_image_processor
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -127,12 +129,24 @@ def resolve_vision_tower(config: LlavaMiniConfig, model_dir: Path) -> Path:
 
 
 def load_vision_tower(path: Path, config: LlavaMiniConfig, dtype: torch.dtype, device: str) -> VisionTower:
+    """The CLIP tower of a HF directory (full CLIP or vision-only, any transformers vintage); its config is read
+    from the file here and handed to transformers, which then only loads the weights."""
+    try:
+        clip_config = clip_vision_config(path)
+    except (FileFormatError, TypeError, ValueError) as e:
+        raise CheckpointError(f"vision tower: {e}") from None
+    try:
+        weight_files(path)
+    except CheckpointError:
+        raise CheckpointError(f"{path}: no vision tower weights (model.safetensors or pytorch_model.bin), named "
+                              f"by mm_vision_tower") from None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        clip, info = CLIPVisionModel.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+        clip, info = CLIPVisionModel.from_pretrained(str(path), config=clip_config, dtype=dtype,
+                                                     output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"vision tower at {path} does not load: {' '.join(str(e).split())[:300]}") from None
     finally:
@@ -180,6 +194,17 @@ def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.T
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
 
 
+def read_config(directory: Path) -> LlavaMiniConfig:
+    """config.json as either transformers wrote it; errors name the file and the key."""
+    path = directory / "config.json"
+    try:
+        return LlavaMiniConfig.from_dict(read_json(path))
+    except FileFormatError as e:
+        raise CheckpointError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {' '.join(str(e).split())[:300]}") from None
+
+
 @dataclass
 class Loaded:
     model: LlavaMiniModel
@@ -199,10 +224,7 @@ def load_checkpoint(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError("device cuda requested but CUDA is not available")
     directory = resolve_model_dir(name_or_path)
-    try:
-        config = LlavaMiniConfig.from_file(directory)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{directory}: {e}") from None
+    config = read_config(directory)
     torch_dtype = DTYPES[dtype]
     state = read_state_dict(directory)
     vision_state = {k[len(VISION_PREFIX) :]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
@@ -221,18 +243,14 @@ def load_checkpoint(
     expected = {k: v for k, v in model.state_dict().items()}
     check_state_dict(expected, state)
     model.load_state_dict({k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}, assign=True)
-    model.rotary = type(model.rotary)(config.llama).to(device)  # buffers computed, not stored
+    model.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)  # buffers computed, not stored
     model.model.vision_tower = tower
     model.eval()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # it reads config.json and warns that llava_mini_llama is not a Llama
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except Exception as e:  # noqa: BLE001 - tokenizers fail with many error types
-        raise CheckpointError(f"{directory}: tokenizer does not load: {e}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    processor = load_image_processor(vision_dir)
+        tokenizer = load_tokenizer(directory)
+        processor = load_image_processor(vision_dir, tower.config.image_size)
+    except FileFormatError as e:
+        raise CheckpointError(str(e)) from None
     return Loaded(model, tokenizer, processor, eos_ids_of(directory, config), directory, vision_dir)
 
 

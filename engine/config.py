@@ -9,7 +9,10 @@ from typing import Any
 
 from transformers import LlamaConfig
 
+from engine.rope import RopeSpec
+
 MODEL_TYPE = "llava_mini_llama"
+ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
 
 # Keys that belong to LLaVA-Mini (everything else in config.json is the Llama text model's).
 _MINI_KEYS = (
@@ -46,6 +49,12 @@ class LlavaMiniConfig:
     # Not a reference key: the reference hard-codes 8 heads for the compressor's cross-attention.
     compressor_num_heads: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
+    # The rope recipe; None = read from `llama` (a config built in code), from_dict passes the file's.
+    rope: RopeSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope is None:
+            self.rope = RopeSpec.from_config(self.llama.to_dict())
 
     @property
     def hidden_size(self) -> int:
@@ -55,17 +64,28 @@ class LlavaMiniConfig:
     def num_queries(self) -> int:
         return self.compressor_size**2
 
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.llama, "head_dim", None) or self.llama.hidden_size // self.llama.num_attention_heads
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LlavaMiniConfig:
+        """Read config.json's keys, whichever transformers wrote them (4.x `rope_scaling` or 5.x
+        `rope_parameters`); never through transformers' registry, which does not know `llava_mini_llama`."""
         raw = dict(raw)
+        model_type = raw.pop("model_type", None)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"model_type {model_type!r} is not a LLaVA-Mini checkpoint (expected {MODEL_TYPE!r})")
+        rope = RopeSpec.from_config(raw)
+        for key in ROPE_KEYS:
+            raw.pop(key, None)
         mini = {k: raw.pop(k) for k in _MINI_KEYS if k in raw}
         heads = raw.pop("compressor_num_heads", 8)
-        raw.pop("model_type", None)
-        llama_keys = set(LlamaConfig().to_dict()) | {"rope_scaling", "rope_theta"}
+        llama_keys = set(LlamaConfig().to_dict()) - set(ROPE_KEYS)
         llama_kwargs = {k: v for k, v in raw.items() if k in llama_keys}
         extra = {k: v for k, v in raw.items() if k not in llama_keys}
-        llama = LlamaConfig(**llama_kwargs)
-        cfg = cls(llama=llama, compressor_num_heads=heads, extra=extra, **mini)
+        cfg = cls(llama=llama_config(rope, **llama_kwargs), compressor_num_heads=heads, extra=extra, rope=rope,
+                  **mini)
         cfg.validate()
         return cfg
 
@@ -84,6 +104,9 @@ class LlavaMiniConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = self.llama.to_dict()
+        for k in ROPE_KEYS:
+            out.pop(k, None)
+        out.update(self.rope.legacy_keys())  # the published checkpoint's (4.x) form, which both 4.x and 5.x read
         for k in ("id2label", "label2id", "problem_type", "return_dict", "output_attentions",
                   "output_hidden_states", "chunk_size_feed_forward", "is_encoder_decoder"):
             out.pop(k, None)
@@ -111,3 +134,11 @@ class LlavaMiniConfig:
             raise ValueError("compressor_size and resolution_ratio must be >= 1, prefusion_layer_num >= 0")
         if self.mm_hidden_size % self.compressor_num_heads:
             raise ValueError("mm_hidden_size must be divisible by compressor_num_heads")
+
+
+def llama_config(rope: RopeSpec, **kwargs: Any) -> LlamaConfig:
+    """A LlamaConfig carrying `rope` in the form the installed transformers takes (so its own modules, used in
+    tests as references, agree with `engine.rope`)."""
+    if "rope_parameters" in LlamaConfig().to_dict():
+        return LlamaConfig(rope_parameters=rope.rope_parameters(), **kwargs)
+    return LlamaConfig(**rope.legacy_keys(), **kwargs)  # pragma: no cover - transformers 4.x

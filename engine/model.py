@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import (
-    LlamaDecoderLayer,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-)
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from engine.config import LlavaMiniConfig
 from engine.modules import Compressor, build_projector
+from engine.rope import RotaryEmbedding
 from engine.vision import VisionTower
 
 
@@ -47,7 +44,7 @@ class LlavaMiniModel(nn.Module):
         config.llama._attn_implementation = "sdpa" if attn == "flash_attention_2" else attn
         self.model = LlavaMiniBody(config, vision)
         self.lm_head = nn.Linear(config.llama.hidden_size, config.llama.vocab_size, bias=False)
-        self.rotary = LlamaRotaryEmbedding(config.llama)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
 
     @property
     def vision(self) -> VisionTower:

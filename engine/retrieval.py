@@ -8,7 +8,6 @@ one). A vision directory without a text tower gives no space: ingest and answers
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,18 +54,19 @@ class RetrievalSpace:
     def load(cls, vision_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
              ) -> RetrievalSpace | None:
         """The space of a CLIP directory, or None when it holds no text tower or projection."""
-        from transformers import AutoTokenizer, CLIPConfig, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
         from transformers.utils import logging as hf_logging
+
+        from engine.hf_files import FileFormatError, clip_text_config, load_tokenizer, read_json
 
         directory = Path(vision_dir)
         try:
-            if json.loads((directory / "config.json").read_text()).get("model_type") != "clip":
-                return None  # a vision-only tower (CLIPVisionConfig): no text tower to search with
-            config = CLIPConfig.from_pretrained(str(directory))
-        except (OSError, ValueError, KeyError):
-            return None  # a vision-only config (CLIPVisionConfig) has no text tower
-        if getattr(config, "model_type", "") != "clip":
+            text_config = clip_text_config(directory)
+            projection_dim = read_json(directory / "config.json").get("projection_dim")
+        except (FileFormatError, TypeError, ValueError):
             return None
+        if text_config is None:
+            return None  # a vision-only tower (CLIPVisionConfig): no text tower to search with
         weight = _read_tensor(directory, "visual_projection.weight")
         if weight is None:
             return None
@@ -74,11 +74,11 @@ class RetrievalSpace:
         hf_logging.set_verbosity_error()  # it notes the vision weights it skips
         hf_logging.disable_progress_bar()
         try:
-            text_config = config.text_config
-            text_config.projection_dim = config.projection_dim  # the joint space's width lives on the pair
+            if projection_dim is not None:
+                text_config.projection_dim = projection_dim  # the joint space's width lives on the pair
             text = CLIPTextModelWithProjection.from_pretrained(str(directory), config=text_config, dtype=dtype)
             text = text.to(device).eval()
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer = load_tokenizer(directory, classes=None)
         except (OSError, ValueError):
             return None
         finally:
@@ -89,10 +89,10 @@ class RetrievalSpace:
         with torch.no_grad():
             projection.weight.copy_(weight)
         # CLIP's legacy configs say eos 2 and pool at the largest id; the tokenizer knows the real one.
-        eos = config.text_config.eos_token_id
+        eos = text_config.eos_token_id
         if eos is None or eos == 2:
             eos = tokenizer.eos_token_id
-        return cls(projection.eval(), text, tokenizer, int(eos), int(config.text_config.max_position_embeddings),
+        return cls(projection.eval(), text, tokenizer, int(eos), int(text_config.max_position_embeddings),
                    directory.name)
 
     def token_ids(self, text: str) -> list[int]:

@@ -13,9 +13,10 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 try:  # transformers 5 names the PIL-backed processor (the reference's "slow" one) explicitly
-    from transformers import CLIPImageProcessorPil as _ClipProcessor
+    from transformers import CLIPImageProcessorPil as ClipProcessor
 except ImportError:  # pragma: no cover - older transformers
-    from transformers import CLIPImageProcessor as _ClipProcessor
+    from transformers import CLIPImageProcessor as ClipProcessor
+_ClipProcessor = ClipProcessor
 
 
 class VisionTower(nn.Module):
@@ -50,8 +51,11 @@ class VisionTower(nn.Module):
         return (feats[:, 1:] if self.select_feature == "patch" else feats), out.pooler_output
 
 
-def load_image_processor(path: str | Path) -> _ClipProcessor:
-    return _ClipProcessor.from_pretrained(str(path))
+def load_image_processor(path: str | Path, image_size: int | None = None) -> _ClipProcessor:
+    """The tower directory's processor, read from preprocessor_config.json whatever its vintage."""
+    from engine.hf_files import load_image_processor as read_processor
+
+    return read_processor(Path(path), image_size)
 
 
 def make_image_processor(image_size: int) -> _ClipProcessor:

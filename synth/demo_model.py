@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionModel, 
 
 from engine.checkpoint import save_checkpoint
 from engine.config import LlavaMiniConfig
+from engine.hf_files import load_tokenizer
 from engine.model import LlavaMiniModel
 from engine.prompt import SYSTEM_PROMPT
 from engine.tiny import tiny_llama_config
@@ -77,7 +78,7 @@ def build_tokenizer(out_dir: str | Path, spec: DemoSpec = DemoSpec()) -> PreTrai
         tok = AutoTokenizer.from_pretrained(tmp)
     tok.add_tokens([AddedToken(SYSTEM_PROMPT, normalized=False, special=False, single_word=False)])
     tok.save_pretrained(str(out_dir))
-    return AutoTokenizer.from_pretrained(str(out_dir))
+    return load_tokenizer(Path(out_dir))
 
 
 def build_clip(spec: DemoSpec, tok: PreTrainedTokenizerFast) -> CLIPModel:

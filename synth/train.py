@@ -1060,14 +1060,16 @@ def search_videos(cfg: TrainConfig, spec: DemoSpec) -> list[Video]:
 
 def retune_search(model_dir: Path, cfg: TrainConfig) -> Path:
     """Stage 3 alone on a trained model directory (its CLIP pair is rewritten in place; answers cannot change)."""
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import CLIPModel
+
+    from engine.hf_files import load_tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     spec = DemoSpec(**json.loads((model_dir / "training_config.json").read_text())["spec"])
     vision_dir = model_dir / "vision_tower"
     clip = CLIPModel.from_pretrained(str(vision_dir))
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
     with (model_dir / "training_log.jsonl").open("a") as log_file:
         def log(row: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hf_cache import offline_hub  # noqa: F401 - a fixture for every test module
 
 
 @pytest.fixture(scope="session")
