@@ -34,6 +34,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SPECIAL_TOKEN_OFFSETS",
     "build_llama3_style_tokenizer",
+    "llama3_style_pipeline",
     "generation_eos_ids",
     "special_token_id",
 ]
@@ -197,15 +198,9 @@ def _train_bpe(vocab_size: int, corpus: Iterable[str]) -> Tokenizer:
     return tokenizer
 
 
-def build_llama3_style_tokenizer(
-    out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None
-) -> PreTrainedTokenizerFast:
-    """Train, save to ``out_dir`` and reload a small Llama-3.1-Instruct-style tokenizer.
-
-    ``vocab_size`` is the regular vocabulary (>= 256, the byte alphabet); the 11 special tokens take ids
-    ``vocab_size`` to ``vocab_size + 10``, so ``len(tok) == vocab_size + 11``. No pad token is set, as in Llama-3.1;
-    callers that pad can set ``tok.pad_token = "<|finetune_right_pad_id|>"``.
-    """
+def llama3_style_pipeline(vocab_size: int = 512, corpus: Iterable[str] | None = None) -> Tokenizer:
+    """The `tokenizers` pipeline alone (trained BPE, Llama-3's pre-tokenizer and decoder, the special tokens, the
+    bos-prepending post-processor), for callers that wrap it in a transformers class of their own version."""
     if vocab_size < 256:
         raise ValueError(f"vocab_size must be at least 256 (the byte alphabet), got {vocab_size}")
     tokenizer = _train_bpe(vocab_size, DEFAULT_CORPUS if corpus is None else corpus)
@@ -225,9 +220,20 @@ def build_llama3_style_tokenizer(
             ),
         ]
     )
+    return tokenizer
 
+
+def build_llama3_style_tokenizer(
+    out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Train, save to ``out_dir`` and reload a small Llama-3.1-Instruct-style tokenizer.
+
+    ``vocab_size`` is the regular vocabulary (>= 256, the byte alphabet); the 11 special tokens take ids
+    ``vocab_size`` to ``vocab_size + 10``, so ``len(tok) == vocab_size + 11``. No pad token is set, as in Llama-3.1;
+    callers that pad can set ``tok.pad_token = "<|finetune_right_pad_id|>"``.
+    """
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=llama3_style_pipeline(vocab_size, corpus),
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         clean_up_tokenization_spaces=False,

@@ -357,3 +357,20 @@ def test_the_apps_load_another_model(tmp_path, offline_hub, monkeypatch):
     assert not at.exception
     assert not [e.value for e in at.error], [e.value for e in at.error]
     assert any(str(MAIN) in str(s.value) for s in at.success), [s.value for s in at.success]
+
+
+def test_the_openai_style_tower_gives_a_search_space():
+    """The text tower beside the vision tower (old-style config, .bin weights, CLIP's BPE) for moment search."""
+    from engine.retrieval import RetrievalSpace
+
+    space = RetrievalSpace.load(TOWER)
+    assert space is not None
+    raw = json.loads((TOWER / "config.json").read_text())
+    assert space.dim == raw["projection_dim"] and space.max_tokens == 77  # CLIP's (4.43 omits the default)
+    rust = Tokenizer.from_file(str(TOWER / "tokenizer.json"))
+    assert space.token_ids("a red circle") == rust.encode("a red circle").ids
+    assert space.eos_id == rust.token_to_id("<|endoftext|>")
+    vectors = space.embed_text(["a red circle", "a blue square"])
+    assert vectors.shape == (2, raw["projection_dim"])
+    assert torch.allclose(vectors.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(vectors[0], vectors[1])

@@ -19,6 +19,7 @@ Output (under ``--out``):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -73,75 +73,13 @@ VISION_TOWER = "openai/clip-vit-large-patch14-336"
 MODEL_MAX_LENGTH = 4096  # --model_max_length in train.sh
 PAD_OFFSET = 4  # train.py: tokenizer.pad_token_id = 128004 (<|finetune_right_pad_id|>) for llava_llama_3_1
 
-# --- Llama-3.1-Instruct-style tokenizer (same recipe and constants as the project's engine/tokenizer_tiny.py) ---
-SPECIAL_TOKENS = (
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|reserved_special_token_2|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",
-    "<|eot_id|>",
-    "<|python_tag|>",
-)
-BOS_TOKEN = "<|begin_of_text|>"
-EOS_TOKEN = "<|eot_id|>"
-LLAMA3_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_CHAT_TEMPLATE = (
-    "{{- bos_token }}\n"
-    "{%- if not date_string is defined %}\n"
-    '    {%- set date_string = "26 Jul 2024" %}\n'
-    "{%- endif %}\n"
-    "{%- if messages[0]['role'] == 'system' %}\n"
-    "    {%- set system_message = messages[0]['content'] | trim %}\n"
-    "    {%- set messages = messages[1:] %}\n"
-    "{%- else %}\n"
-    '    {%- set system_message = "" %}\n'
-    "{%- endif %}\n"
-    '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
-    '{{- "Cutting Knowledge Date: December 2023\\n" }}\n'
-    '{{- "Today Date: " + date_string + "\\n\\n" }}\n'
-    "{{- system_message }}\n"
-    '{{- "<|eot_id|>" }}\n'
-    "{%- for message in messages %}\n"
-    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-    " + '<|eot_id|>' }}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
-    "{%- endif %}\n"
-)
-CORPUS = (
-    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
-    "user provides, and assist the user with a variety of tasks using natural language.",
-    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n",
-    "system\n\nuser\n\nassistant\n\n",
-    "<image>\nWhat is happening in this video?",
-    "<image>\nDescribe the video in detail.",
-    "<image>\nWhat colour is the square?",
-    "What colour is the circle? The circle is red.",
-    "What colour is the triangle? The triangle is blue.",
-    "The square is green and the circle is yellow.",
-    "How many squares are there in the video? There are three squares.",
-    "How many circles can you see? I can see two circles.",
-    "Count the red shapes. There are four red shapes.",
-    "One, two, three, four, five, six, seven, eight, nine, ten.",
-    "There are 12 frames, 24 frames, 100 frames and 2048 frames.",
-    "A red square moves from the left of the frame to the right.",
-    "A blue circle bounces up and down in the middle of the screen.",
-    "At the start of the video, a white circle appears on a black background.",
-    "Which shape appears first? The red square appears first.",
-    "Summarize the video in one sentence.",
-    "Answer the question using a single word or phrase.",
-    "Please answer with the letter of the correct option: A, B, C or D.",
-    "I'm not sure, but it's probably the red one. They're moving fast.",
-)
+# --- Llama-3.1-Instruct-style tokenizer: the project's own recipe (engine/tokenizer_tiny.py), loaded by path so that
+# the project's engine package (transformers 5) is not imported; that module needs only tokenizers + transformers.
+_spec = importlib.util.spec_from_file_location(
+    "tokenizer_tiny", Path(__file__).resolve().parents[2] / "engine" / "tokenizer_tiny.py")
+tokenizer_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tokenizer_tiny)
+BOS_TOKEN, EOS_TOKEN = tokenizer_tiny.BOS_TOKEN, tokenizer_tiny.EOS_TOKEN
 
 # --- CLIP text tokenizer corpus (a tiny BPE over CLIP's byte alphabet) -----------------------------------------
 CLIP_CORPUS = "a photo of a red circle . a blue square and a green triangle . a red square on a black background"
@@ -236,32 +174,11 @@ def randomize(module: nn.Module, gen: torch.Generator, skip: tuple[str, ...] = (
 # ==================================================================================================================
 def build_base_llama_tokenizer(out_dir: Path) -> None:
     """A Llama-3.1-Instruct-style tokenizer directory, as Meta's repo would hold it (the training's input)."""
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False), byte_level]
-    )
-    trainer = trainers.BpeTrainer(vocab_size=REGULAR_VOCAB, min_frequency=0, show_progress=False, special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(CORPUS), trainer=trainer)
-    data = json.loads(tok.to_str())
-    vocab = data["model"]["vocab"]
-    for i in range(REGULAR_VOCAB - len(vocab)):  # pad a vocabulary the corpus could not fill
-        vocab[f"<|vocab_pad_{i}|>"] = len(vocab)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in data["model"]["merges"]]
-    tok.model = models.BPE(vocab=vocab, merges=merges, ignore_merges=True)
-    assert tok.get_vocab_size() == REGULAR_VOCAB
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS_TOKEN}:0 $A:0", pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
-                                      special_tokens=[(BOS_TOKEN, REGULAR_VOCAB)]),
-    ])
+    tok = tokenizer_tiny.llama3_style_pipeline(REGULAR_VOCAB)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
                                    clean_up_tokenization_spaces=True, model_max_length=131072,
                                    model_input_names=["input_ids", "attention_mask"])
-    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    fast.chat_template = tokenizer_tiny.LLAMA3_CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
 
 
