@@ -57,7 +57,7 @@ bench: install
 
 # Retrain the shipped demo model (seeded; 2 h 04 min on the 2-core CPU on 2026-12-03) and evaluate it on held-out videos.
 model: install
-	$(BIN)/python -m synth.train --out models/vidmini-demo
+	$(BIN)/python -m vidmini.synth.train --out models/vidmini-demo
 
 eval: install
 	$(BIN)/python bench/eval_default_model.py --seed 1 --n 600

@@ -30,8 +30,8 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 def run(mode: str, videos: Path, work: Path, label: str, events: tuple[str, ...], window: float | None,
         backend: str, **kw) -> dict:
-    from app.batch import BatchOptions, run_batch
-    from app.summarize import SummarizeOptions
+    from vidmini.app.batch import BatchOptions, run_batch
+    from vidmini.app.summarize import SummarizeOptions
 
     home = work / f"home-{label}"
     os.environ["VIDMINI_HOME"] = str(home)  # an empty data root: ingest is part of the work
@@ -58,8 +58,8 @@ def main() -> None:
     import ray
     import torch
 
-    from synth.render import write_video
-    from synth.world import generate_timeline
+    from vidmini.synth.render import write_video
+    from vidmini.synth.world import generate_timeline
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     events = ("the word CAT is shown", "the background is teal") if args.mode == "surveillance" else ()

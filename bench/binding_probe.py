@@ -21,11 +21,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.models import SHIPPED_MODEL_DIR, ModelChoice, open_engine  # noqa: E402
-from engine.llama import attention, finish_layer, project_qkv  # noqa: E402
-from engine.prompt import build_prompt  # noqa: E402
-from synth.qfusion import Ask, FrameFacts, build_prefix_cache, kind_positions, question_ids, tower_features  # noqa: E402
-from synth.train import TRAIN_SEED_BASE, load_video, normalize  # noqa: E402
+from vidmini.app.models import SHIPPED_MODEL_DIR, ModelChoice, open_engine  # noqa: E402
+from vidmini.engine.llama import attention, finish_layer, project_qkv  # noqa: E402
+from vidmini.engine.prompt import build_prompt  # noqa: E402
+from vidmini.synth.qfusion import (  # noqa: E402
+    Ask,
+    FrameFacts,
+    build_prefix_cache,
+    kind_positions,
+    question_ids,
+    tower_features,
+)
+from vidmini.synth.train import TRAIN_SEED_BASE, load_video, normalize  # noqa: E402
 
 
 def draw(rng: np.random.Generator, here: np.ndarray) -> tuple[Ask, int]:

@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.describe import word_token_ids  # noqa: E402
-from app.models import choose_model, open_engine  # noqa: E402
-from ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
-from ingest.store import VideoStore  # noqa: E402
-from synth.questions import TEXT_Q  # noqa: E402
-from synth.render import write_video  # noqa: E402
-from synth.world import generate_timeline, truth_at  # noqa: E402
+from vidmini.app.describe import word_token_ids  # noqa: E402
+from vidmini.app.models import choose_model, open_engine  # noqa: E402
+from vidmini.ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
+from vidmini.ingest.store import VideoStore  # noqa: E402
+from vidmini.synth.questions import TEXT_Q  # noqa: E402
+from vidmini.synth.render import write_video  # noqa: E402
+from vidmini.synth.world import generate_timeline, truth_at  # noqa: E402
 
 VIDEOS = ((424242, 80), (535353, 150), (646464, 200))
 

@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.cli import main as cli  # noqa: E402
-from synth.render import write_video  # noqa: E402
-from synth.train import TRAIN_SEED_BASE  # noqa: E402
-from synth.world import generate_timeline, truth_at  # noqa: E402
+from vidmini.app.cli import main as cli  # noqa: E402
+from vidmini.synth.render import write_video  # noqa: E402
+from vidmini.synth.train import TRAIN_SEED_BASE  # noqa: E402
+from vidmini.synth.world import generate_timeline, truth_at  # noqa: E402
 
 MAX_SHARE = 0.4  # a query true in more of the video than this is not a search
 

@@ -26,10 +26,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.models import choose_model, open_engine  # noqa: E402
-from engine.llama import attention, finish_layer, project_qkv  # noqa: E402
-from engine.prompt import build_prompt  # noqa: E402
-from synth.train import TRAIN_SEED_BASE, adamw, buckets, llm_loss, load_video, lr_at, normalize, question_pool  # noqa: E402
+from vidmini.app.models import choose_model, open_engine  # noqa: E402
+from vidmini.engine.llama import attention, finish_layer, project_qkv  # noqa: E402
+from vidmini.engine.prompt import build_prompt  # noqa: E402
+from vidmini.synth.train import (  # noqa: E402
+    TRAIN_SEED_BASE,
+    adamw,
+    buckets,
+    llm_loss,
+    load_video,
+    lr_at,
+    normalize,
+    question_pool,
+)
 
 TRAINS = {
     "llm": ("model.layers.", "model.norm.", "lm_head"),

@@ -32,7 +32,7 @@ STRATEGIES = {  # decode only: FrameSampler at 1 fps, frames discarded
 CHILD = """
 import json, sys, time, resource
 sys.path.insert(0, {repo!r})
-from ingest.sampler import FrameSampler
+from vidmini.ingest.sampler import FrameSampler
 args = json.loads(sys.argv[1])
 size = tuple(args["size"]) if args.get("size") else None
 t0 = time.perf_counter(); n = 0
@@ -50,8 +50,8 @@ INGEST_CHILD = """
 import json, sys, time, resource, tempfile
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from app.models import choose_model, open_engine
-from ingest.job import IngestOptions, run_ingest
+from vidmini.app.models import choose_model, open_engine
+from vidmini.ingest.job import IngestOptions, run_ingest
 engine = open_engine(choose_model(None))
 with tempfile.TemporaryDirectory() as root:
     t0 = time.perf_counter()

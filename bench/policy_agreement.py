@@ -23,16 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.models import choose_model, open_engine  # noqa: E402
-from engine.generate import SamplingConfig  # noqa: E402
-from engine.session import VideoSession  # noqa: E402
-from index.search import MomentSearch, frame_picker  # noqa: E402
-from ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
-from ingest.store import VideoStore  # noqa: E402
-from synth.questions import FAMILIES, make_questions  # noqa: E402
-from synth.render import write_video  # noqa: E402
-from synth.train import TRAIN_SEED_BASE  # noqa: E402
-from synth.world import generate_timeline  # noqa: E402
+from vidmini.app.models import choose_model, open_engine  # noqa: E402
+from vidmini.engine.generate import SamplingConfig  # noqa: E402
+from vidmini.engine.session import VideoSession  # noqa: E402
+from vidmini.index.search import MomentSearch, frame_picker  # noqa: E402
+from vidmini.ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
+from vidmini.ingest.store import VideoStore  # noqa: E402
+from vidmini.synth.questions import FAMILIES, make_questions  # noqa: E402
+from vidmini.synth.render import write_video  # noqa: E402
+from vidmini.synth.train import TRAIN_SEED_BASE  # noqa: E402
+from vidmini.synth.world import generate_timeline  # noqa: E402
 
 POLICIES = ("uniform:4", "uniform:16", "uniform:64", "retrieved:16")
 

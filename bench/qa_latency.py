@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import LlavaMiniConfig  # noqa: E402
-from engine.generate import SamplingConfig  # noqa: E402
-from engine.inference import Engine  # noqa: E402
-from engine.model import LlavaMiniModel  # noqa: E402
-from engine.tiny import randomize_, tiny_clip, tiny_llama_config  # noqa: E402
-from engine.tokenizer_tiny import build_llama3_style_tokenizer, generation_eos_ids  # noqa: E402
-from engine.vision import VisionTower, make_image_processor  # noqa: E402
+from vidmini.engine.config import LlavaMiniConfig  # noqa: E402
+from vidmini.engine.generate import SamplingConfig  # noqa: E402
+from vidmini.engine.inference import Engine  # noqa: E402
+from vidmini.engine.model import LlavaMiniModel  # noqa: E402
+from vidmini.engine.tiny import randomize_, tiny_clip, tiny_llama_config  # noqa: E402
+from vidmini.engine.tokenizer_tiny import build_llama3_style_tokenizer, generation_eos_ids  # noqa: E402
+from vidmini.engine.vision import VisionTower, make_image_processor  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUESTION = "What colour is the square, and how many circles are there?"

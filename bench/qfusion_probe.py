@@ -23,10 +23,10 @@ from transformers import CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.models import ModelChoice, open_engine  # noqa: E402
-from synth.demo_model import save_demo  # noqa: E402
-from synth.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion  # noqa: E402
-from synth.train import TRAIN_SEED_BASE, TrainConfig, load_video, normalize, stage2  # noqa: E402
+from vidmini.app.models import ModelChoice, open_engine  # noqa: E402
+from vidmini.synth.demo_model import save_demo  # noqa: E402
+from vidmini.synth.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion  # noqa: E402
+from vidmini.synth.train import TRAIN_SEED_BASE, TrainConfig, load_video, normalize, stage2  # noqa: E402
 
 
 def main() -> None:

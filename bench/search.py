@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.vectors import FrameVectors  # noqa: E402
+from vidmini.index.vectors import FrameVectors  # noqa: E402
 
 DIM = 768
 

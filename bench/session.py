@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qa_latency import build_engine, pixels_for  # noqa: E402
 
-from engine.generate import SamplingConfig  # noqa: E402
-from engine.session import AUTO_K, VideoSession  # noqa: E402
+from vidmini.engine.generate import SamplingConfig  # noqa: E402
+from vidmini.engine.session import AUTO_K, VideoSession  # noqa: E402
 
 QUESTIONS = ["What colour is the square, and how many circles are there?", "What happens after the red car leaves?",
              "Is anyone holding an umbrella?", "Where is the dog at the end?"]

@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.models import SHIPPED_MODEL_DIR, ModelChoice, open_engine  # noqa: E402
-from engine.prompt import build_prompt  # noqa: E402
-from synth.questions import timeline_facts  # noqa: E402
-from synth.train import (  # noqa: E402
+from vidmini.app.models import SHIPPED_MODEL_DIR, ModelChoice, open_engine  # noqa: E402
+from vidmini.engine.prompt import build_prompt  # noqa: E402
+from vidmini.synth.questions import timeline_facts  # noqa: E402
+from vidmini.synth.train import (  # noqa: E402
     FAMILY_WEIGHTS,
     TRAIN_SEED_BASE,
     FusedQuestionBank,

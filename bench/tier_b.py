@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.models import ModelChoice, choose_model, open_engine  # noqa: E402
-from engine.fusion import prefuse_prefix  # noqa: E402
-from engine.tiny import build_tiny_checkpoint  # noqa: E402
-from ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
-from ingest.store import VideoStore  # noqa: E402
-from synth.render import write_video  # noqa: E402
-from synth.world import generate_timeline  # noqa: E402
+from vidmini.app.models import ModelChoice, choose_model, open_engine  # noqa: E402
+from vidmini.engine.fusion import prefuse_prefix  # noqa: E402
+from vidmini.engine.tiny import build_tiny_checkpoint  # noqa: E402
+from vidmini.ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
+from vidmini.ingest.store import VideoStore  # noqa: E402
+from vidmini.synth.render import write_video  # noqa: E402
+from vidmini.synth.world import generate_timeline  # noqa: E402
 
 
 def drop_cache(store: VideoStore) -> None:
@@ -66,7 +66,7 @@ def measure(engine, label: str, frames: int, workdir: Path) -> dict:
 
 
 def _frames(video: Path):
-    from ingest.sampler import FrameSampler
+    from vidmini.ingest.sampler import FrameSampler
 
     return [f.image for f in FrameSampler(str(video), fps=1.0)]
 

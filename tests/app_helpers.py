@@ -12,15 +12,15 @@ RELIABLE = ("scene", "text")  # ~100% on the shipped demo model; the other famil
 
 def world_video(folder: Path, seed: int, seconds: int = 30):
     """(path, timeline) of a synthetic-world mp4 (its truth JSON beside it)."""
-    from synth.render import write_video
-    from synth.world import generate_timeline
+    from vidmini.synth.render import write_video
+    from vidmini.synth.world import generate_timeline
 
     timeline = generate_timeline(seed, seconds)
     return write_video(timeline, Path(folder) / f"world-seed{seed}-{seconds}s.mp4"), timeline
 
 
 def reliable_questions(timeline, seed: int = 0, per_family: int = 3) -> list:
-    from synth.questions import make_questions
+    from vidmini.synth.questions import make_questions
 
     qs = make_questions(timeline, np.random.default_rng(seed), per_family=per_family)
     return [q for q in qs if q.family in RELIABLE]

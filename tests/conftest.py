@@ -14,6 +14,6 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
     Treat it as read-only: tests that change files copy it first (shutil.copytree).
     """
-    from engine.tiny import build_tiny_checkpoint
+    from vidmini.engine.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seed=7)

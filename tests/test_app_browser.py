@@ -43,8 +43,8 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 def whole_video_question():
     """A synthetic video and a question over all of it that the demo model answers reliably (the scene
     family: the background colour), with its exact answer."""
-    from synth.questions import answer_for, make_questions
-    from synth.world import generate_timeline
+    from vidmini.synth.questions import answer_for, make_questions
+    from vidmini.synth.world import generate_timeline
 
     for seed in range(1, 60):
         timeline = generate_timeline(seed, SECONDS)
@@ -170,7 +170,7 @@ def button(scope, label: str):
 
 
 def test_upload_ask_seek_search_and_a_corrupt_upload(server, browser, tmp_path):
-    from synth.render import write_video
+    from vidmini.synth.render import write_video
 
     url, home = server
     seed, timeline, question = whole_video_question()

@@ -12,9 +12,9 @@ import pytest
 from app_helpers import corrupt_file, reliable_questions, world_video
 from streamlit.testing.v1 import AppTest
 
-from app.library import Library, shared_library
+from vidmini.app.library import Library, shared_library
 
-SCRIPT = str(Path(__file__).resolve().parents[1] / "app" / "ui_main.py")
+SCRIPT = str(Path(__file__).resolve().parents[1] / "vidmini" / "app" / "ui_main.py")
 
 
 @pytest.fixture(scope="module")

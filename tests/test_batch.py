@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from app.batch import BatchOptions, Manifest, discover, run_batch
-from app.cli import main as cli
-from app.formats import JSON_SCHEMA
-from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
-from app.summarize import SummarizeOptions, pieces
-from synth.render import write_video
-from synth.world import generate_timeline
+from vidmini.app.batch import BatchOptions, Manifest, discover, run_batch
+from vidmini.app.cli import main as cli
+from vidmini.app.formats import JSON_SCHEMA
+from vidmini.app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
+from vidmini.app.summarize import SummarizeOptions, pieces
+from vidmini.synth.render import write_video
+from vidmini.synth.world import generate_timeline
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
 
@@ -29,7 +29,7 @@ SEEDS = {"cam1": (31, 90), "cam2": (32, 75), "talk": (33, 90)}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Generated videos (with their timelines), a data root, and one library with the demo model loaded."""
-    from app.library import Library
+    from vidmini.app.library import Library
 
     root = tmp_path_factory.mktemp("batch")
     home = root / "home"
@@ -266,9 +266,9 @@ def test_a_general_model_gets_plain_prompts_and_yes_no_events(world, tmp_path, t
     import srt
     import webvtt
 
-    from app.describe import ModelDescriber, describer_for, probe_for
-    from app.library import Library
-    from app.models import ModelChoice
+    from vidmini.app.describe import ModelDescriber, describer_for, probe_for
+    from vidmini.app.library import Library
+    from vidmini.app.models import ModelChoice
 
     engine = open_engine(ModelChoice(str(tiny_ckpt), "tiny-random"))
     assert isinstance(describer_for(engine), ModelDescriber)
@@ -292,10 +292,10 @@ def test_demo_describer_names_only_the_worlds_words_and_only_when_one_is_shown()
     describer must choose among the world's words, and say none when none is shown."""
     import numpy as np
 
-    from app.describe import Asker, DemoWorldDescriber
-    from engine.session import VideoSession
-    from synth.render import render_samples
-    from synth.world import WORDS, truth_at
+    from vidmini.app.describe import Asker, DemoWorldDescriber
+    from vidmini.engine.session import VideoSession
+    from vidmini.synth.render import render_samples
+    from vidmini.synth.world import WORDS, truth_at
 
     engine = open_engine(choose_model(None))
     timeline = generate_timeline(161803, 90)

@@ -1,4 +1,4 @@
-"""engine.checkpoint: exact round trips, the reference key layout, clear failures, safe `.bin`, the HF cache.
+"""vidmini.engine.checkpoint: exact round trips, the reference key layout, clear failures, safe `.bin`, the HF cache.
 
 Expected values come from the files on disk (read with safetensors / json directly) or are literals written
 by the test; the session fixture `tiny_ckpt` (conftest.py) is never modified — tests that change files work
@@ -17,8 +17,8 @@ import torch
 from hf_cache import fake_hf_cache
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import CheckpointError, eos_ids_of, load_checkpoint, save_checkpoint
-from engine.config import LlavaMiniConfig
+from vidmini.engine.checkpoint import CheckpointError, eos_ids_of, load_checkpoint, save_checkpoint
+from vidmini.engine.config import LlavaMiniConfig
 
 VISION = "model.vision_tower."
 REFERENCE_KEYS = [

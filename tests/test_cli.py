@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
-from engine.generate import SamplingConfig
-from engine.inference import Engine
-from engine.tiny import build_tiny_checkpoint
-from ingest.simple_decode import sample_frames
+from vidmini.engine.checkpoint import load_checkpoint
+from vidmini.engine.generate import SamplingConfig
+from vidmini.engine.inference import Engine
+from vidmini.engine.tiny import build_tiny_checkpoint
+from vidmini.ingest.simple_decode import sample_frames
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "videos"
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def isolated_home(tmp_path, monkeypatch):
 
 def vidmini(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "vidmini.app.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env=full_env, timeout=300)
 
 
@@ -118,13 +118,13 @@ def test_default_model_is_the_shipped_demo_and_says_so(tmp_path):
 
 def test_random_fallback_without_a_shipped_model_has_a_banner(tmp_path, monkeypatch, capsys):
     """Without the shipped directory (a trimmed install) the fallback is a tiny random model, and it says so."""
-    import app.cli
-    import app.models
+    import vidmini.app.cli
+    import vidmini.app.models
 
-    monkeypatch.setattr(app.models, "SHIPPED_MODEL_DIR", tmp_path / "missing")
+    monkeypatch.setattr(vidmini.app.models, "SHIPPED_MODEL_DIR", tmp_path / "missing")
     monkeypatch.setenv("VIDMINI_HOME", str(tmp_path / "home"))
-    assert app.models.choose_model(None).is_random
-    assert app.cli.main(["ask", str(FIXTURES / "realshort.mp4"), QUESTION, "--max-new-tokens", "3"]) == 0
+    assert vidmini.app.models.choose_model(None).is_random
+    assert vidmini.app.cli.main(["ask", str(FIXTURES / "realshort.mp4"), QUESTION, "--max-new-tokens", "3"]) == 0
     err = capsys.readouterr().err
     assert "RANDOM-WEIGHT" in err and "meaningless" in err
     assert (tmp_path / "home" / "models" / "tiny-random" / "config.json").exists()

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
-from engine.checkpoint import load_checkpoint
-from engine.prompt import SYSTEM_PROMPT, build_prompt
-from synth.render import render_samples
-from synth.world import BACKGROUNDS, KINDS, SHAPE_COLOURS, WORDS, generate_timeline, truth_at
+from vidmini.app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
+from vidmini.engine.checkpoint import load_checkpoint
+from vidmini.engine.prompt import SYSTEM_PROMPT, build_prompt
+from vidmini.synth.render import render_samples
+from vidmini.synth.world import BACKGROUNDS, KINDS, SHAPE_COLOURS, WORDS, generate_timeline, truth_at
 
 REPO = Path(__file__).resolve().parents[1]
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
@@ -65,7 +65,7 @@ def test_text_tower_finds_frames_with_the_named_thing():
     """Search on the demo model: CLIP text features of "a <colour> <kind>" rank frames showing it first."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from engine.vision import load_image_processor, preprocess_frames
+    from vidmini.engine.vision import load_image_processor, preprocess_frames
 
     clip = CLIPModel.from_pretrained(str(SHIPPED_MODEL_DIR / "vision_tower")).eval()
     tok = AutoTokenizer.from_pretrained(str(SHIPPED_MODEL_DIR / "vision_tower"))
@@ -115,7 +115,7 @@ def _tmp() -> Path:
 def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     """Two short runs with one seed give identical weights; the result loads through the engine's loader and a
     different seed gives different weights."""
-    from synth.train import TrainConfig, train
+    from vidmini.synth.train import TrainConfig, train
 
     cfg = dict(videos=4, video_s=(20, 30), long_videos=2, long_video_s=(30, 40), stage0_steps=2, stage0_batch=8,
                stage1_steps=3, qfusion_steps=2, qfusion_videos=4, stage2_steps=2, stage1_batch=4, stage2_batch=2,
@@ -142,7 +142,7 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     # stage 3 alone (search) on a copy: same weights as in the full run, and nothing an answer reads changes
     import shutil
 
-    from synth.train import retune_search
+    from vidmini.synth.train import retune_search
 
     d = tmp_path / "d"
     shutil.copytree(a, d)
@@ -164,7 +164,7 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
 
     # stage 2b (retrieval), then binding (+ 2c), alone on a run without them: the full run's weights; 2b moves only
     # the LLM, binding adds the fourth pre-fusion layer
-    from synth.train import retune_llm, stage2_retrieval, stage_binding
+    from vidmini.synth.train import retune_llm, stage2_retrieval, stage_binding
 
     n = train(tmp_path / "n", TrainConfig(seed=3, **{**cfg, "retrieval_steps": 0, "binding_steps": 0}))
     assert load_checkpoint(n).model.config.prefusion_layer_num == 3
@@ -190,7 +190,7 @@ def test_demo_command_makes_the_sample_once_and_answers(tmp_path, monkeypatch):
 
     env = {k: v for k, v in __import__("os").environ.items() if k != "VIDMINI_MODEL"}
     env["VIDMINI_HOME"] = str(tmp_path)
-    cmd = [sys.executable, "-m", "app.cli", "demo", "--seconds", "40", "--seed", "3"]
+    cmd = [sys.executable, "-m", "vidmini.app.cli", "demo", "--seconds", "40", "--seed", "3"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert first.returncode == 0, first.stderr
     assert "writing the sample video" in first.stderr
@@ -210,7 +210,7 @@ def test_demo_command_rejects_a_bad_length(tmp_path):
     import sys
 
     env = {**os.environ, "VIDMINI_HOME": str(tmp_path)}
-    res = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--seconds", "3"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "vidmini.app.cli", "demo", "--seconds", "3"], capture_output=True,
                          text=True, env=env, cwd=REPO, timeout=120)
     assert res.returncode == 2 and res.stderr.strip() == "vidmini: error: --seconds must be between 10 and 10800"
     assert not (tmp_path / "samples").exists()
@@ -218,8 +218,8 @@ def test_demo_command_rejects_a_bad_length(tmp_path):
 
 def test_training_pixels_equal_the_engines_preprocessing():
     """Training normalizes frames itself (fast, batched); it must feed the numbers inference feeds."""
-    from engine.vision import make_image_processor, preprocess_frames, resize_nearest
-    from synth.train import normalize
+    from vidmini.engine.vision import make_image_processor, preprocess_frames, resize_nearest
+    from vidmini.synth.train import normalize
 
     frames = [frame for _, frame in render_samples(generate_timeline(77, 4))]
     ours = normalize(np.stack([resize_nearest(f, 80) for f in frames]))
@@ -233,7 +233,7 @@ def test_binding_only_refuses_a_model_that_already_has_the_binding_layer(tmp_pat
     """`--binding-only` twice would stack a fifth pre-fusion layer on the shipped weights: it stops first."""
     import shutil
 
-    from synth.train import main
+    from vidmini.synth.train import main
 
     target = tmp_path / "m"
     shutil.copytree(SHIPPED_MODEL_DIR, target)
@@ -247,7 +247,7 @@ def test_binding_only_refuses_a_model_that_already_has_the_binding_layer(tmp_pat
 @pytest.mark.parametrize("mode", ["--binding-only", "--retrieval-only", "--search-only"])
 def test_late_stage_modes_refuse_a_directory_without_a_trained_model(tmp_path, capsys, mode):
     """A wrong --out for a late stage alone: one line saying what is missing, before any work, nothing written."""
-    from synth.train import main
+    from vidmini.synth.train import main
 
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "nowhere"), mode])

@@ -12,11 +12,11 @@ from PIL import Image
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from engine.checkpoint import load_checkpoint
-from engine.fusion import prefuse_full
-from engine.generate import SamplingConfig
-from engine.inference import Engine
-from engine.tiny import build_tiny_checkpoint
+from vidmini.engine.checkpoint import load_checkpoint
+from vidmini.engine.fusion import prefuse_full
+from vidmini.engine.generate import SamplingConfig
+from vidmini.engine.inference import Engine
+from vidmini.engine.tiny import build_tiny_checkpoint
 
 QUESTION = "What colour is the square?"
 OTHER = "How many circles are there?"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
-from engine.generate import SamplingConfig
-from engine.inference import Engine
-from engine.tiny import build_tiny_checkpoint
+from vidmini.engine.checkpoint import load_checkpoint
+from vidmini.engine.generate import SamplingConfig
+from vidmini.engine.inference import Engine
+from vidmini.engine.tiny import build_tiny_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

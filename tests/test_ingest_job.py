@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
-from engine.inference import Engine
-from engine.tiny import build_tiny_checkpoint
-from ingest.job import IngestOptions, load_states, run_ingest
-from ingest.simple_decode import sample_frames
-from ingest.store import Library
+from vidmini.engine.checkpoint import load_checkpoint
+from vidmini.engine.inference import Engine
+from vidmini.engine.tiny import build_tiny_checkpoint
+from vidmini.ingest.job import IngestOptions, load_states, run_ingest
+from vidmini.ingest.simple_decode import sample_frames
+from vidmini.ingest.store import Library
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "videos"
 REPO = Path(__file__).resolve().parents[1]
@@ -73,9 +73,9 @@ def test_ingest_fixture_matches_direct_encoding(engine, tmp_path):
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
-from engine.checkpoint import load_checkpoint
-from engine.inference import Engine
-from ingest.job import IngestOptions, run_ingest
+from vidmini.engine.checkpoint import load_checkpoint
+from vidmini.engine.inference import Engine
+from vidmini.ingest.job import IngestOptions, run_ingest
 ckpt, video, root = sys.argv[1:4]
 loaded = load_checkpoint(ckpt)
 engine = Engine(loaded.model, loaded.tokenizer, loaded.processor, loaded.eos_ids, name=ckpt)
@@ -152,7 +152,7 @@ def test_loopback_http_stream(engine, tmp_path):
 
 
 def vidmini(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "vidmini.app.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **env}, timeout=300)
 
 
@@ -185,7 +185,7 @@ def test_hwaccel_ingest_stores_the_software_frames(engine, tmp_path):
     soft = run_ingest(source, engine, tmp_path / "a", IngestOptions())
     hard = run_ingest(source, engine, tmp_path / "b", IngestOptions(hwaccel="cuda"))
     assert hard.frames == soft.frames == 2
-    from ingest.store import VideoStore
+    from vidmini.ingest.store import VideoStore
 
     a, b = (load_states(VideoStore.load_existing(r.store_path)) for r in (soft, hard))
     if not torch.cuda.is_available():  # software both times: bit-identical

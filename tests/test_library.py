@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from app_helpers import corrupt_file, reliable_questions, world_video
 
-from app.library import COPY_CHUNK, UPLOADS, Library, LibraryError, ModelLoadError, sanitize_filename
+from vidmini.app.library import COPY_CHUNK, UPLOADS, Library, LibraryError, ModelLoadError, sanitize_filename
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def _call(route, method: str, path: str, query: str, headers: dict, body_parts: 
 
 
 def test_upload_route_streams_to_disk_and_checks_the_token(tmp_path):
-    from app.server import UPLOAD_PATH, make_routes
+    from vidmini.app.server import UPLOAD_PATH, make_routes
 
     library = Library(tmp_path / "home")
     upload = make_routes(lambda: library)[0]
@@ -299,7 +299,7 @@ def test_upload_route_streams_to_disk_and_checks_the_token(tmp_path):
 
 
 def test_media_route_serves_ranges(lib, world):
-    from app.server import MEDIA_PATH, make_routes
+    from vidmini.app.server import MEDIA_PATH, make_routes
 
     video_id, _ = world
     media = make_routes(lambda: lib)[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.vision import make_image_processor, preprocess_frames, resize_nearest
+from vidmini.engine.vision import make_image_processor, preprocess_frames, resize_nearest
 
 
 @pytest.mark.parametrize("h,w,size", [(1080, 1920, 336), (720, 1280, 224), (241, 321, 28), (17, 5, 336),

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 from test_simple_decode import CODECS, VFR_EXPECTED, VFR_SETPTS, H, W, _make_coded, _read_code, needs_ffmpeg
 
-from ingest.errors import (
+from vidmini.ingest.errors import (
     CorruptMedia,
     IngestError,
     NotAVideo,
@@ -34,9 +34,9 @@ from ingest.errors import (
     SourceUnreachable,
     UnsupportedCodec,
 )
-from ingest.probe import ProbeInfo, probe
-from ingest.sampler import FrameSampler, SampledFrame, sample
-from ingest.simple_decode import MediaError, sample_frames
+from vidmini.ingest.probe import ProbeInfo, probe
+from vidmini.ingest.sampler import FrameSampler, SampledFrame, sample
+from vidmini.ingest.simple_decode import MediaError, sample_frames
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "videos"
 NAMES = ["safari.mp4", "cockatoo.mp4", "realshort.mp4"]
@@ -195,7 +195,7 @@ def test_sparse_sampling_seeks_and_stays_exact() -> None:
 
 def test_seek_that_lands_late_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     """Demuxers that seek by dts can land on a keyframe after the sampling time: simulate that once."""
-    from ingest import decode_pyav
+    from vidmini.ingest import decode_pyav
 
     real_seek, calls = decode_pyav._Decoder._seek, []
 
@@ -505,7 +505,7 @@ def test_permission_denied_for_real() -> None:
         locked = folder / "locked.mp4"
         locked.write_bytes(fixture("realshort.mp4").read_bytes())
         locked.chmod(0)
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from ingest.probe import probe\n"
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from vidmini.ingest.probe import probe\n"
                 "try:\n    probe(sys.argv[2])\nexcept Exception as e:\n    print(type(e).__name__, e)")
         res = subprocess.run(["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                               sys.executable, "-c", code, str(REPO), str(locked)], capture_output=True, text=True)

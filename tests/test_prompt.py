@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.prompt import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, build_prompt, tokenize_with_image
-from engine.tokenizer_tiny import build_llama3_style_tokenizer
+from vidmini.engine.prompt import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, build_prompt, tokenize_with_image
+from vidmini.engine.tokenizer_tiny import build_llama3_style_tokenizer
 
 VOCAB = 512
 BOS, START, END, EOT = VOCAB + 0, VOCAB + 6, VOCAB + 7, VOCAB + 9  # Llama-3 order: 128000, 128006, 128007, 128009

@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from engine.checkpoint import CheckpointError, load_checkpoint
+from vidmini.engine.checkpoint import CheckpointError, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO / "tests" / "fixtures" / "published"
@@ -84,7 +84,7 @@ def published(tmp_path: Path, offline_hub: Path) -> Path:
 
 
 def first_logits(loaded, image: Image.Image, question: str = QUESTION) -> torch.Tensor:
-    from engine.inference import Engine
+    from vidmini.engine.inference import Engine
 
     engine = Engine(loaded.model, loaded.tokenizer, loaded.processor, loaded.eos_ids)
     return engine.first_logits_full(engine.image_pixels(image), question)
@@ -184,7 +184,7 @@ def test_the_5x_layout_gives_the_same_model(published, tmp_path, tokenizer_class
 
 
 def test_a_saved_config_is_in_the_published_form_and_reads_back(published, tmp_path):
-    from engine.config import LlavaMiniConfig
+    from vidmini.engine.config import LlavaMiniConfig
 
     config = load_checkpoint(published).model.config
     config.save(tmp_path)
@@ -267,13 +267,13 @@ def hub_home(tmp_path_factory) -> Path:
 
 def vidmini(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "VIDMINI_MODEL"}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "vidmini.app.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env={**full, **env}, timeout=600)
 
 
 def in_process_tokens(directory: Path, image: Path, tokens: int) -> list[int]:
-    from engine.generate import SamplingConfig
-    from engine.inference import Engine
+    from vidmini.engine.generate import SamplingConfig
+    from vidmini.engine.inference import Engine
 
     loaded = load_checkpoint(directory)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.processor, loaded.eos_ids)
@@ -329,7 +329,7 @@ def test_cli_ask_the_hd_variant_and_a_video(hub_home, tmp_path):
 def test_summarize_with_model(hub_home, tmp_path):
     import jsonschema
 
-    from app.formats import JSON_SCHEMA
+    from vidmini.app.formats import JSON_SCHEMA
 
     folder = tmp_path / "videos"
     folder.mkdir()
@@ -349,7 +349,7 @@ def test_the_apps_load_another_model(tmp_path, offline_hub, monkeypatch):
     fake_hf_cache(offline_hub, TOWER_ID, TOWER)
     monkeypatch.setenv("VIDMINI_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("VIDMINI_MODEL", raising=False)
-    at = AppTest.from_file(str(REPO / "app" / "ui_main.py"), default_timeout=180).run()
+    at = AppTest.from_file(str(REPO / "vidmini" / "app" / "ui_main.py"), default_timeout=180).run()
     assert not at.exception
     field = [t for t in at.text_input if t.label == "Load another model"][0]
     field.set_value(str(MAIN))
@@ -361,7 +361,7 @@ def test_the_apps_load_another_model(tmp_path, offline_hub, monkeypatch):
 
 def test_the_openai_style_tower_gives_a_search_space():
     """The text tower beside the vision tower (old-style config, .bin weights, CLIP's BPE) for moment search."""
-    from engine.retrieval import RetrievalSpace
+    from vidmini.engine.retrieval import RetrievalSpace
 
     space = RetrievalSpace.load(TOWER)
     assert space is not None

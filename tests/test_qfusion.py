@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
-from engine.fusion import prefuse_prefix, prefuse_question
-from engine.prompt import build_prompt
-from synth.qfusion import (
+from vidmini.app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
+from vidmini.engine.fusion import prefuse_prefix, prefuse_question
+from vidmini.engine.prompt import build_prompt
+from vidmini.synth.qfusion import (
     COLOURS,
     Ask,
     FrameFacts,
@@ -25,9 +25,9 @@ from synth.qfusion import (
     tower_features,
     trainable_rows,
 )
-from synth.questions import make_questions
-from synth.train import load_video, normalize, seen_targets
-from synth.world import BACKGROUNDS, KINDS, WORDS
+from vidmini.synth.questions import make_questions
+from vidmini.synth.train import load_video, normalize, seen_targets
+from vidmini.synth.world import BACKGROUNDS, KINDS, WORDS
 
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
 
@@ -107,7 +107,7 @@ def test_route_head_attention_is_the_new_layers_own_and_the_colour_word_precedes
     before it: the probabilities it trains are the ones the layer's attention uses (checked through the attention
     function itself, with one-hot values), and the word before the kind word is the asked colour in every
     presence question."""
-    import synth.qfusion as qf
+    import vidmini.synth.qfusion as qf
 
     model, tok = demo
     for c in range(len(COLOURS)):

@@ -14,8 +14,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from engine.config import LlavaMiniConfig
-from engine.rope import RopeConfigError, RopeSpec, RotaryEmbedding
+from vidmini.engine.config import LlavaMiniConfig
+from vidmini.engine.rope import RopeConfigError, RopeSpec, RotaryEmbedding
 
 SIZES = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 131072}
 LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -19,10 +19,16 @@ from test_simple_decode import (
     needs_ffmpeg,
 )
 
-from ingest.errors import CorruptMedia, NotAVideo, SourceNotFound, SourcePermissionError, SourceUnreachable
-from ingest.probe import probe
-from ingest.sampler import FrameSampler
-from ingest.simple_decode import sample_frames
+from vidmini.ingest.errors import (
+    CorruptMedia,
+    NotAVideo,
+    SourceNotFound,
+    SourcePermissionError,
+    SourceUnreachable,
+)
+from vidmini.ingest.probe import probe
+from vidmini.ingest.sampler import FrameSampler
+from vidmini.ingest.simple_decode import sample_frames
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "videos"
 
@@ -195,8 +201,8 @@ def test_audio_only_is_not_a_video(tmp_path):
 SEEK_LOOP_CHECK = """
 import sys, json
 import numpy as np
-from ingest.sampler import FrameSampler
-from ingest.simple_decode import sample_frames
+from vidmini.ingest.sampler import FrameSampler
+from vidmini.ingest.simple_decode import sample_frames
 got = list(FrameSampler(sys.argv[1]))
 ref = sample_frames(sys.argv[1])
 print(json.dumps({"times": [f.t for f in got], "ref_times": ref.timestamps,
@@ -212,8 +218,8 @@ def test_a_seek_the_demuxer_lands_early_does_not_loop(tmp_path):
     import json
     import sys
 
-    from synth.render import write_video
-    from synth.world import generate_timeline
+    from vidmini.synth.render import write_video
+    from vidmini.synth.world import generate_timeline
 
     whole = write_video(dataclasses.replace(generate_timeline(101, 900), duration_s=400), tmp_path / "whole.mp4")
     cut = tmp_path / "cut.mp4"

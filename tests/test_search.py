@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.cli import main as cli
-from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
-from index.library import LibraryIndex
-from index.moments import Hit, collapse_duplicates, merge_hits, scene_boundaries
-from index.vectors import FrameVectors, IndexCorrupt
-from synth.render import write_video
-from synth.world import generate_timeline, truth_at
+from vidmini.app.cli import main as cli
+from vidmini.app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
+from vidmini.index.library import LibraryIndex
+from vidmini.index.moments import Hit, collapse_duplicates, merge_hits, scene_boundaries
+from vidmini.index.vectors import FrameVectors, IndexCorrupt
+from vidmini.synth.render import write_video
+from vidmini.synth.world import generate_timeline, truth_at
 
 REPO = Path(__file__).resolve().parents[1]
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
@@ -179,7 +179,7 @@ def test_corrupt_or_missing_index_files_are_rebuilt_from_the_store(tmp_path, mon
 def test_a_live_ingest_adds_frames_to_the_index_chunk_by_chunk(tmp_path):
     """A recording still being written (ffmpeg copying a synthetic video into MPEG-TS at 4× real time): each
     committed chunk is searchable at once, by incremental adds, never a rebuild."""
-    from ingest.job import IngestOptions, run_ingest
+    from vidmini.ingest.job import IngestOptions, run_ingest
 
     engine = open_engine(choose_model(None))
     lib = LibraryIndex(tmp_path)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
-from engine.generate import SamplingConfig
-from engine.inference import Engine
-from engine.manager import SessionManager
-from engine.session import Policy, VideoSession, uniform_pick
-from engine.timerange import (
+from vidmini.engine.checkpoint import load_checkpoint
+from vidmini.engine.generate import SamplingConfig
+from vidmini.engine.inference import Engine
+from vidmini.engine.manager import SessionManager
+from vidmini.engine.session import Policy, VideoSession, uniform_pick
+from vidmini.engine.timerange import (
     QUESTION_TIME_WINDOW_S,
     TimeRange,
     format_time,
@@ -26,7 +26,7 @@ from engine.timerange import (
     range_from_question,
     times_in_question,
 )
-from engine.tiny import build_tiny_checkpoint
+from vidmini.engine.tiny import build_tiny_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "videos"
 QUESTION = "What colour is the square?"
@@ -207,7 +207,7 @@ def test_growing_source_exact_rebuild_and_incremental_deviation(engine, video300
     got = live.ask(QUESTION, policy="all", sampling=greedy(10)).result()
     assert not got.exact_prefix and got.prefix_cosine == entry.prefix_cosine
     # its keys/values are those of [stale mean P', c'_1 … c'_300] computed in one go
-    from engine.generate import allocate_cache, prefill
+    from vidmini.engine.generate import allocate_cache, prefill
 
     seq = torch.cat([stale.to(states.prefix_text.dtype), states.compressed.flatten(0, 1)])[None]
     ref = allocate_cache(engine.model, seq.shape[1])
@@ -219,7 +219,7 @@ def test_growing_source_exact_rebuild_and_incremental_deviation(engine, video300
 
 
 def test_subset_is_gathered_once_and_equals_fusing_those_frames(engine, video300):
-    from engine.fusion import prefuse_question
+    from vidmini.engine.fusion import prefuse_question
 
     _, states, ts = video300
     per_frame = sum(k[0].numel() * k.element_size() for k in states.keys + states.values)
@@ -244,9 +244,9 @@ def test_subset_is_gathered_once_and_equals_fusing_those_frames(engine, video300
 
 # ---- tier C from a store ------------------------------------------------------------------------------------------
 def test_store_session_working_set_under_budget(engine, tmp_path):
-    from ingest.job import IngestOptions, load_states, run_ingest
-    from ingest.session_store import open_store_session, store_states
-    from ingest.store import Library
+    from vidmini.ingest.job import IngestOptions, load_states, run_ingest
+    from vidmini.ingest.session_store import open_store_session, store_states
+    from vidmini.ingest.store import Library
 
     result = run_ingest(str(FIXTURES / "safari.mp4"), engine, tmp_path, IngestOptions(chunk_frames=4))
     store = Library(tmp_path).get(result.video_id)
@@ -356,14 +356,14 @@ def test_eviction_reload_and_memory_release(engine):
 
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 def test_cli_json_fields_ranges_and_no_cache(tmp_path, monkeypatch, capsys):
-    import app.cli
+    import vidmini.app.cli
 
     ckpt = build_tiny_checkpoint(tmp_path / "ckpt", seed=4)
     monkeypatch.setenv("VIDMINI_HOME", str(tmp_path / "home"))
     video = str(FIXTURES / "safari.mp4")
 
     def ask(*extra: str) -> dict:
-        assert app.cli.main(["ask", video, QUESTION, "--model", str(ckpt), "--json", "--max-new-tokens", "6",
+        assert vidmini.app.cli.main(["ask", video, QUESTION, "--model", str(ckpt), "--json", "--max-new-tokens", "6",
                              *extra]) == 0
         return json.loads(capsys.readouterr().out)
 
@@ -381,14 +381,14 @@ def test_cli_json_fields_ranges_and_no_cache(tmp_path, monkeypatch, capsys):
     assert whole["frames"] == 11 and whole["fused_frames"] == [0, 5, 10] and whole["range"] is None
     by_id = ask("--policy", "all")
     assert by_id["video_id"] == whole["video_id"] is not None
-    assert app.cli.main(["ask", by_id["video_id"][:10], QUESTION, "--model", str(ckpt), "--json",
+    assert vidmini.app.cli.main(["ask", by_id["video_id"][:10], QUESTION, "--model", str(ckpt), "--json",
                          "--max-new-tokens", "6", "--policy", "all"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == by_id["token_ids"]
     for bad in (["--from", "9", "--to", "3"], ["--policy", "most"], ["--from", "1:99"]):  # caught before loading
-        assert app.cli.main(["ask", video, QUESTION, "--model", str(ckpt), *bad]) == 2
+        assert vidmini.app.cli.main(["ask", video, QUESTION, "--model", str(ckpt), *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("vidmini: error:")
-    assert app.cli.main(["ask", video, QUESTION, "--model", str(ckpt), "--from", "30"]) == 2  # past the end
+    assert vidmini.app.cli.main(["ask", video, QUESTION, "--model", str(ckpt), "--from", "30"]) == 2  # past the end
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("vidmini: error: no frames between 0:00:30 and 0:00:30")
     assert "Traceback" not in err

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest import simple_decode
-from ingest.simple_decode import MediaError, SampledFrames, load_image, media_kind, sample_frames
+from vidmini.ingest import simple_decode
+from vidmini.ingest.simple_decode import MediaError, SampledFrames, load_image, media_kind, sample_frames
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "videos"
 HAVE_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None

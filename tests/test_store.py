@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import ingest.store as store_mod
-from ingest.store import (
+import vidmini.ingest.store as store_mod
+from vidmini.ingest.store import (
     NON_COMPARED,
     Library,
     StoreConflict,
@@ -197,7 +197,7 @@ WRITER = r"""
 import sys, time
 from pathlib import Path
 import torch
-from ingest.store import StoreKey, VideoStore
+from vidmini.ingest.store import StoreKey, VideoStore
 
 CHUNKS, PER = 40, 3
 

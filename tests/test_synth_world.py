@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synth import render
-from synth.questions import (
+from vidmini.synth import render
+from vidmini.synth.questions import (
     FAMILIES,
     Question,
     answer_for,
@@ -22,8 +22,8 @@ from synth.questions import (
     range_questions,
     timeline_facts,
 )
-from synth.render import INK_RGB, render_frame, render_samples, write_video
-from synth.world import (
+from vidmini.synth.render import INK_RGB, render_frame, render_samples, write_video
+from vidmini.synth.world import (
     BACKGROUNDS,
     KINDS,
     SHAPE_COLOURS,

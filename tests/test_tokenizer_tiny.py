@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from engine.tokenizer_tiny import (
+from vidmini.engine.tokenizer_tiny import (
     SPECIAL_TOKEN_OFFSETS,
     SPECIAL_TOKENS,
     build_llama3_style_tokenizer,

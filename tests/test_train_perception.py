@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
-from engine.fusion import prefuse_prefix
-from engine.llama import attention, finish_layer, project_qkv
-from engine.prompt import build_prompt
-from synth.train import PAIRS, cell_pairs, fuse_batch, load_video, normalize, perceive
-from synth.world import CELLS, truth_at
+from vidmini.app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
+from vidmini.engine.fusion import prefuse_prefix
+from vidmini.engine.llama import attention, finish_layer, project_qkv
+from vidmini.engine.prompt import build_prompt
+from vidmini.synth.train import PAIRS, cell_pairs, fuse_batch, load_video, normalize, perceive
+from vidmini.synth.world import CELLS, truth_at
 
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
 
@@ -83,7 +83,7 @@ def test_fuse_batch_equals_the_full_sequence():
 def test_bag_head_reads_only_the_plain_patch_mean_and_is_absent_when_off():
     """The bag loss asks which pairs a frame holds from the plain mean of its patch features, so where a shape sits
     cannot matter (any average of the patches keeps what it holds); with weight 0 there is no head and no loss."""
-    from synth.train import CellHeads, ProbeHeads, cell_pooling
+    from vidmini.synth.train import CellHeads, ProbeHeads, cell_pooling
 
     torch.manual_seed(0)
     cells = CellHeads(16, cell_pooling(80, 10))
@@ -106,13 +106,13 @@ def test_bag_head_reads_only_the_plain_patch_mean_and_is_absent_when_off():
     ("processor\t: 0\nmodel name\t: something\n", None),  # no flags line: unknown, not "no"
 ])
 def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, expected):
-    from synth.train import cpu_has_native_bf16
+    from vidmini.synth.train import cpu_has_native_bf16
 
     assert cpu_has_native_bf16(cpuinfo) is expected
 
 
 def test_bf16_on_a_cpu_that_emulates_it_warns_before_any_work(monkeypatch, tmp_path):
-    import synth.train as train_mod
+    import vidmini.synth.train as train_mod
 
     class Stop(Exception):
         pass

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
-from engine.fusion import mean_over_frames, prefuse_prefix, prefuse_question
-from engine.llama import attention
-from engine.prompt import build_prompt
-from synth.questions import range_questions, timeline_facts
-from synth.train import (
+from vidmini.app.models import SHIPPED_MODEL_DIR, choose_model, open_engine
+from vidmini.engine.fusion import mean_over_frames, prefuse_prefix, prefuse_question
+from vidmini.engine.llama import attention
+from vidmini.engine.prompt import build_prompt
+from vidmini.synth.questions import range_questions, timeline_facts
+from vidmini.synth.train import (
     PAIRS,
     FusedQuestionBank,
     QATokens,
@@ -31,7 +31,7 @@ from synth.train import (
     retrieval_target,
     seen_targets,
 )
-from synth.world import KINDS, generate_timeline
+from vidmini.synth.world import KINDS, generate_timeline
 
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
 
@@ -287,7 +287,7 @@ def test_retrieval_loss_is_minus_log_mass_on_the_evidence():
 @shipped
 @pytest.mark.parametrize(("layer", "head"), [(4, 0), (-1, 0), (1, 4)])
 def test_a_retrieval_head_that_does_not_exist_is_refused_before_any_work(layer, head):
-    from synth.train import TrainConfig, stage2
+    from vidmini.synth.train import TrainConfig, stage2
 
     engine = open_engine(choose_model(str(SHIPPED_MODEL_DIR)))
     cfg = TrainConfig(retrieval_weight=1.0, retrieval_layer=layer, retrieval_head=head)

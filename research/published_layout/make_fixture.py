@@ -76,7 +76,7 @@ PAD_OFFSET = 4  # train.py: tokenizer.pad_token_id = 128004 (<|finetune_right_pa
 # --- Llama-3.1-Instruct-style tokenizer: the project's own recipe (engine/tokenizer_tiny.py), loaded by path so that
 # the project's engine package (transformers 5) is not imported; that module needs only tokenizers + transformers.
 _spec = importlib.util.spec_from_file_location(
-    "tokenizer_tiny", Path(__file__).resolve().parents[2] / "engine" / "tokenizer_tiny.py")
+    "tokenizer_tiny", Path(__file__).resolve().parents[2] / "vidmini" / "engine" / "tokenizer_tiny.py")
 tokenizer_tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tokenizer_tiny)
 BOS_TOKEN, EOS_TOKEN = tokenizer_tiny.BOS_TOKEN, tokenizer_tiny.EOS_TOKEN
