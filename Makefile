@@ -53,14 +53,14 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	$(BIN)/python bench/qa_latency.py
+	$(BIN)/python -m research.bench.qa_latency
 
 # Retrain the shipped demo model (seeded; 2 h 04 min on the 2-core CPU on 2026-12-03) and evaluate it on held-out videos.
 model: install
-	$(BIN)/python -m vidmini.synth.train --out models/vidmini-demo
+	$(BIN)/python -m research.training.train --out models/vidmini-demo
 
 eval: install
-	$(BIN)/python bench/eval_default_model.py --seed 1 --n 600
+	$(BIN)/python -m research.bench.eval_default_model --seed 1 --n 600
 
 # Rewrite constraints.txt from $(LOCK_FROM)'s pip freeze (pip, vidmini itself, direct-URL installs and local build
 # tags such as +cpu left out; setuptools kept: torch needs it). Only after a green `make test`, or a green
@@ -80,7 +80,7 @@ lock:
 
 # The suite on the newest releases pyproject.toml's bounds allow, in a separate venv ($(LATEST), made anew each
 # time; constraints.txt not used): prints what differs from constraints.txt and what broke, and fails if anything
-# did. `make deps-latest PYTEST_ARGS="tests/test_prompt.py -q"` runs a subset. torch stays the CPU wheel on disk.
+# did. `make deps-latest PYTEST_ARGS="tests/engine/test_prompt.py -q"` runs a subset. torch stays the CPU wheel on disk.
 deps-latest: sysdeps
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)

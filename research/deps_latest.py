@@ -7,7 +7,7 @@ default: the whole suite), and closes with a summary naming each failed or error
 error. Exits non-zero when anything broke.
 
     make deps-latest                                  # whole suite
-    make deps-latest PYTEST_ARGS="tests/test_prompt.py -q"
+    make deps-latest PYTEST_ARGS="tests/engine/test_prompt.py -q"
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hf_cache import offline_hub  # noqa: F401 - a fixture for every test module
+from fixtures.hf_cache import offline_hub  # noqa: F401 - a fixture for every test module
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +14,6 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
     Treat it as read-only: tests that change files copy it first (shutil.copytree).
     """
-    from vidmini.engine.tiny import build_tiny_checkpoint
+    from vidmini.demo.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seed=7)

@@ -73,10 +73,10 @@ VISION_TOWER = "openai/clip-vit-large-patch14-336"
 MODEL_MAX_LENGTH = 4096  # --model_max_length in train.sh
 PAD_OFFSET = 4  # train.py: tokenizer.pad_token_id = 128004 (<|finetune_right_pad_id|>) for llava_llama_3_1
 
-# --- Llama-3.1-Instruct-style tokenizer: the project's own recipe (engine/tokenizer_tiny.py), loaded by path so that
+# --- Llama-3.1-Instruct-style tokenizer: the project's own recipe (vidmini/demo/tokenizer.py), loaded by path so that
 # the project's engine package (transformers 5) is not imported; that module needs only tokenizers + transformers.
 _spec = importlib.util.spec_from_file_location(
-    "tokenizer_tiny", Path(__file__).resolve().parents[2] / "vidmini" / "engine" / "tokenizer_tiny.py")
+    "tokenizer_tiny", Path(__file__).resolve().parents[2] / "vidmini" / "demo" / "tokenizer.py")
 tokenizer_tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tokenizer_tiny)
 BOS_TOKEN, EOS_TOKEN = tokenizer_tiny.BOS_TOKEN, tokenizer_tiny.EOS_TOKEN

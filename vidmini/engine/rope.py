@@ -3,7 +3,7 @@
 transformers 4.x writes `rope_theta` plus `rope_scaling` (null, or `{rope_type | type, factor, ...}`); 5.x writes one
 `rope_parameters` dict that carries `rope_theta` too. Both are read into one `RopeSpec`, and the frequencies are
 computed here rather than by transformers, so that loading the published checkpoint does not depend on how the
-installed transformers interprets (or renames) these keys. `tests/test_rope.py` checks the tables against
+installed transformers interprets (or renames) these keys. `tests/engine/test_rope.py` checks the tables against
 transformers' own rope functions.
 """
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from vidmini.index.moments import Hit
 from vidmini.index.vectors import EXACT_LIMIT, FrameVectors, IndexCorrupt, _atomic_write_bytes
-from vidmini.ingest.store import Library, UnknownVideo, VideoStore
+from vidmini.store.video_store import Library, UnknownVideo, VideoStore
 
 FRAME_BITS = 32
 

@@ -3,7 +3,7 @@
 Inner product on unit vectors is cosine. Small collections get an exact flat index; past `exact_limit` vectors
 an IVF index (inverted lists over ~√n k-means cells, the nearest 1/16 of them searched): it supports adding and
 removing ids, and at 1M 768-d vectors builds in ~18 s on two cores, answers in ~8 ms with recall@10 0.97 against
-exact search (bench/search.py). With faiss-gpu installed and a GPU present, searches run on the GPU.
+exact search (research/bench/search.py). With faiss-gpu installed and a GPU present, searches run on the GPU.
 """
 
 from __future__ import annotations

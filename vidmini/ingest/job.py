@@ -26,7 +26,7 @@ from vidmini.engine.fusion import FrameStates
 from vidmini.engine.inference import Engine
 
 if TYPE_CHECKING:
-    from vidmini.ingest.store import VideoStore
+    from vidmini.store.video_store import VideoStore
 
 THUMB_WIDTH = 160
 
@@ -189,7 +189,7 @@ def run_ingest(
     from vidmini.ingest.live import FollowFile, is_stream_url
     from vidmini.ingest.probe import probe
     from vidmini.ingest.sampler import FrameSampler
-    from vidmini.ingest.store import StoreKey, VideoStore, fingerprint, fingerprint_url
+    from vidmini.store.video_store import StoreKey, VideoStore, fingerprint, fingerprint_url
 
     options = options or IngestOptions()
     t0 = time.perf_counter()

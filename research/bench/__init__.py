@@ -1,0 +1,1 @@
+"""Benchmarks and probes; each prints a table. Figures and logs: RESULTS.md beside them."""

@@ -1,5 +1,0 @@
-"""The Streamlit page script (thin: everything is in app.ui over app.library)."""
-
-from vidmini.app.ui import main
-
-main()

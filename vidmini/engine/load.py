@@ -1,0 +1,85 @@
+"""Which model to run: `--model`, else `$VIDMINI_MODEL`, else the shipped default; data under `$VIDMINI_HOME`.
+
+Until the project ships its trained demo model, the fallback is a tiny random-weight model built on first
+use; everything that shows a model name says plainly that its answers are meaningless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vidmini.common.fingerprint import fingerprint
+from vidmini.engine.checkpoint import load_checkpoint
+from vidmini.engine.inference import Engine
+from vidmini.engine.retrieval import RetrievalSpace
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_MODEL_DIR = REPO_ROOT / "models" / "vidmini-demo"
+RANDOM_MODEL_NAME = "tiny-random"
+RANDOM_BANNER = (
+    "NOTE: running a tiny RANDOM-WEIGHT model (no trained model is configured or shipped yet): "
+    "its answers are meaningless. Use --model or VIDMINI_MODEL for a real checkpoint."
+)
+
+
+def data_home() -> Path:
+    return Path(os.environ.get("VIDMINI_HOME", Path.home() / ".cache" / "vidmini")).expanduser()
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    location: str
+    label: str
+    is_random: bool = False
+    is_demo: bool = False
+
+
+def choose_model(arg: str | None = None) -> ModelChoice:
+    explicit = arg or os.environ.get("VIDMINI_MODEL")
+    if explicit:
+        return ModelChoice(explicit, explicit)
+    if (SHIPPED_MODEL_DIR / "config.json").exists():
+        return ModelChoice(str(SHIPPED_MODEL_DIR), "vidmini-demo (a demo model for the synthetic world)", is_demo=True)
+    return ModelChoice(str(data_home() / "models" / RANDOM_MODEL_NAME), RANDOM_MODEL_NAME, is_random=True)
+
+
+def ensure_random_model(directory: Path) -> Path:
+    if not (directory / "config.json").exists():
+        from vidmini.demo.tiny import build_tiny_checkpoint
+
+        build_tiny_checkpoint(directory, seed=0)
+    return directory
+
+
+def open_engine(choice: ModelChoice, dtype: str = "fp32", device: str = "cpu", prompt_style: str = "reference"
+                ) -> Engine:
+    if choice.is_random:
+        ensure_random_model(Path(choice.location))
+    loaded = load_checkpoint(choice.location, dtype=dtype, device=device)
+    retrieval = None
+    if loaded.vision_dir is not None:
+        retrieval = RetrievalSpace.load(loaded.vision_dir, device=device,
+                                        dtype=torch.float32 if device == "cpu" else loaded.model.dtype)
+    return Engine(loaded.model, loaded.tokenizer, loaded.processor, loaded.eos_ids, name=choice.label,
+                  prompt_style=prompt_style, is_demo=choice.is_demo or choice.is_random, retrieval=retrieval,
+                  weights=weights_fingerprint([loaded.directory, loaded.vision_dir]))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_fingerprint(directories: list[Path | None]) -> str:
+    """Which weights these are: the cheap content key (size, first and last MiB) of every weight file under the
+    checkpoint and vision-tower directories. Stored states are keyed by it, so a retrained model with the same
+    config (`make model`, a new release) never reads states encoded by the old one."""
+    files = sorted({p.resolve() for d in directories if d is not None for p in Path(d).rglob("*")
+                    if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)})
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}:{fingerprint(p)};".encode())
+    return h.hexdigest()[:16] if files else ""

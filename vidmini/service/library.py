@@ -1,0 +1,789 @@
+"""The library service: the one API that the CLI and the Streamlit app both call.
+
+A `Library` owns a data root, the loaded model (one per process), the on-disk stores, the search index and a
+`SessionManager` (one lock: questions from many browser tabs run one at a time, each getting its own answer).
+Ingest jobs run in a background worker thread and publish their progress in `IngestJob` records that the UI
+polls; the page never waits on an ingest, and other videos stay usable meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+import unicodedata
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from vidmini.engine.generate import SamplingConfig
+from vidmini.engine.inference import Engine
+from vidmini.engine.session import Policy, SessionAnswer
+from vidmini.ingest.job import IngestOptions, IngestResult, Progress
+from vidmini.store.video_store import Library as StoreLibrary
+from vidmini.store.video_store import StoreInfo, UnknownVideo
+
+COPY_CHUNK = 8 << 20  # bytes per read when streaming an upload to disk: memory stays bounded at any file size
+UPLOADS = "uploads"
+SUMMARIES = "summaries"
+SAMPLE_SECONDS, SAMPLE_SEED = 120, 7
+DEFAULT_SESSION_BUDGET = 2 << 30
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class LibraryError(ValueError):
+    """Bad input or a failed operation, with a message meant for a person (one line)."""
+
+
+class ModelLoadError(LibraryError):
+    """The model asked for does not load (missing, not a checkpoint, not in the local cache)."""
+
+
+# ---- small helpers --------------------------------------------------------------------------------------------
+def sanitize_filename(name: str, max_len: int = 120) -> str:
+    """A file name safe to create under the uploads folder: the last path component only (no '..', no
+    separators, no leading dot), ASCII letters, digits, '.', '_' and '-', never empty."""
+    base = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    base = base.replace("\\", "/").split("/")[-1]
+    base = _UNSAFE.sub("_", base).strip("._-")
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, ""
+    ext = ext[:12]
+    stem = stem[: max_len - len(ext) - 1] or "upload"
+    return f"{stem}.{ext}" if ext else stem
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def process_rss_bytes() -> int | None:
+    """Resident memory of this process (Linux /proc), for the model panel."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+# ---- state records --------------------------------------------------------------------------------------------
+@dataclass
+class IngestJob:
+    """One ingest, as the UI sees it. Written by the worker thread, read by page reruns (plain fields only)."""
+
+    job_id: str
+    source: str
+    name: str
+    status: str = "queued"  # queued | ingesting | ready | failed | cancelled
+    frames_done: int = 0
+    total: int | None = None
+    rate_fps: float = 0.0
+    eta_s: float | None = None
+    video_id: str | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def fraction(self) -> float | None:
+        if self.status == "ready":
+            return 1.0
+        if self.total:
+            return min(1.0, self.frames_done / self.total)
+        return None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "ingesting")
+
+
+@dataclass
+class VideoRow:
+    """A line of the library listing: a stored video, or an ingest that has no store yet."""
+
+    video_id: str | None
+    name: str
+    source: str
+    status: str  # ready | ingesting | queued | failed | incomplete | cancelled
+    frames: int = 0
+    duration: float | None = None
+    fraction: float | None = None
+    error: str | None = None
+    model_id: str = ""
+    job_id: str | None = None
+    bytes_on_disk: int = 0
+
+    @property
+    def usable(self) -> bool:
+        """Questions and search work on it (complete, or a live source that has committed frames)."""
+        return self.video_id is not None and self.status == "ready"
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    location: str
+    is_demo: bool
+    is_random: bool
+    notice: str | None
+    device: str
+    dtype: str
+    parameters: int
+    parameter_bytes: int
+    process_rss_bytes: int | None
+    device_memory_bytes: int | None
+    searchable: bool
+
+
+@dataclass
+class AskResult:
+    answer: SessionAnswer
+    video_id: str
+    moments: list = field(default_factory=list)  # for "when …" questions: the top matching moments
+
+    @property
+    def text(self) -> str:
+        return self.answer.text
+
+
+class Asking:
+    """A question in flight: iterate `text()` for the answer as it is generated (text pieces), then `result()`."""
+
+    def __init__(self, library: Library, video_id: str, stream, question: str) -> None:
+        self._library, self.video_id, self._stream, self.question = library, video_id, stream, question
+        self._result: AskResult | None = None
+
+    def text(self) -> Iterator[str]:
+        """Answer text in pieces: the decoded text so far, minus what was already given."""
+        tok = self._library.engine.tokenizer
+        ids: list[int] = []
+        shown = ""
+        for ev in self._stream:
+            ids.append(ev.token_id)
+            now = tok.decode(ids, skip_special_tokens=True)
+            if len(now) > len(shown) and now.startswith(shown):
+                piece, shown = now[len(shown):], now
+                yield piece if len(shown) > len(piece) else piece.lstrip()
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def result(self) -> AskResult:
+        if self._result is None:
+            answer = self._stream.result()
+            moments = self._library.when_moments(self.question, self.video_id, answer.range)
+            self._result = AskResult(answer, self.video_id, moments)
+        return self._result
+
+
+@dataclass
+class SearchResult:
+    query: str
+    video_id: str | None
+    moments: list
+    times: np.ndarray | None = None  # per frame of `video_id`: the relevance-over-time curve
+    scores: np.ndarray | None = None
+
+
+# ---- the service ----------------------------------------------------------------------------------------------
+class Library:
+    """Videos, the model and questions under one data root. Thread-safe; one per process."""
+
+    def __init__(self, root: str | Path | None = None, model: str | None = None, *, engine: Engine | None = None,
+                 device: str = "cpu", dtype: str = "fp32", session_budget_bytes: int = DEFAULT_SESSION_BUDGET,
+                 prefusion_budget_bytes: int = 1 << 30) -> None:
+        from vidmini.engine.load import data_home
+
+        self.root = Path(root) if root is not None else data_home()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stores = StoreLibrary(self.root)
+        self.device, self.dtype = device, dtype
+        self.session_budget_bytes, self.prefusion_budget_bytes = session_budget_bytes, prefusion_budget_bytes
+        self.upload_token = secrets.token_urlsafe(24)  # the app's upload/media routes require it
+        self._model_arg = model
+        self._engine: Engine | None = engine
+        self._choice = None
+        self._manager = None
+        self._search = None
+        self._lock = threading.RLock()  # guards the model, the manager and the job table (not the questions)
+        self._jobs: dict[str, IngestJob] = {}
+        self._queue: list[tuple[IngestJob, IngestOptions]] = []
+        self._wake = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
+
+    # ---- the model ----------------------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        """The loaded model, loading the configured one on first use."""
+        with self._lock:
+            if self._engine is None:
+                self.load_model(self._model_arg)
+            return self._engine
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._engine is not None
+
+    def load_model(self, name_or_path: str | None = None) -> ModelInfo:
+        """Load a model (path or Hugging Face id in the local cache; None: the default) and make it the one
+        this process uses. On failure the current model stays and ModelLoadError says why."""
+        from vidmini.engine.checkpoint import CheckpointError
+        from vidmini.engine.load import choose_model, open_engine
+
+        choice = choose_model(name_or_path.strip() if name_or_path else None)
+        if name_or_path and not Path(choice.location).expanduser().exists() and "/" not in choice.location:
+            raise ModelLoadError(f"no model at {choice.location!r}: give a checkpoint folder or a Hugging Face id "
+                                 "(owner/name) already downloaded with `vidmini download`")
+        try:
+            engine = open_engine(choice, dtype=self.dtype, device=self.device)
+        except CheckpointError as e:
+            raise ModelLoadError(f"could not load model {choice.location!r}: {one_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - hub, file and format errors alike: the app must keep working
+            raise ModelLoadError(f"could not load model {choice.location!r}: {type(e).__name__}: {one_line(e)}") \
+                from None
+        with self._lock:
+            if self._manager is not None:
+                self._manager.close_all()
+            self._engine, self._choice = engine, choice
+            self._manager, self._search = None, None
+        return self.model_info()
+
+    def model_info(self) -> ModelInfo:
+        import torch
+
+        engine = self.engine
+        params = list(engine.model.parameters())
+        if engine.retrieval is not None:
+            params += list(engine.retrieval.text_model.parameters()) + list(engine.retrieval.visual_projection.parameters())
+        device = str(engine.model.device)
+        dev_mem = torch.cuda.memory_allocated(engine.model.device) if device.startswith("cuda") else None
+        extra = getattr(engine.model.config, "extra", {}) or {}
+        notice = extra.get("vidmini_notice")
+        choice = self._choice
+        return ModelInfo(
+            name=engine.name, location=choice.location if choice else engine.name,
+            is_demo=bool(engine.is_demo or extra.get("vidmini_demo")), is_random=bool(choice and choice.is_random), notice=notice, device=device,
+            dtype=str(engine.model.dtype).removeprefix("torch."), parameters=sum(p.numel() for p in params),
+            parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+            process_rss_bytes=process_rss_bytes(), device_memory_bytes=dev_mem,
+            searchable=engine.retrieval is not None)
+
+    @property
+    def manager(self):
+        from vidmini.engine.manager import SessionManager
+
+        with self._lock:
+            if self._manager is None:
+                self._manager = SessionManager(self.engine, self.session_budget_bytes,
+                                               {"prefusion_budget_bytes": self.prefusion_budget_bytes})
+            return self._manager
+
+    @property
+    def searcher(self):
+        from vidmini.index.search import MomentSearch
+
+        with self._lock:
+            if self._search is None:
+                self._search = MomentSearch(self.root, self.engine.retrieval)
+            return self._search
+
+    # ---- listing ------------------------------------------------------------------------------------------
+    def stored(self) -> list[StoreInfo]:
+        return self.stores.list()
+
+    def get_store(self, video_id: str):
+        try:
+            return self.stores.get(video_id)
+        except UnknownVideo as e:
+            raise LibraryError(str(e)) from None
+
+    def videos(self) -> list[VideoRow]:
+        """Stored videos and running/failed ingests, newest job first, then the rest by name."""
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: -j.created)
+        stored = {i.video_id: i for i in self.stored()}  # one listing per call: the page polls this
+        rows: list[VideoRow] = []
+        seen: set[str] = set()
+        sources: set[str] = set()
+        for j in jobs:  # newest first: the latest attempt at a source speaks for it
+            if j.source in sources:
+                continue
+            sources.add(j.source)
+            if j.status == "ready":
+                continue  # listed from its store below
+            info = stored.get(j.video_id) if j.video_id else None
+            rows.append(VideoRow(j.video_id, j.name, j.source, j.status,
+                                 frames=info.frames if info else j.frames_done,
+                                 duration=info.duration if info else None, fraction=j.fraction, error=j.error,
+                                 model_id=info.model_id if info else "", job_id=j.job_id,
+                                 bytes_on_disk=info.bytes_on_disk if info else 0))
+            if j.video_id:
+                seen.add(j.video_id)
+        for info in stored.values():
+            if info.video_id in seen:
+                continue
+            status = "ready" if info.complete else ("failed" if info.failed else "incomplete")
+            name = Path(info.source).name if info.source else info.video_id
+            rows.append(VideoRow(info.video_id, _display_name(name), info.source, status, info.frames,
+                                 info.duration, 1.0 if info.complete else None, info.failed, info.model_id,
+                                 bytes_on_disk=info.bytes_on_disk))
+        return rows
+
+    def video(self, video_id: str) -> VideoRow:
+        for row in self.videos():
+            if row.video_id == video_id:
+                return row
+        raise LibraryError(f"no stored video {video_id!r}")
+
+    def jobs(self) -> list[IngestJob]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created)
+
+    def job(self, job_id: str) -> IngestJob:
+        with self._lock:
+            return self._jobs[job_id]
+
+    # ---- adding -------------------------------------------------------------------------------------------
+    def ingest(self, source: str, options: IngestOptions | None = None,
+               on_progress: Callable[[Progress], None] | None = None, cancel: threading.Event | None = None,
+               on_store: Callable[[str], None] | None = None) -> IngestResult:
+        """Ingest one file or stream now (the CLI's path, and the background worker's): store, then index."""
+        from vidmini.index.library import LibraryIndex, NotIndexed
+        from vidmini.ingest.job import run_ingest
+        from vidmini.ingest.live import is_stream_url
+
+        options = options or IngestOptions()
+        engine = self.engine
+        index = LibraryIndex(self.root)
+        live = options.live or is_stream_url(source)
+        seen: list[str] = []
+
+        def on_chunk(store, first: int, embeddings) -> None:
+            if not seen:
+                seen.append(store.video_id)
+                if on_store is not None:
+                    on_store(store.video_id)
+            if live:  # a live source's frames become searchable chunk by chunk; a file's when it is done
+                index.add_chunk(store, first, embeddings)
+
+        result = run_ingest(source, engine, self.root, options, on_progress=on_progress, cancel=cancel,
+                            on_chunk=on_chunk)
+        if engine.retrieval is not None:
+            try:
+                index.sync()
+            except NotIndexed:
+                pass
+        return result
+
+    def add(self, source: str, options: IngestOptions | None = None, name: str | None = None) -> IngestJob:
+        """Queue a file on this machine or a stream URL for ingest in the background; returns its job."""
+        from vidmini.ingest.live import is_stream_url
+
+        source = str(source).strip()
+        if not source:
+            raise LibraryError("give a file path or a stream URL")
+        if not is_stream_url(source):
+            path = Path(source).expanduser()
+            if not path.exists():
+                raise LibraryError(f"no such file on the server: {source}")
+            if path.is_dir():
+                raise LibraryError(f"{source} is a folder, not a video file")
+            if not os.access(path, os.R_OK):
+                raise LibraryError(f"{source} is not readable by the app")
+            source = str(path.resolve())
+        job = IngestJob(uuid.uuid4().hex[:12], source, name or _display_name(Path(source).name or source))
+        with self._lock:
+            self._jobs[job.job_id] = job
+            self._queue.append((job, options or IngestOptions()))
+            self._wake.notify_all()
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="vidmini-ingest", daemon=True)
+                self._worker.start()
+        return job
+
+    def save_upload(self, data: BinaryIO, filename: str) -> Path:
+        """Stream a file-like object to `<root>/uploads/<unique>-<sanitized name>` in COPY_CHUNK pieces (never
+        the whole file in memory); the name cannot point outside the uploads folder."""
+        folder = self.root / UPLOADS
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{uuid.uuid4().hex[:8]}-{sanitize_filename(filename)}"
+        if not _inside(dest, folder):  # cannot happen after sanitizing; checked anyway
+            raise LibraryError(f"refused upload name {filename!r}")
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(data, out, COPY_CHUNK)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return dest
+
+    def open_upload(self, filename: str) -> tuple[Path, BinaryIO]:
+        """For a server route that receives the bytes in pieces: the final path and an open temp file; call
+        `finish_upload` (or `abort_upload`) after writing."""
+        folder = self.root / UPLOADS
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{uuid.uuid4().hex[:8]}-{sanitize_filename(filename)}"
+        if not _inside(dest, folder):
+            raise LibraryError(f"refused upload name {filename!r}")
+        return dest, open(dest.with_name(dest.name + ".part"), "wb")
+
+    @staticmethod
+    def finish_upload(dest: Path, handle: BinaryIO) -> Path:
+        handle.close()
+        os.replace(dest.with_name(dest.name + ".part"), dest)
+        return dest
+
+    @staticmethod
+    def abort_upload(dest: Path, handle: BinaryIO) -> None:
+        handle.close()
+        dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+
+    def add_upload(self, data: BinaryIO, filename: str, options: IngestOptions | None = None) -> IngestJob:
+        """An uploaded file: streamed to disk under the data root, then queued for ingest."""
+        path = self.save_upload(data, filename)
+        return self.add(str(path), options, name=_display_name(path.name))
+
+    def _work(self) -> None:
+        """The ingest worker: one job at a time (one model, a few cores); errors end up in the job record."""
+        from vidmini.ingest.errors import IngestError
+        from vidmini.store.video_store import StoreConflict
+
+        while True:
+            with self._lock:
+                while not self._queue:
+                    if not self._wake.wait(timeout=30):
+                        self._worker = None
+                        return
+                job, options = self._queue.pop(0)
+                if job.cancel.is_set():
+                    job.status, job.finished = "cancelled", time.time()
+                    continue
+                job.status = "ingesting"
+
+            def progress(p: Progress, job: IngestJob = job) -> None:
+                job.frames_done, job.total, job.rate_fps, job.eta_s = p.frames_done, p.total, p.rate_fps, p.eta_s
+
+            def on_store(video_id: str, job: IngestJob = job) -> None:
+                job.video_id = video_id
+
+            try:
+                result = self.ingest(job.source, options, on_progress=progress, cancel=job.cancel, on_store=on_store)
+                job.video_id = result.video_id
+                job.frames_done = result.frames
+                job.status = "cancelled" if job.cancel.is_set() else "ready"
+                self._drop_duplicate_upload(job, result)
+            except (IngestError, StoreConflict, OSError, ValueError, RuntimeError) as e:
+                job.status, job.error = ("cancelled", None) if job.cancel.is_set() else ("failed", _why(e))
+            except Exception as e:  # noqa: BLE001 - a job must never kill the worker; the UI shows the message
+                job.status, job.error = "failed", f"ingest failed: {type(e).__name__}: {one_line(e)}"
+            job.finished = time.time()
+
+    def _drop_duplicate_upload(self, job: IngestJob, result: IngestResult) -> None:
+        """An upload of a video the library already holds reuses that store, whose source is the earlier file:
+        the new copy would only take disk space."""
+        path = Path(job.source)
+        if result.reused and _inside(path, self.root / UPLOADS):
+            try:
+                source = self.stores.get(result.video_id).manifest["meta"].get("source")
+            except UnknownVideo:
+                return
+            if source and Path(source) != path and Path(source).is_file():
+                path.unlink(missing_ok=True)
+
+    def wait(self, job_id: str, timeout: float = 300.0) -> IngestJob:
+        """Block until a job ends (tests, scripts)."""
+        deadline = time.monotonic() + timeout
+        job = self.job(job_id)
+        while job.active:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ingest of {job.name} still running after {timeout:.0f}s")
+            time.sleep(0.05)
+        return job
+
+    # ---- removing -----------------------------------------------------------------------------------------
+    def remove(self, video_id: str | None = None, job_id: str | None = None) -> str:
+        """Delete a stored video (stopping its ingest first), its index entries, its session and an uploaded
+        source file; or forget a failed job. Returns what was removed."""
+        from vidmini.index.library import LibraryIndex
+
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if (job_id and j.job_id == job_id)
+                    or (video_id and j.video_id and j.video_id.startswith(video_id))]
+        for j in jobs:
+            j.cancel.set()
+        for j in jobs:
+            if j.status == "ingesting":
+                self.wait(j.job_id, timeout=120)
+        removed = job_id or video_id or ""
+        if video_id is None and jobs and jobs[0].video_id:
+            video_id = jobs[0].video_id
+        source = None
+        if video_id is not None:
+            store = self.get_store(video_id)
+            video_id = store.video_id
+            source = store.manifest["meta"].get("source")
+            if self._manager is not None:
+                self._manager.close(video_id)
+            self.stores.remove(video_id)
+            LibraryIndex(self.root).remove_video(video_id)
+            removed = video_id
+        with self._lock:
+            for j in jobs:
+                self._jobs.pop(j.job_id, None)
+                if source is None:
+                    source = j.source
+        if source and _inside(Path(source), self.root / UPLOADS) and not self._source_in_use(source):
+            Path(source).unlink(missing_ok=True)
+        return removed
+
+    def _source_in_use(self, source: str) -> bool:
+        return any(i.source == source for i in self.stored())
+
+    # ---- questions ----------------------------------------------------------------------------------------
+    def _session_key(self, video_id: str) -> str:
+        from vidmini.index.search import frame_picker
+        from vidmini.store.session import open_store_session
+
+        store = self.get_store(video_id)
+        if not store.complete and not store.committed_frames:
+            raise LibraryError(f"video {video_id} has no frames yet")
+        key = store.video_id
+        manager = self.manager
+        try:
+            manager.session(key)  # open (or reopened after eviction)
+        except KeyError:
+            engine, searcher = self.engine, self.searcher
+
+            def opener(**options):
+                fresh = self.stores.get(key)
+                return open_store_session(engine, fresh, picker=frame_picker(searcher, key), **options)
+
+            try:
+                manager.open(key, opener)
+            except ValueError as e:  # states from another model / prompt
+                manager.close(key)
+                raise LibraryError(f"video {key[:12]} was ingested with another model ({store.manifest['key']['model_id']}); "
+                                   f"ingest it again with this one: {one_line(e)}") from None
+        return key
+
+    def ask(self, video_id: str, question: str, start: str | float | None = None, end: str | float | None = None,
+            policy: str = "auto", max_new_tokens: int = 32, temperature: float = 0.0,
+            cancel: threading.Event | None = None) -> Asking:
+        """A question about a stored video; iterate `.text()` for streamed pieces, then `.result()`."""
+        if not question.strip():
+            raise LibraryError("empty question")
+        try:
+            Policy.parse(policy)
+        except ValueError as e:
+            raise LibraryError(str(e)) from None
+        key = self._session_key(video_id)
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  stop_ids=self.engine.eos_ids)
+        try:
+            stream = self.manager.ask(key, question, start=start, end=end, policy=policy, sampling=sampling,
+                                      cancel=cancel)
+        except ValueError as e:  # a bad time range
+            raise LibraryError(one_line(e)) from None
+        return Asking(self, key, stream, question)
+
+    def answer(self, video_id: str, question: str, **kwargs) -> AskResult:
+        return self.ask(video_id, question, **kwargs).result()
+
+    def when_moments(self, question: str, video_id: str, time_range, k: int = 5) -> list:
+        """For "when does …" questions: the top moments (within the range asked about)."""
+        from vidmini.engine.retrieval import SearchUnavailable
+        from vidmini.index.library import NotIndexed
+        from vidmini.index.search import is_when_question
+
+        if self.engine.retrieval is None or not is_when_question(question):
+            return []
+        try:
+            moments = self.searcher.search(question, video_id, k=4 * k)
+        except (NotIndexed, SearchUnavailable, UnknownVideo):
+            return []
+        if time_range is not None:
+            start, end = (time_range["start"], time_range["end"]) if isinstance(time_range, dict) else \
+                (time_range.start, time_range.end)
+            moments = [m for m in moments if m.end >= start and m.start <= end]
+        return moments[:k]
+
+    # ---- search -------------------------------------------------------------------------------------------
+    def search(self, query: str, video_id: str | None = None, k: int = 10, curve: bool = True) -> SearchResult:
+        """Moments matching a description, best first; for one video also every frame's relevance."""
+        from vidmini.engine.retrieval import SearchUnavailable
+        from vidmini.index.library import NotIndexed
+
+        if not query.strip():
+            raise LibraryError("empty search query")
+        if k < 1:
+            raise LibraryError("k must be at least 1")
+        if video_id is not None:
+            video_id = self.get_store(video_id).video_id
+        try:
+            moments = self.searcher.search(query, video_id, k)
+            times = scores = None
+            if curve and video_id is not None:
+                vectors = self.searcher.index.frame_vectors(video_id)
+                q = self.engine.retrieval.embed_text([query])[0].numpy()
+                scores = vectors @ q
+                times = self.get_store(video_id).timestamps()
+        except (SearchUnavailable, NotIndexed, UnknownVideo) as e:
+            raise LibraryError(one_line(e)) from None
+        return SearchResult(query, video_id, moments, times, scores)
+
+    def scenes(self, video_id: str) -> list[float]:
+        from vidmini.index.library import NotIndexed
+        from vidmini.index.search import MomentSearch
+
+        search = MomentSearch(self.root, None)  # boundaries need frame embeddings, not the text tower
+        try:
+            return search.scenes(self.get_store(video_id).video_id)
+        except (NotIndexed, UnknownVideo) as e:
+            raise LibraryError(one_line(e)) from None
+
+    # ---- media --------------------------------------------------------------------------------------------
+    def thumbnails(self, video_id: str, count: int = 16) -> list[tuple[float, bytes]]:
+        """Up to `count` (time, JPEG) pairs spread over the video: the thumbnails ingest stored beside the
+        states (no decoding)."""
+        store = self.get_store(video_id)
+        n = store.committed_frames
+        if n == 0:
+            return []
+        times = store.timestamps()
+        picks = sorted(set(np.round(np.linspace(0, n - 1, min(count, n))).astype(int).tolist()))
+        out = []
+        for i in picks:
+            try:
+                out.append((float(times[i]), store.thumbnail(i)))
+            except LookupError:
+                return []
+        return out
+
+    def thumbnail_at(self, video_id: str, frame: int) -> bytes | None:
+        try:
+            return self.get_store(video_id).thumbnail(frame)
+        except (LookupError, IndexError):
+            return None
+
+    def media_path(self, video_id: str) -> Path | None:
+        """The source file of a stored video, when it is a file that still exists (not a stream)."""
+        source = self.get_store(video_id).manifest["meta"].get("source", "")
+        path = Path(source)
+        return path if source and path.is_file() else None
+
+    def summary(self, video_id: str) -> str | None:
+        """The batch summarizer's output for a video, when there is one: `<root>/summaries/<id>.md|.txt|.json`
+        or `summary.md|.json` in the store folder (a JSON file's "summary" field)."""
+        store = self.get_store(video_id)
+        candidates = [self.root / SUMMARIES / f"{store.video_id}{ext}" for ext in (".md", ".txt", ".json")]
+        candidates += [store.path / "summary.md", store.path / "summary.json"]
+        for path in candidates:
+            if not path.is_file():
+                continue
+            text = path.read_text(errors="replace")
+            if path.suffix == ".json":
+                try:
+                    data = json.loads(text)
+                except ValueError:
+                    continue
+                text = data.get("summary") if isinstance(data, dict) else None
+                if isinstance(text, list):
+                    text = "\n".join(f"- {line}" for line in text)
+                if not isinstance(text, str):
+                    continue
+            if text.strip():
+                return text.strip()
+        return None
+
+    def summary_chapters(self, video_id: str) -> list[dict]:
+        """Chapters of `vidmini summarize`'s JSON (`<root>/summaries/<id>.json`): start, end, title, summary."""
+        path = self.root / SUMMARIES / f"{self.get_store(video_id).video_id}.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return []
+        chapters = data.get("chapters") if isinstance(data, dict) else None
+        out = []
+        for c in chapters if isinstance(chapters, list) else []:
+            if isinstance(c, dict) and isinstance(c.get("start"), int | float):
+                lines = c.get("summary")
+                out.append({"start": float(c["start"]), "end": float(c.get("end", c["start"])),
+                            "title": str(c.get("title", "")),
+                            "summary": " ".join(lines) if isinstance(lines, list) else str(lines or "")})
+        return out
+
+    # ---- the sample video ---------------------------------------------------------------------------------
+    def sample_path(self, seconds: int = SAMPLE_SECONDS, seed: int = SAMPLE_SEED,
+                    announce: Callable[[Path], None] | None = None) -> Path:
+        """The synthetic-world sample video (written once, with its truth JSON beside it; `announce(path)` is
+        called before writing it)."""
+        from vidmini.demo.render import write_video
+        from vidmini.demo.world import generate_timeline
+
+        path = self.root / "samples" / f"synthetic-world-seed{seed}-{seconds}s.mp4"
+        if not path.exists() or not path.with_suffix(".json").exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if announce is not None:
+                announce(path)
+            write_video(generate_timeline(seed, seconds), path)
+        return path
+
+    def ensure_sample(self, seconds: int = SAMPLE_SECONDS, seed: int = SAMPLE_SEED) -> IngestResult:
+        """The sample video in the library (a no-op when it is already stored with this model)."""
+        return self.ingest(str(self.sample_path(seconds, seed)))
+
+    def close(self) -> None:
+        with self._lock:
+            for j in self._jobs.values():
+                j.cancel.set()
+            if self._manager is not None:
+                self._manager.close_all()
+
+
+def _display_name(name: str) -> str:
+    """Uploads are stored as `<8 hex>-<name>`: show the name."""
+    return re.sub(r"^[0-9a-f]{8}-", "", name)
+
+
+def _why(e: BaseException) -> str:
+    from vidmini.ingest.errors import one_line as ingest_line
+
+    return ingest_line(e)
+
+
+_shared: dict[str, Library] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_library(root: str | Path | None = None) -> Library:
+    """The process's one Library per data root (the Streamlit script runs and the app's HTTP routes share it)."""
+    from vidmini.engine.load import data_home
+
+    key = str(Path(root) if root is not None else data_home())
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = Library(key)
+        return _shared[key]
