@@ -65,7 +65,8 @@ def test_text_tower_finds_frames_with_the_named_thing():
     """Search on the demo model: CLIP text features of "a <colour> <kind>" rank frames showing it first."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from vidmini.engine.vision import load_image_processor, preprocess_frames
+    from vidmini.engine.hf_files import load_image_processor
+    from vidmini.engine.vision import preprocess_frames
 
     clip = CLIPModel.from_pretrained(str(SHIPPED_MODEL_DIR / "vision_tower")).eval()
     tok = AutoTokenizer.from_pretrained(str(SHIPPED_MODEL_DIR / "vision_tower"))

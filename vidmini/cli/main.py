@@ -8,15 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from vidmini.common.errors import UsageError
 from vidmini.engine.checkpoint import DEFAULT_REPO, DTYPES, CheckpointError
 from vidmini.engine.generate import SamplingConfig
 from vidmini.engine.prompt import PROMPT_STYLES
 
 CLIP_REPO = "openai/clip-vit-large-patch14-336"
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, exit status 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -196,8 +193,9 @@ def _is_image(path: str) -> bool:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from vidmini.engine.load import RANDOM_BANNER, choose_model, open_engine
+    from vidmini.engine.load import RANDOM_BANNER, choose_model
     from vidmini.engine.session import Policy
+    from vidmini.service.models import open_model
 
     if args.logprobs < 0 or args.max_new_tokens < 0:
         raise UsageError("--logprobs and --max-new-tokens must be >= 0")
@@ -233,7 +231,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     choice = choose_model(args.model)
     if choice.is_random:
         print(RANDOM_BANNER, file=sys.stderr)
-    engine = open_engine(choice, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
+    engine = open_model(choice, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               stop_ids=engine.eos_ids, logprobs=args.logprobs, seed=args.seed)
     t0 = time.perf_counter()
@@ -328,14 +326,15 @@ def _when_moments(engine, question: str, video_id: str | None, time_range: dict 
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from vidmini.engine.load import RANDOM_BANNER, choose_model, open_engine
+    from vidmini.engine.load import RANDOM_BANNER, choose_model
     from vidmini.ingest.errors import IngestError
+    from vidmini.service.models import open_model
 
     options = _options(args)
     choice = choose_model(args.model)
     if choice.is_random:
         print(RANDOM_BANNER, file=sys.stderr)
-    engine = open_engine(choice, dtype=args.dtype, device=args.device)
+    engine = open_model(choice, dtype=args.dtype, device=args.device)
     failures = 0
     for source in args.sources:
         try:
@@ -390,14 +389,15 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from vidmini.demo.questions import format_clock
-    from vidmini.engine.load import choose_model, open_engine
+    from vidmini.engine.load import choose_model
     from vidmini.service.library import LibraryError
+    from vidmini.service.models import open_model
 
     if args.k < 1:
         raise UsageError("-k must be at least 1")
     if not args.query.strip():
         raise UsageError("empty search query")
-    engine = open_engine(choose_model(args.model))
+    engine = open_model(choose_model(args.model))
     try:
         moments = _library(engine).search(args.query, args.video, args.k, curve=False).moments
     except LibraryError as e:
@@ -431,12 +431,13 @@ def cmd_scenes(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """The sample synthetic video in the library (the app's `make run` calls this): made and ingested once."""
-    from vidmini.engine.load import RANDOM_BANNER, choose_model, open_engine
+    from vidmini.engine.load import RANDOM_BANNER, choose_model
+    from vidmini.service.models import open_model
 
     choice = choose_model(args.model)
     if choice.is_random:
         print(RANDOM_BANNER, file=sys.stderr)
-    lib = _library(open_engine(choice))
+    lib = _library(open_model(choice))
     path = lib.sample_path(announce=lambda p: print(f"writing the sample video {p} ...", file=sys.stderr))
     result = _ingest_one(lib.engine, str(path), None)
     print(f"{result.video_id}  {path}  ({'already in the library' if result.reused else f'{result.frames} frames'})")
@@ -449,8 +450,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from vidmini.demo.questions import make_questions
     from vidmini.demo.world import generate_timeline
-    from vidmini.engine.load import RANDOM_BANNER, choose_model, data_home, open_engine
+    from vidmini.engine.load import RANDOM_BANNER, choose_model, data_home
     from vidmini.ingest.job import IngestOptions, load_states
+    from vidmini.service.models import open_model
     from vidmini.store.video_store import Library
 
     if not 10 <= args.seconds <= 3 * 3600:
@@ -458,7 +460,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     choice = choose_model(args.model)
     if choice.is_random:
         print(RANDOM_BANNER, file=sys.stderr)
-    engine = open_engine(choice)
+    engine = open_model(choice)
     timeline = generate_timeline(args.seed, args.seconds)
     path = _library(engine).sample_path(args.seconds, args.seed, announce=lambda p: print(
         f"writing the sample video {p} ...", file=sys.stderr))

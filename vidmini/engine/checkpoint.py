@@ -22,10 +22,16 @@ from transformers import CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
 from vidmini.engine.config import LlavaMiniConfig
-from vidmini.engine.hf_files import FileFormatError, clip_vision_config, load_tokenizer, read_json
+from vidmini.engine.hf_files import (
+    FileFormatError,
+    clip_vision_config,
+    load_image_processor,
+    load_tokenizer,
+    read_json,
+)
 from vidmini.engine.model import LlavaMiniModel
 from vidmini.engine.rope import RotaryEmbedding
-from vidmini.engine.vision import VisionTower, load_image_processor
+from vidmini.engine.vision import VisionTower
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VISION_PREFIX = "model.vision_tower.vision_tower."

@@ -1,7 +1,8 @@
 """Which model to run: `--model`, else `$VIDMINI_MODEL`, else the shipped default; data under `$VIDMINI_HOME`.
 
-Until the project ships its trained demo model, the fallback is a tiny random-weight model built on first
-use; everything that shows a model name says plainly that its answers are meaningless.
+The default is the shipped demo model (`models/vidmini-demo`). On an install without it the choice is a tiny
+random-weight model (built by `vidmini.service.models.open_model` on first use); everything that shows its name
+says plainly that its answers are meaningless.
 """
 
 from __future__ import annotations
@@ -48,18 +49,8 @@ def choose_model(arg: str | None = None) -> ModelChoice:
     return ModelChoice(str(data_home() / "models" / RANDOM_MODEL_NAME), RANDOM_MODEL_NAME, is_random=True)
 
 
-def ensure_random_model(directory: Path) -> Path:
-    if not (directory / "config.json").exists():
-        from vidmini.demo.tiny import build_tiny_checkpoint
-
-        build_tiny_checkpoint(directory, seed=0)
-    return directory
-
-
 def open_engine(choice: ModelChoice, dtype: str = "fp32", device: str = "cpu", prompt_style: str = "reference"
                 ) -> Engine:
-    if choice.is_random:
-        ensure_random_model(Path(choice.location))
     loaded = load_checkpoint(choice.location, dtype=dtype, device=device)
     retrieval = None
     if loaded.vision_dir is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,13 +48,6 @@ class VisionTower(nn.Module):
         out = self.vision_tower(pixel_values=pixels.to(self.vision_tower.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.select_layer]
         return (feats[:, 1:] if self.select_feature == "patch" else feats), out.pooler_output
-
-
-def load_image_processor(path: str | Path, image_size: int | None = None) -> _ClipProcessor:
-    """The tower directory's processor, read from preprocessor_config.json whatever its vintage."""
-    from vidmini.engine.hf_files import load_image_processor as read_processor
-
-    return read_processor(Path(path), image_size)
 
 
 def make_image_processor(image_size: int) -> _ClipProcessor:

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from vidmini.common.errors import one_line
 from vidmini.engine.generate import SamplingConfig
 from vidmini.engine.inference import Engine
 from vidmini.engine.session import Policy, SessionAnswer
@@ -79,11 +80,6 @@ def process_rss_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 # ---- state records --------------------------------------------------------------------------------------------
@@ -249,14 +245,15 @@ class Library:
         """Load a model (path or Hugging Face id in the local cache; None: the default) and make it the one
         this process uses. On failure the current model stays and ModelLoadError says why."""
         from vidmini.engine.checkpoint import CheckpointError
-        from vidmini.engine.load import choose_model, open_engine
+        from vidmini.engine.load import choose_model
+        from vidmini.service.models import open_model
 
         choice = choose_model(name_or_path.strip() if name_or_path else None)
         if name_or_path and not Path(choice.location).expanduser().exists() and "/" not in choice.location:
             raise ModelLoadError(f"no model at {choice.location!r}: give a checkpoint folder or a Hugging Face id "
                                  "(owner/name) already downloaded with `vidmini download`")
         try:
-            engine = open_engine(choice, dtype=self.dtype, device=self.device)
+            engine = open_model(choice, dtype=self.dtype, device=self.device)
         except CheckpointError as e:
             raise ModelLoadError(f"could not load model {choice.location!r}: {one_line(e)}") from None
         except Exception as e:  # noqa: BLE001 - hub, file and format errors alike: the app must keep working

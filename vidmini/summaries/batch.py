@@ -18,47 +18,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vidmini.summaries.formats import FORMATS, render
-from vidmini.summaries.summarize import MODES, SummarizeOptions, summarize_session
+from vidmini.summaries.formats import FORMATS
+from vidmini.summaries.summarize import MODES, SummarizeOptions
+from vidmini.summaries.work import BatchOptions, FileResult, process_file
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts", ".mts", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ogv"}
 MANIFEST = "manifest.json"
-
-
-@dataclass
-class BatchOptions:
-    summarize: SummarizeOptions = field(default_factory=SummarizeOptions)
-    formats: tuple[str, ...] = ("md", "json")
-    model: str | None = None
-    device: str = "cpu"
-    dtype: str = "fp32"
-    fps: float = 1.0
-    backend: str = "pyav"  # the decoder (same frames either way, so not part of `key`)
-
-    def key(self) -> str:
-        """What makes two runs' outputs the same: a done input run with another key is done again."""
-        s = self.summarize
-        return json.dumps({"mode": s.mode, "window": s.window_s, "events": list(s.events), "formats": sorted(self.formats),
-                           "model": self.model or os.environ.get("VIDMINI_MODEL") or "default", "fps": self.fps},
-                          sort_keys=True)
-
-
-@dataclass
-class FileResult:
-    """One input's outcome, as a worker hands it back (picklable; no open files)."""
-
-    source: str
-    stem: str
-    ok: bool
-    error: str | None = None
-    video_id: str | None = None
-    frames: int = 0
-    duration: float | None = None
-    seconds: float = 0.0
-    outputs: dict[str, str] = field(default_factory=dict)  # format → text
-    thumbnails: dict[str, bytes] = field(default_factory=dict)  # path relative to the output folder → JPEG
-    reused_store: bool = False
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------
@@ -146,46 +112,6 @@ def write_result(out: Path, result: FileResult) -> list[str]:
 
 
 # ---- one input -----------------------------------------------------------------------------------------------
-def process_file(library, source: str, stem: str, options: BatchOptions,
-                 on_frames: Callable[[str, int, int | None], None] | None = None) -> FileResult:
-    """Ingest (reusing the store), summarize, render. Never raises for a bad input: the result says why."""
-    from vidmini.ingest.job import IngestOptions
-    from vidmini.store.session import open_store_session
-
-    t0 = time.perf_counter()
-    frames = on_frames or (lambda phase, done, total: None)
-    try:
-        ingested = library.ingest(source, IngestOptions(fps=options.fps, backend=options.backend),
-                                  on_progress=lambda p: frames("ingest", p.frames_done, p.total))
-        store = library.get_store(ingested.video_id)
-        cuts = library.scenes(store.video_id) if options.summarize.mode == "lecture" and \
-            library.engine.retrieval is not None else []
-        session = open_store_session(library.engine, store)
-        try:
-            summary = summarize_session(
-                session, options.summarize, source=source, video_id=store.video_id,
-                duration=store.manifest.get("duration"), cuts=cuts, thumbnail=store.thumbnail,
-                on_progress=lambda done, total: frames("summarize", done, total))
-        finally:
-            session.close()
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001 - one bad input is reported, the others go on
-        from vidmini.service.library import one_line
-
-        return FileResult(source, stem, False, error=one_line(e), seconds=time.perf_counter() - t0)
-    thumbs = {}
-    for ev in summary.events:
-        if ev.thumbnail:
-            rel = f"{stem}.thumbs/{ev.thumbnail}"
-            thumbs[rel] = summary.thumbnails[ev.thumbnail]
-            ev.thumbnail = rel
-    outputs = {fmt: render(summary, fmt) for fmt in options.formats}
-    return FileResult(source, stem, True, video_id=store.video_id, frames=summary.frames, duration=summary.duration,
-                      seconds=time.perf_counter() - t0, outputs=outputs, thumbnails=thumbs,
-                      reused_store=ingested.reused)
-
-
 # ---- the batch -----------------------------------------------------------------------------------------------
 @dataclass
 class BatchReport:
@@ -312,7 +238,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_summarize(args: argparse.Namespace) -> int:
-    from vidmini.cli.main import UsageError
+    from vidmini.common.errors import UsageError
 
     if not 0.05 <= args.fps <= 30:
         raise UsageError("--fps must be between 0.05 and 30")

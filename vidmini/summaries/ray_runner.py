@@ -1,4 +1,4 @@
-"""`vidmini summarize --ray / --ray-address`: the same per-file work (`app.batch.process_file`) on Ray actors.
+"""`vidmini summarize --ray / --ray-address`: the same per-file work (`vidmini.summaries.work.process_file`) on Ray actors.
 
 One model per actor (loaded once, reused for every file it is given; one GPU each when the cluster has GPUs).
 Ray does the scheduling and the fault tolerance: an actor whose process dies is restarted (`max_restarts`) and
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from vidmini.summaries.batch import BatchOptions, FileResult
+from vidmini.summaries.work import BatchOptions, FileResult
 
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 2
@@ -38,7 +38,7 @@ class SummarizerWorker:
         return os.getpid()
 
     def process(self, source: str, stem: str, options: BatchOptions) -> FileResult:
-        from vidmini.summaries.batch import process_file
+        from vidmini.summaries.work import process_file
 
         return process_file(self.library, source, stem, options)
 
@@ -106,7 +106,7 @@ def run_on_ray(sources: list[str], stems: dict[str, str], options: BatchOptions,
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as e:  # retries used up: this file fails, the others go on
-                from vidmini.service.library import one_line
+                from vidmini.common.errors import one_line
 
                 result = FileResult(source, stems[source], False, error=f"worker failed: {one_line(e)}")
                 if isinstance(e, ray.exceptions.RayActorError):

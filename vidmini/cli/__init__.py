@@ -1,0 +1,1 @@
+"""The `vidmini` command line."""

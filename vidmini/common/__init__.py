@@ -1,0 +1,1 @@
+"""Small pieces every layer uses: errors reported as one line, content fingerprints."""

@@ -1,0 +1,1 @@
+"""The synthetic world, its questions, and the demo model's tokenizer and builders (no training)."""

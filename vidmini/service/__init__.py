@@ -1,0 +1,1 @@
+"""The library service: the one door the faces (CLI, app, summaries) go through."""

@@ -1,0 +1,1 @@
+"""Batch summaries: summarize, describe, output formats, and the batch runner (local or Ray)."""

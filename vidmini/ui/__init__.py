@@ -1,0 +1,1 @@
+"""The Streamlit app: the page and its HTTP routes (upload, media)."""
