@@ -1,4 +1,4 @@
-"""Train the shipped demo model on the synthetic world (`make model`): seeded, CPU, under an hour.
+"""Train the shipped demo model on the synthetic world (`make model`): seeded, CPU; about two hours on 2 cores.
 
 Stage 0 (perception, single frames from many short videos, so few frames repeat): vision tower, compressor,
 projector and pre-fusion learn to put what a frame shows into its one fused token c'. Side losses only: heads

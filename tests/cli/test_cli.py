@@ -161,3 +161,17 @@ def test_retrained_weights_in_the_same_place_never_read_the_old_states(tmp_path)
     listing = vidmini("list", "--json")
     assert listing.returncode == 0, listing.stderr
     assert {first, retrained} <= {row["video_id"] for row in json.loads(listing.stdout)}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list"], ["list", "--json"]])
+def test_light_verbs_load_neither_torch_nor_transformers(argv, tmp_path):
+    """`vidmini --help` and `vidmini list` start fast because they import no model code
+    (research/bench/startup.py has the times)."""
+    code = ("import sys\nfrom vidmini.cli.main import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('RESULT', rc, sorted(m for m in ('torch', 'transformers', 'faiss', 'streamlit', 'ray') "
+            "if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**os.environ, "VIDMINI_HOME": str(tmp_path / "home")})
+    last = res.stdout.strip().splitlines()[-1]
+    assert last == "RESULT 0 []", res.stdout[-500:] + res.stderr[-500:]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 
 import vidmini.store.video_store as store_mod
@@ -93,8 +94,8 @@ def test_round_trip_across_chunks(tmp_path, monkeypatch):
     assert VideoStore.open(tmp_path, StoreKey("other", "m", "c", "s"), {}).load() == {}
     # a slice reads only the chunks it covers
     opened = []
-    real = store_mod.safe_open
-    monkeypatch.setattr(store_mod, "safe_open", lambda p, **kw: opened.append(Path(p).name) or real(p, **kw))
+    real = safetensors.safe_open  # the store imports it where it reads (so listing stores never loads torch)
+    monkeypatch.setattr(safetensors, "safe_open", lambda p, **kw: opened.append(Path(p).name) or real(p, **kw))
     store.load(frames=slice(5, 7))
     assert opened == ["chunk-000001.safetensors"]
     with pytest.raises(ValueError, match="contiguous"):

@@ -9,11 +9,7 @@ import time
 from pathlib import Path
 
 from vidmini.common.errors import UsageError
-from vidmini.engine.checkpoint import DEFAULT_REPO, DTYPES, CheckpointError
-from vidmini.engine.generate import SamplingConfig
-from vidmini.engine.prompt import PROMPT_STYLES
-
-CLIP_REPO = "openai/clip-vit-large-patch14-336"
+from vidmini.service.options import CLIP_REPO, DEFAULT_REPO, DTYPE_NAMES, PROMPT_STYLES, user_error_types
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=None)
-    ask.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ask.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     ask.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ask.add_argument("--max-frames", type=int, default=None, help="with --no-store: stop after N frames")
     ask.add_argument("--prompt-style", choices=PROMPT_STYLES, default="reference",
@@ -52,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("sources", nargs="+", metavar="PATH_OR_URL")
     _ingest_options(ing)
     ing.add_argument("--model", help="checkpoint directory or Hugging Face id")
-    ing.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ing.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     ing.add_argument("--device", default="cpu")
     ing.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
 
@@ -130,7 +126,7 @@ def _progress_bar(label: str):
 
 def _library(engine=None):
     """The service layer the app uses too (vidmini/service/library.py): one path for ingest, list, rm, search, scenes."""
-    from vidmini.engine.load import data_home
+    from vidmini.common.paths import data_home
     from vidmini.service.library import Library
 
     return Library(data_home(), engine=engine)
@@ -214,7 +210,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if args.start is not None or args.end is not None:
             raise UsageError("--from/--to apply to videos, not images")
         explicit = None  # times written in a question about an image are not ranges
-    from vidmini.engine.load import data_home
+    from vidmini.common.paths import data_home
     from vidmini.engine.session import VideoSession
     from vidmini.ingest.simple_decode import media_kind
     from vidmini.store.session import open_store_session
@@ -232,6 +228,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if choice.is_random:
         print(RANDOM_BANNER, file=sys.stderr)
     engine = open_model(choice, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
+    from vidmini.engine.generate import SamplingConfig
+
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               stop_ids=engine.eos_ids, logprobs=args.logprobs, seed=args.seed)
     t0 = time.perf_counter()
@@ -448,9 +446,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The offline end-to-end demo: a synthetic video (made once), ingested, and one question per family."""
     import numpy as np
 
+    from vidmini.common.paths import data_home
     from vidmini.demo.questions import make_questions
     from vidmini.demo.world import generate_timeline
-    from vidmini.engine.load import RANDOM_BANNER, choose_model, data_home
+    from vidmini.engine.load import RANDOM_BANNER, choose_model
     from vidmini.ingest.job import IngestOptions, load_states
     from vidmini.service.models import open_model
     from vidmini.store.video_store import Library
@@ -471,6 +470,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"video: {path} ({result.frames} frames at 1 fps, id {result.video_id[:12]})")
     right = 0
     questions = make_questions(timeline, np.random.default_rng(args.seed), per_family=1)
+    from vidmini.engine.generate import SamplingConfig
+
     sampling = SamplingConfig(max_new_tokens=8, stop_ids=engine.eos_ids)
     for q in questions:
         index = np.flatnonzero((seconds >= q.start_s) & (seconds <= q.end_s)).tolist()
@@ -500,9 +501,6 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from vidmini.ingest.errors import IngestError
-    from vidmini.ingest.simple_decode import MediaError
-
     commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download,
                 "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes, "sample": cmd_sample}
     from vidmini.summaries.batch import cmd_summarize
@@ -510,11 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     commands["summarize"] = cmd_summarize
     try:
         return commands[args.command](args)
-    except (UsageError, CheckpointError, MediaError, IngestError, FileNotFoundError) as e:
-        print(f"vidmini: error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not isinstance(e, user_error_types()):
+            raise
+        print(f"vidmini: error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

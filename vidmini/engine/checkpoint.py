@@ -30,12 +30,12 @@ from vidmini.engine.hf_files import (
     read_json,
 )
 from vidmini.engine.model import LlavaMiniModel
+from vidmini.engine.names import DTYPE_NAMES
 from vidmini.engine.rope import RotaryEmbedding
 from vidmini.engine.vision import VisionTower
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 VISION_PREFIX = "model.vision_tower.vision_tower."
-DEFAULT_REPO = "ICTNLP/llava-mini-llama-3.1-8b"
 
 
 class CheckpointError(ValueError):

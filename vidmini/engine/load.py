@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from vidmini.common.fingerprint import fingerprint
+from vidmini.common.paths import data_home
 from vidmini.engine.checkpoint import load_checkpoint
 from vidmini.engine.inference import Engine
 from vidmini.engine.retrieval import RetrievalSpace
@@ -26,10 +27,6 @@ RANDOM_BANNER = (
     "NOTE: running a tiny RANDOM-WEIGHT model (no trained model is configured or shipped yet): "
     "its answers are meaningless. Use --model or VIDMINI_MODEL for a real checkpoint."
 )
-
-
-def data_home() -> Path:
-    return Path(os.environ.get("VIDMINI_HOME", Path.home() / ".cache" / "vidmini")).expanduser()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ SYSTEM_PROMPT = (
 )
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200
-PROMPT_STYLES = ("reference", "corrected")
+from vidmini.engine.names import PROMPT_STYLES  # noqa: E402, F401 - re-exported
 
 
 @dataclass(frozen=True)

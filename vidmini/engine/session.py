@@ -1,5 +1,5 @@
 """A video opened for questions: tier A caches on the device, tier C pre-fusion working set, fusion policies,
-time ranges, streaming answers (DESIGN.md §2).
+time ranges, streaming answers (docs/architecture.md, "The caching split").
 
 Tier A: every frame's fused compressed token c'_f on the device, and LLM key/value caches of the
 question-independent prefix [mean P', c'_f for f in the frame set]. mean P' is a mean over the frames IN USE and

@@ -1,4 +1,4 @@
-"""Memory tiers for a video's per-frame state (DESIGN.md §2).
+"""Memory tiers for a video's per-frame state (docs/architecture.md, "The caching split").
 
 Tier B (`ChunkedStates`): everything per frame that is too big to keep on the device — the pre-fusion keys and
 values and the fused prompt prefix P'_f — readable chunk by chunk from wherever it lives (a store's

@@ -20,17 +20,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
 from vidmini.common.errors import one_line
-from vidmini.engine.generate import SamplingConfig
-from vidmini.engine.inference import Engine
-from vidmini.engine.session import Policy, SessionAnswer
-from vidmini.ingest.job import IngestOptions, IngestResult, Progress
 from vidmini.store.video_store import Library as StoreLibrary
 from vidmini.store.video_store import StoreInfo, UnknownVideo
+
+if TYPE_CHECKING:  # torch-backed; imported where used, so that listing the library does not load torch
+    from vidmini.engine.inference import Engine
+    from vidmini.engine.session import SessionAnswer
+    from vidmini.ingest.job import IngestOptions, IngestResult, Progress
 
 COPY_CHUNK = 8 << 20  # bytes per read when streaming an upload to disk: memory stays bounded at any file size
 UPLOADS = "uploads"
@@ -209,7 +210,7 @@ class Library:
     def __init__(self, root: str | Path | None = None, model: str | None = None, *, engine: Engine | None = None,
                  device: str = "cpu", dtype: str = "fp32", session_budget_bytes: int = DEFAULT_SESSION_BUDGET,
                  prefusion_budget_bytes: int = 1 << 30) -> None:
-        from vidmini.engine.load import data_home
+        from vidmini.common.paths import data_home
 
         self.root = Path(root) if root is not None else data_home()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -367,7 +368,7 @@ class Library:
                on_store: Callable[[str], None] | None = None) -> IngestResult:
         """Ingest one file or stream now (the CLI's path, and the background worker's): store, then index."""
         from vidmini.index.library import LibraryIndex, NotIndexed
-        from vidmini.ingest.job import run_ingest
+        from vidmini.ingest.job import IngestOptions, run_ingest
         from vidmini.ingest.live import is_stream_url
 
         options = options or IngestOptions()
@@ -412,6 +413,8 @@ class Library:
         job = IngestJob(uuid.uuid4().hex[:12], source, name or _display_name(Path(source).name or source))
         with self._lock:
             self._jobs[job.job_id] = job
+            from vidmini.ingest.job import IngestOptions
+
             self._queue.append((job, options or IngestOptions()))
             self._wake.notify_all()
             if self._worker is None or not self._worker.is_alive():
@@ -590,6 +593,9 @@ class Library:
             policy: str = "auto", max_new_tokens: int = 32, temperature: float = 0.0,
             cancel: threading.Event | None = None) -> Asking:
         """A question about a stored video; iterate `.text()` for streamed pieces, then `.result()`."""
+        from vidmini.engine.generate import SamplingConfig
+        from vidmini.engine.session import Policy
+
         if not question.strip():
             raise LibraryError("empty question")
         try:
@@ -777,7 +783,7 @@ _shared_lock = threading.Lock()
 
 def shared_library(root: str | Path | None = None) -> Library:
     """The process's one Library per data root (the Streamlit script runs and the app's HTTP routes share it)."""
-    from vidmini.engine.load import data_home
+    from vidmini.common.paths import data_home
 
     key = str(Path(root) if root is not None else data_home())
     with _shared_lock:

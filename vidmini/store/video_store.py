@@ -28,13 +28,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import save
 
 from vidmini.common.fingerprint import fingerprint, fingerprint_url
+
+if TYPE_CHECKING:  # the tensor parts import torch and safetensors where they run, so that listing stores does not
+    import torch
 
 __all__ = ["Library", "StoreConflict", "StoreInfo", "StoreKey", "StoreMismatch", "UnknownVideo", "VideoStore",
            "atomic_write", "fingerprint", "fingerprint_url"]
@@ -131,6 +132,8 @@ def _tree_bytes(path: Path) -> int:
 
 
 def _as_float64(values: Sequence[float] | np.ndarray) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(np.array(values, dtype=np.float64).reshape(-1))
 
 
@@ -257,6 +260,8 @@ class VideoStore:
                      *, start_frame: int | None = None) -> None:
         """Commit the next `len(timestamps)` frames. `start_frame`, when given, must equal committed_frames (a
         resumed job passing its own frame counter gets a ValueError instead of a gap or a duplicate)."""
+        from safetensors.torch import save
+
         n = len(timestamps)
         payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         if embeddings is not None:
@@ -338,6 +343,8 @@ class VideoStore:
                     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(first frame index, tensors) per chunk overlapping `frames`, reading only those chunks: for
         streaming over a long video without holding it all in memory."""
+        from safetensors import safe_open
+
         start, stop = self._span(frames)
         schema = self._m.get("schema") or {}
         wanted = self.tensor_names if names is None else list(names)
@@ -355,6 +362,8 @@ class VideoStore:
              ) -> dict[str, torch.Tensor]:
         """Tensors (default: all but the reserved ones) over `frames`, concatenated. An empty store gives {};
         an empty slice of a non-empty one gives zero-length tensors."""
+        import torch
+
         parts: dict[str, list[torch.Tensor]] = {}
         for _, tensors in self.iter_chunks(names, frames, device):
             for k, t in tensors.items():
@@ -402,6 +411,8 @@ class VideoStore:
 
     def verify(self, check_hashes: bool = True) -> list[str]:
         """Problems found (empty: consistent): missing or altered files, frame counts that disagree."""
+        from safetensors import safe_open
+
         problems = []
         total = 0
         for c in self._m["chunks"]:

@@ -200,7 +200,7 @@ def run_batch(paths: Iterable[str], out: str | Path, options: BatchOptions, *, l
 def _library_copy(result: FileResult) -> None:
     """The JSON summary also under `$VIDMINI_HOME/summaries/<video id>.json`, where the app's summary tab reads
     it (best effort: the output folder is the product)."""
-    from vidmini.engine.load import data_home
+    from vidmini.common.paths import data_home
 
     if "json" not in result.outputs or not result.video_id:
         return

@@ -13,14 +13,17 @@ import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from vidmini.demo.questions import SCENE_Q, TEXT_Q, format_clock
 from vidmini.demo.world import BACKGROUNDS, WORDS
-from vidmini.engine.generate import SamplingConfig
-from vidmini.engine.session import VideoSession
+
+if TYPE_CHECKING:  # torch-backed: imported where they run, so that `vidmini --help` does not load torch
+    import torch
+
+    from vidmini.engine.session import VideoSession
 
 
 class Asker:
@@ -42,12 +45,16 @@ class Asker:
     def answer(self, question: str, frames: range, max_new_tokens: int = 32) -> str:
         """The greedy answer over exactly these frames."""
         start, end = self._bounds(frames)
+        from vidmini.engine.generate import SamplingConfig
+
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_ids=self.engine.eos_ids)
         self.questions += 1
         return self.session.ask(question, start, end, self.policy, sampling, question_times=False).result().text
 
     def probs(self, question: str, frames: range) -> torch.Tensor:
         """Softmax of the first answer token's logits over these frames (float32, vocabulary-sized; not cached)."""
+        import torch
+
         start, end = self._bounds(frames)
         self.questions += 1
         logits = self.session.first_logits(question, start, end, self.policy)
@@ -72,6 +79,8 @@ def first_token(tokenizer, text: str) -> int:
 def word_token_ids(tokenizer) -> torch.Tensor:
     """The first tokens of the synthetic world's words (`WORDS` order): the only answers the demo describer and its
     threshold's calibration read. Tokenized once per tokenizer, not once per window."""
+    import torch
+
     return torch.tensor([first_token(tokenizer, w) for w in WORDS])
 
 
@@ -206,7 +215,7 @@ class DemoWorldDescriber:
     def describe(self, asker: Asker, frames: range) -> Description:
         background = asker.answer(SCENE_Q, frames, 4).lower()
         probs = asker.probs(TEXT_Q, frames)
-        p, best = torch.max(probs[word_token_ids(asker.engine.tokenizer)], -1)
+        p, best = probs[word_token_ids(asker.engine.tokenizer)].max(-1)
         word = WORDS[int(best)] if float(p) >= DEMO_WORD_THRESHOLD else None
         text = f"{background.capitalize()} background, " + (f"the word {word} shown." if word else "no word shown.")
         return Description(text, background, {"background": background, "word": word})

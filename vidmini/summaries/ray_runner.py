@@ -65,7 +65,7 @@ def run_on_ray(sources: list[str], stems: dict[str, str], options: BatchOptions,
         import ray
     except ImportError:
         raise RuntimeError("Ray is not installed: pip install 'vidmini[ray]'") from None
-    from vidmini.engine.load import data_home
+    from vidmini.common.paths import data_home
 
     if not sources:
         return

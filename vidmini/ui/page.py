@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import streamlit as st
 
-from vidmini.engine.load import data_home
+from vidmini.common.paths import data_home
 from vidmini.engine.timerange import times_in_question
 from vidmini.service.library import Library, LibraryError, SearchResult, VideoRow, shared_library
 from vidmini.ui.routes import MEDIA_PATH, UPLOAD_PATH

@@ -1,0 +1,9 @@
+"""The engine's option names, importable without torch or transformers (command lines build their parsers
+from them before any model is needed)."""
+
+from __future__ import annotations
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+PROMPT_STYLES = ("reference", "corrected")
+DEFAULT_REPO = "ICTNLP/llava-mini-llama-3.1-8b"
+CLIP_REPO = "openai/clip-vit-large-patch14-336"
