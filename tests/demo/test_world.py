@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vidmini.common.timefmt import clock
 from vidmini.demo import render
 from vidmini.demo.questions import (
     FAMILIES,
     Question,
     answer_for,
-    format_clock,
     make_questions,
     range_questions,
     timeline_facts,
@@ -356,4 +356,4 @@ def test_with_range():
     assert Question("text", "What word is shown?", "CAT", 7, 7).with_range() == "At 0:07, what word is shown?"
     assert Question("scene", "What colour is the background?", "teal", 3599, 3725).with_range() == (
         "Between 59:59 and 1:02:05, what colour is the background?")
-    assert format_clock(0) == "0:00" and format_clock(36000) == "10:00:00"
+    assert clock(0) == "0:00" and clock(36000) == "10:00:00"

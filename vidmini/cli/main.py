@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from vidmini.common.errors import UsageError
+from vidmini.common.timefmt import clock, span
 from vidmini.service.options import CLIP_REPO, DEFAULT_REPO, DTYPE_NAMES, PROMPT_STYLES, user_error_types
 
 
@@ -175,8 +176,8 @@ def _reference_frames(engine, args, stored, kind, options, time_range):
         pixels, timestamps = engine.frame_pixels([f.image for f in frames]), [f.t for f in frames]
     if time_range is None:
         return pixels, timestamps
-    span = time_range.frame_span(timestamps)
-    return pixels[span.start : span.stop], [timestamps[i] for i in span]
+    picked = time_range.frame_span(timestamps)
+    return pixels[picked.start : picked.stop], [timestamps[i] for i in picked]
 
 
 def _is_image(path: str) -> bool:
@@ -302,17 +303,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     else:
         print(result["answer"])
         if moments:
-            print("moments: " + ", ".join(f"{_span(m.start, m.end)} ({m.score:.2f})" for m in moments))
+            print("moments: " + ", ".join(f"{span(m.start, m.end)} ({m.score:.2f})" for m in moments))
         where = "" if result["range"] is None else f" from {result['range']['start']:g}s to {result['range']['end']:g}s"
         print(f"[{engine.name}; {len(timestamps)} frame(s){where}; policy {result['policy']}; "
               f"first token {result['ttft_ms']:.1f} ms; {result['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
     return 0
-
-
-def _span(start: float, end: float) -> str:
-    from vidmini.demo.questions import format_clock
-
-    return format_clock(int(start)) if int(start) == int(end) else f"{format_clock(int(start))}–{format_clock(int(end))}"
 
 
 def _when_moments(engine, question: str, video_id: str | None, time_range: dict | None, k: int = 5):
@@ -386,7 +381,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from vidmini.demo.questions import format_clock
     from vidmini.engine.load import choose_model
     from vidmini.service.library import LibraryError
     from vidmini.service.models import open_model
@@ -407,7 +401,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not moments:
         print("no matching moments")
     for m in moments:
-        print(f"{m.score:.3f}  {m.video_id[:16]}  {_span(m.start, m.end)}  (best frame at {format_clock(int(m.time))})")
+        print(f"{m.score:.3f}  {m.video_id[:16]}  {span(m.start, m.end)}  (best frame at {clock(m.time)})")
     return 0
 
 

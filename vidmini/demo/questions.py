@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from vidmini.common.timefmt import clock
 from vidmini.demo.world import KINDS, SHAPE_COLOURS, Timeline, truth_at
 
-__all__ = ["FAMILIES", "ORDER_RE", "PRESENCE_RE", "Question", "answer_for", "format_clock", "make_questions", "range_questions", "timeline_facts"]
+__all__ = ["FAMILIES", "ORDER_RE", "PRESENCE_RE", "Question", "answer_for", "make_questions", "range_questions", "timeline_facts"]
 
 FAMILIES = ("presence", "attribute", "count", "order", "text", "scene")
 COLOURS = tuple(SHAPE_COLOURS)
@@ -37,13 +38,6 @@ _COUNT_RE = re.compile(r"How many (\w+)s are there\?")
 ORDER_RE = re.compile(r"Which appears first, the (\w+) or the (\w+)\?")
 
 
-def format_clock(seconds: int) -> str:
-    """m:ss below an hour, h:mm:ss from an hour on."""
-    h, rest = divmod(int(seconds), 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 @dataclass(frozen=True)
 class Question:
     family: str
@@ -56,8 +50,8 @@ class Question:
         """The question with its range spelled out, for people: "Between 1:00 and 2:05, is there ...?"."""
         q = self.question[0].lower() + self.question[1:]
         if self.start_s == self.end_s:
-            return f"At {format_clock(self.start_s)}, {q}"
-        return f"Between {format_clock(self.start_s)} and {format_clock(self.end_s)}, {q}"
+            return f"At {clock(self.start_s)}, {q}"
+        return f"Between {clock(self.start_s)} and {clock(self.end_s)}, {q}"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vidmini.common.files import atomic_write
 from vidmini.index.moments import Hit
-from vidmini.index.vectors import EXACT_LIMIT, FrameVectors, IndexCorrupt, _atomic_write_bytes
+from vidmini.index.vectors import EXACT_LIMIT, FrameVectors, IndexCorrupt
 from vidmini.store.video_store import Library, UnknownVideo, VideoStore
 
 FRAME_BITS = 32
@@ -62,7 +63,7 @@ class LibraryIndex:
 
     def _save_table(self, table: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.dir / "library.json", json.dumps(table, indent=1).encode())
+        atomic_write(self.dir / "library.json", json.dumps(table, indent=1).encode())
 
     def _video_path(self, video_id: str) -> Path:
         return self.dir / "videos" / f"{video_id}.faiss"

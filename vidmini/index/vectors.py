@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from vidmini.common.files import atomic_write
 
 EXACT_LIMIT = 50_000  # below this many vectors an exact search is both fast and simplest
 HASH_WHOLE_LIMIT = 256 << 20  # files above this are checked by size plus hashes of their head and tail
@@ -60,15 +61,6 @@ def _file_digest(path: Path) -> str:
             f.seek(size - (8 << 20))
             h.update(f.read())
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FrameVectors:
@@ -135,9 +127,9 @@ class FrameVectors:
         new index whose sidecar does not match it (detected as corrupt, rebuilt)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, faiss.serialize_index(self.index).tobytes())
+        atomic_write(path, faiss.serialize_index(self.index).tobytes())
         meta = {"spec": asdict(self.spec), "count": self.size, "digest": _file_digest(path)}
-        _atomic_write_bytes(path.with_suffix(path.suffix + ".json"), json.dumps(meta).encode())
+        atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(meta).encode())
 
     @classmethod
     def load(cls, path: Path) -> FrameVectors:

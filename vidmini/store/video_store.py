@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vidmini.common.files import atomic_write, fsync_dir
 from vidmini.common.fingerprint import fingerprint, fingerprint_url
 
 if TYPE_CHECKING:  # the tensor parts import torch and safetensors where they run, so that listing stores does not
@@ -84,23 +85,6 @@ class StoreKey:
 
 
 # ---- durable file primitives ----------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over, fsync the folder: old or new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 @contextmanager
@@ -165,8 +149,8 @@ class VideoStore:
                 text = _dump(manifest)  # fails here, before anything is written, on non-JSON meta
                 for sub in ("chunks", "thumbs"):
                     (path / sub).mkdir(exist_ok=True)
-                _fsync_dir(path)
-                _fsync_dir(path.parent)
+                fsync_dir(path)
+                fsync_dir(path.parent)
                 atomic_write(mpath, text.encode())
                 store = cls(path, text)
             store._discard_unlisted()
@@ -517,7 +501,7 @@ class Library:
         try:
             with _locked(path, blocking=False):
                 os.rename(path, tomb)
-                _fsync_dir(self.videos)
+                fsync_dir(self.videos)
         except BlockingIOError:
             raise StoreConflict(f"store {path.name} is being written; try again") from None
         shutil.rmtree(tomb, ignore_errors=True)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vidmini.common.files import atomic_write
 from vidmini.summaries.formats import FORMATS
 from vidmini.summaries.summarize import MODES, SummarizeOptions
 from vidmini.summaries.work import BatchOptions, FileResult, process_file
@@ -91,9 +92,7 @@ class Manifest:
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
 def write_result(out: Path, result: FileResult) -> list[str]:
@@ -104,9 +103,7 @@ def write_result(out: Path, result: FileResult) -> list[str]:
     for rel, data in items.items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(path, data)
         written.append(rel)
     return sorted(written)
 
@@ -207,9 +204,7 @@ def _library_copy(result: FileResult) -> None:
     try:
         folder = data_home() / "summaries"
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{result.video_id}.json.tmp"
-        tmp.write_text(result.outputs["json"])
-        os.replace(tmp, folder / f"{result.video_id}.json")
+        atomic_write(folder / f"{result.video_id}.json", result.outputs["json"])
     except OSError:
         pass
 

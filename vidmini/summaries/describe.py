@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vidmini.demo.questions import SCENE_Q, TEXT_Q, format_clock
+from vidmini.common.timefmt import clock, span
+from vidmini.demo.questions import SCENE_Q, TEXT_Q
 from vidmini.demo.world import BACKGROUNDS, WORDS
 
 if TYPE_CHECKING:  # torch-backed: imported where they run, so that `vidmini --help` does not load torch
@@ -171,10 +172,6 @@ class Description:
     facts: dict = field(default_factory=dict)
 
 
-def span_text(start: float, end: float) -> str:
-    return f"{format_clock(int(start))}–{format_clock(int(end))}"
-
-
 class ModelDescriber:
     """Plain prompts for a general video model; summaries are the model's own over the window descriptions."""
 
@@ -196,7 +193,7 @@ class ModelDescriber:
         return title, two_lines(text)
 
     def overall(self, asker: Asker, frames: range, parts: Sequence[tuple[float, float, Description]]) -> str:
-        notes = " ".join(f"[{span_text(a, b)}] {d.text}" for a, b, d in parts)
+        notes = " ".join(f"[{span(a, b, always_range=True)}] {d.text}" for a, b, d in parts)
         return asker.answer(f"Notes on the video's parts, in order: {notes}\nSummarize the video in three "
                             "sentences.", frames, 96)
 
@@ -225,7 +222,7 @@ class DemoWorldDescriber:
         background = parts[0].facts["background"]
         words = list(dict.fromkeys(p.facts["word"] for p in parts if p.facts.get("word")))
         return f"{background.capitalize()} scene", [
-            f"The background is {background} from {format_clock(int(start))} to {format_clock(int(end))}.",
+            f"The background is {background} from {clock(start)} to {clock(end)}.",
             f"Words shown: {', '.join(words)}." if words else "No words shown."]
 
     def overall(self, asker: Asker, frames: range, parts: Sequence[tuple[float, float, Description]]) -> str:
@@ -236,7 +233,7 @@ class DemoWorldDescriber:
             else:
                 runs.append([a, b, d.facts["background"]])
         words = list(dict.fromkeys(d.facts["word"] for _, _, d in parts if d.facts.get("word")))
-        scenes = "; ".join(f"{bg} {span_text(a, b)}" for a, b, bg in runs)
+        scenes = "; ".join(f"{bg} {span(a, b, always_range=True)}" for a, b, bg in runs)
         return (f"{len(runs)} background stretch{'es' if len(runs) != 1 else ''}: {scenes}. "
                 + (f"Words shown: {', '.join(words)}." if words else "No words shown."))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from vidmini.demo.questions import format_clock
+from vidmini.common.timefmt import clock, span
 from vidmini.summaries.summarize import Span, VideoSummary
 
 FORMATS = ("md", "json", "srt", "vtt")
@@ -42,37 +42,33 @@ JSON_SCHEMA = {
 }
 
 
-def _clock(t: float) -> str:
-    return format_clock(int(t))
-
-
 def to_json(s: VideoSummary) -> str:
     return json.dumps(s.to_json(), indent=2, ensure_ascii=False) + "\n"
 
 
 def to_markdown(s: VideoSummary) -> str:
-    lines = [f"# {s.name}", "", f"*{s.mode} summary · {_clock(s.duration)} · {s.frames} frames · model {s.model}*", "",
+    lines = [f"# {s.name}", "", f"*{s.mode} summary · {clock(s.duration)} · {s.frames} frames · model {s.model}*", "",
              s.summary, ""]
     if s.mode == "lecture":
         lines += ["## Chapters", ""]
         for i, c in enumerate(s.chapters, 1):
-            lines += [f"### {i}. {c.title} ({_clock(c.start)}–{_clock(c.end)})", "", *[x for x in c.summary if x], ""]
+            lines += [f"### {i}. {c.title} ({span(c.start, c.end, always_range=True)})", "", *[x for x in c.summary if x], ""]
     elif s.mode == "surveillance":
         lines += ["## Event log", "", "| start | end | event | confidence | thumbnail |", "| --- | --- | --- | --- | --- |"]
         for start, _, row in _log(s):
             lines.append(row if isinstance(row, str) else
-                         f"| {_clock(start)} | {_clock(row.end)} | {row.event} | {row.confidence:.2f} | "
+                         f"| {clock(start)} | {clock(row.end)} | {row.event} | {row.confidence:.2f} | "
                          + (f"![]({row.thumbnail})" if row.thumbnail else "") + " |")
         lines.append("")
     else:
-        lines += ["## Timeline", ""] + [f"- **{_clock(t.start)}–{_clock(t.end)}** {t.text}" for t in s.timeline] + [""]
+        lines += ["## Timeline", ""] + [f"- **{span(t.start, t.end, always_range=True)}** {t.text}" for t in s.timeline] + [""]
     return "\n".join(lines)
 
 
 def _log(s: VideoSummary) -> list:
     """Events and quiet stretches in time order; a quiet stretch is one table line."""
     rows = [(e.start, 1, e) for e in s.events]
-    rows += [(q.start, 0, f"| {_clock(q.start)} | {_clock(q.end)} | *quiet* | | |") for q in s.quiet]
+    rows += [(q.start, 0, f"| {clock(q.start)} | {clock(q.end)} | *quiet* | | |") for q in s.quiet]
     return [(start, order, row) for start, order, row in sorted(rows, key=lambda r: (r[0], r[1]))]
 
 

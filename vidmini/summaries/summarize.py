@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from vidmini.demo.questions import format_clock
-from vidmini.summaries.describe import Asker, Description, EventProbe, describer_for, frame_step, span_text
+from vidmini.common.timefmt import clock, span
+from vidmini.summaries.describe import Asker, Description, EventProbe, describer_for, frame_step
 
 MODES = ("lecture", "surveillance", "general")
 DEFAULT_WINDOW = {"lecture": 60.0, "general": 60.0, "surveillance": 10.0}
@@ -252,7 +252,7 @@ def _events(asker: Asker, opts: SummarizeOptions, ts: np.ndarray, duration: floa
     out.quiet = quiet_spans(events, duration, opts.quiet_min)
     counts = {e: sum(1 for x in events if x.event == e) for e in opts.events}
     quiet_s = sum(q.end - q.start for q in out.quiet)
-    out.summary = (f"{len(events)} event interval{'s' if len(events) != 1 else ''} in {format_clock(int(duration))}: "
+    out.summary = (f"{len(events)} event interval{'s' if len(events) != 1 else ''} in {clock(duration)}: "
                    + "; ".join(f'"{e}" ×{c}' for e, c in counts.items())
                    + f". Quiet for {quiet_s / duration:.0%} of the time.")
     out.windows = [Span(p.start, p.end, ", ".join(sorted({e.event for e in events if e.start < p.end and
@@ -265,8 +265,8 @@ def quiet_spans(events: Sequence[Event], duration: float, min_s: float) -> list[
     spans, t = [], 0.0
     for e in sorted(events, key=lambda e: e.start):
         if e.start - t >= min_s:
-            spans.append(Span(t, e.start, f"quiet {span_text(t, e.start)}"))
+            spans.append(Span(t, e.start, f"quiet {span(t, e.start, always_range=True)}"))
         t = max(t, e.end)
     if duration - t >= min_s:
-        spans.append(Span(t, duration, f"quiet {span_text(t, duration)}"))
+        spans.append(Span(t, duration, f"quiet {span(t, duration, always_range=True)}"))
     return spans

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import streamlit as st
 
 from vidmini.common.paths import data_home
+from vidmini.common.timefmt import clock, span
 from vidmini.engine.timerange import times_in_question
 from vidmini.service.library import Library, LibraryError, SearchResult, VideoRow, shared_library
 from vidmini.ui.routes import MEDIA_PATH, UPLOAD_PATH
@@ -50,17 +51,6 @@ def tab_state() -> TabState:
     if "vidmini" not in st.session_state:
         st.session_state["vidmini"] = TabState()
     return st.session_state["vidmini"]
-
-
-def clock(seconds: float) -> str:
-    s = int(round(seconds))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def span(start: float, end: float) -> str:
-    return clock(start) if int(round(start)) == int(round(end)) else f"{clock(start)}–{clock(end)}"
 
 
 def human_bytes(n: int | None) -> str:
