@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from vidmini.common.errors import UsageError
@@ -125,12 +124,13 @@ def _progress_bar(label: str):
     return bar, update
 
 
-def _library(engine=None):
-    """The service layer the app uses too (vidmini/service/library.py): one path for ingest, list, rm, search, scenes."""
+def _library(engine=None, **model):
+    """The service the app uses too (vidmini/service/library.py): one path for ask, ingest, list, rm, search, scenes.
+    `model`: the model to load on first use (model, dtype, device, prompt_style) when no engine is given."""
     from vidmini.common.paths import data_home
     from vidmini.service.library import Library
 
-    return Library(data_home(), engine=engine)
+    return Library(data_home(), engine=engine, **model)
 
 
 def _ingest_one(engine, source: str, options):
@@ -141,181 +141,45 @@ def _ingest_one(engine, source: str, options):
         bar.close()
 
 
-def _read_media(engine, path: str, fps: float, max_frames: int | None):
-    from vidmini.ingest.simple_decode import load_image, media_kind, sample_frames
-
-    if not Path(path).exists():
-        raise UsageError(f"no such file: {path}")
-    if media_kind(path) == "image":
-        return engine.image_pixels(load_image(path)), [0.0]
-    sampled = sample_frames(path, fps=fps, max_frames=max_frames)
-    return engine.frame_pixels(sampled.frames), sampled.timestamps
-
-
-def _reference_frames(engine, args, stored, kind, options, time_range):
-    """--no-cache: the frames decoded again from the source (a stored video's own file and sampling), cut to the
-    range; returns pixels and timestamps."""
-    from vidmini.ingest.sampler import FrameSampler
-
-    if kind == "image" or (stored is None and args.no_store):
-        pixels, timestamps = _read_media(engine, args.media, options.fps, args.max_frames)
-    else:
-        source, sampling = args.media, {"fps": options.fps, "every_k": options.every_k, "mode": options.mode,
-                                        "stream": options.stream}
-        if stored is not None:
-            meta = stored.manifest["meta"]
-            source, sampling = meta["source"], meta["sampling"]
-            if not Path(source).exists():
-                raise UsageError(f"--no-cache needs the stored video's source file, which is gone: {source}")
-        bounds = {} if time_range is None else {"start": time_range.start, "end": time_range.end + 1e-3}
-        frames = list(FrameSampler(source, fps=None if sampling["every_k"] else sampling["fps"],
-                                   every_k=sampling["every_k"], mode=sampling["mode"], stream=sampling["stream"],
-                                   backend=options.backend, **bounds))
-        if not frames:
-            raise UsageError("no frames decoded in that range")
-        pixels, timestamps = engine.frame_pixels([f.image for f in frames]), [f.t for f in frames]
-    if time_range is None:
-        return pixels, timestamps
-    picked = time_range.frame_span(timestamps)
-    return pixels[picked.start : picked.stop], [timestamps[i] for i in picked]
-
-
-def _is_image(path: str) -> bool:
-    from vidmini.ingest.simple_decode import MediaError, media_kind
-
-    try:
-        return media_kind(path) == "image"
-    except MediaError:
-        return False  # reported with the usual message below
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
-    from vidmini.engine.load import RANDOM_BANNER, choose_model
-    from vidmini.engine.session import Policy
-    from vidmini.service.models import open_model
+    from vidmini.engine.load import RANDOM_BANNER
+    from vidmini.service.asking import AskOptions, ask_media
 
-    if args.logprobs < 0 or args.max_new_tokens < 0:
-        raise UsageError("--logprobs and --max-new-tokens must be >= 0")
-    if args.prefusion_budget_gb <= 0:
-        raise UsageError("--prefusion-budget-gb must be > 0")
-    from vidmini.engine.timerange import choose_range
+    options = AskOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         seed=args.seed, logprobs=args.logprobs, policy=args.policy, start=args.start, end=args.end,
+                         prefusion_budget_gb=args.prefusion_budget_gb, no_cache=args.no_cache, no_store=args.no_store,
+                         max_frames=args.max_frames)
+    options.check()
+    ingest = _options(args)
+    lib = _library(model=args.model, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
+
+    def banner() -> None:
+        if lib.model_choice.is_random:
+            print(RANDOM_BANNER, file=sys.stderr)
+
+    shown: list = []  # the ingest's bar, made when an ingest first reports (images and stored videos show none)
+
+    def progress(p) -> None:
+        if not shown:
+            shown.extend(_progress_bar(Path(args.media).name or args.media))
+        shown[1](p)
 
     try:
-        Policy.parse(args.policy)
-        explicit = choose_range(args.question, args.start, args.end)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    options = _options(args)
-    is_image = Path(args.media).exists() and _is_image(args.media)
-    if is_image:
-        if args.start is not None or args.end is not None:
-            raise UsageError("--from/--to apply to videos, not images")
-        explicit = None  # times written in a question about an image are not ranges
-    from vidmini.common.paths import data_home
-    from vidmini.engine.session import VideoSession
-    from vidmini.ingest.simple_decode import media_kind
-    from vidmini.store.session import open_store_session
-    from vidmini.store.video_store import Library
-
-    stored, kind = None, None
-    if not Path(args.media).exists():
-        try:
-            stored = Library(data_home()).get(args.media)  # a stored video's id
-        except KeyError:
-            raise UsageError(f"no such file or stored video: {args.media}") from None
-    else:
-        kind = media_kind(args.media)  # bad media fails before the model loads
-    choice = choose_model(args.model)
-    if choice.is_random:
-        print(RANDOM_BANNER, file=sys.stderr)
-    engine = open_model(choice, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
-    from vidmini.engine.generate import SamplingConfig
-
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              stop_ids=engine.eos_ids, logprobs=args.logprobs, seed=args.seed)
-    t0 = time.perf_counter()
-    video_id = stored.video_id if stored is not None else None
-    if args.no_cache:
-        try:
-            pixels, timestamps = _reference_frames(engine, args, stored, kind, options, explicit)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        encode_ms = 0.0  # the reference encodes inside every question: counted in ttft_ms
-        answer = engine.collect(engine.forward_full(pixels, args.question, sampling), frames=len(timestamps))
-        frames = list(range(len(timestamps)))
-        result = {"answer": answer.text, "token_ids": answer.token_ids, "policy": "reference",
-                  "policy_requested": args.policy, "frame_indices": frames, "fused_frames": frames,
-                  "range": None if explicit is None else {"start": explicit.start, "end": explicit.end,
-                                                          "source": explicit.source},
-                  "ttft_ms": answer.ttft_ms, "tokens_per_s": answer.tokens_per_s, "logprobs": answer.logprobs,
-                  "exact_prefix": True, "prefix_cosine": 1.0, "packed_from": None}
-    else:
-        budget = int(args.prefusion_budget_gb * 2**30)
-        if stored is None and (kind == "image" or args.no_store):
-            pixels, timestamps = _read_media(engine, args.media, options.fps, args.max_frames)
-            session = VideoSession.from_states(engine, engine.encode_frames(pixels), timestamps,
-                                               prefusion_budget_bytes=budget)
-        else:
-            if stored is None:
-                stored = Library(data_home()).get(_ingest_one(engine, args.media, options).video_id)
-                video_id = stored.video_id
-            from vidmini.index.search import MomentSearch, frame_picker
-
-            searcher = MomentSearch(data_home(), engine.retrieval)
-            session = open_store_session(engine, stored, prefusion_budget_bytes=budget,
-                                         picker=frame_picker(searcher, stored.video_id))
-        encode_ms = (time.perf_counter() - t0) * 1000
-        try:
-            got = session.ask(args.question, args.start, args.end, args.policy, sampling,
-                              question_times=not is_image).result()
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        timestamps = got.timestamps
-        result = got.to_json()
-        result["answer"] = result.pop("text")
-        result["frame_indices"] = result.pop("frames")
-    moments = _when_moments(engine, args.question, video_id, result["range"])
+        reply = ask_media(lib, args.media, args.question, options, ingest, on_progress=progress, before_load=banner)
+    finally:
+        if shown:
+            shown[0].close()
     if args.json:
-        out = {
-            "answer": result["answer"],
-            "token_ids": result["token_ids"],
-            "frames": len(timestamps),
-            "timestamps": [float(t) for t in timestamps],
-            "frame_indices": result["frame_indices"],
-            "fused_frames": result["fused_frames"],
-            "range": result["range"],
-            "policy": result["policy"],
-            "policy_requested": result["policy_requested"],
-            "exact_prefix": result["exact_prefix"],
-            "packed_from": result["packed_from"],
-            "ttft_ms": round(result["ttft_ms"], 3),
-            "tokens_per_s": round(result["tokens_per_s"], 3),
-            "encode_ms": round(encode_ms, 3),
-            "model": engine.name,
-            "video_id": video_id,
-            "random_weights": choice.is_random,
-        }
-        if args.logprobs:
-            out["logprobs"] = result["logprobs"]
-        if moments is not None:
-            out["moments"] = [m.to_json() for m in moments]
-        print(json.dumps(out))
-    else:
-        print(result["answer"])
-        if moments:
-            print("moments: " + ", ".join(f"{span(m.start, m.end)} ({m.score:.2f})" for m in moments))
-        where = "" if result["range"] is None else f" from {result['range']['start']:g}s to {result['range']['end']:g}s"
-        print(f"[{engine.name}; {len(timestamps)} frame(s){where}; policy {result['policy']}; "
-              f"first token {result['ttft_ms']:.1f} ms; {result['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
+        print(json.dumps(reply.to_json()))
+        return 0
+    print(reply.answer)
+    if reply.moments:
+        print("moments: " + ", ".join(f"{span(m.start, m.end)} ({m.score:.2f})" for m in reply.moments))
+    r = reply.result
+    where = "" if r["range"] is None else f" from {r['range']['start']:g}s to {r['range']['end']:g}s"
+    print(f"[{reply.model}; {len(reply.timestamps)} frame(s){where}; policy {r['policy']}; "
+          f"first token {r['ttft_ms']:.1f} ms; {r['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
     return 0
-
-
-def _when_moments(engine, question: str, video_id: str | None, time_range: dict | None, k: int = 5):
-    """For "when does …" questions about a stored video: the top moments (within the range asked about), to
-    show beside the model's answer. None when not such a question or search is unavailable."""
-    if video_id is None:
-        return None
-    return _library(engine).when_moments(question, video_id, time_range, k) or None
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

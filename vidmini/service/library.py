@@ -209,13 +209,13 @@ class Library:
 
     def __init__(self, root: str | Path | None = None, model: str | None = None, *, engine: Engine | None = None,
                  device: str = "cpu", dtype: str = "fp32", session_budget_bytes: int = DEFAULT_SESSION_BUDGET,
-                 prefusion_budget_bytes: int = 1 << 30) -> None:
+                 prefusion_budget_bytes: int = 1 << 30, prompt_style: str = "reference") -> None:
         from vidmini.common.paths import data_home
 
         self.root = Path(root) if root is not None else data_home()
         self.root.mkdir(parents=True, exist_ok=True)
         self.stores = StoreLibrary(self.root)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.prompt_style = device, dtype, prompt_style
         self.session_budget_bytes, self.prefusion_budget_bytes = session_budget_bytes, prefusion_budget_bytes
         self.upload_token = secrets.token_urlsafe(24)  # the app's upload/media routes require it
         self._model_arg = model
@@ -242,6 +242,14 @@ class Library:
     def model_loaded(self) -> bool:
         return self._engine is not None
 
+    @property
+    def model_choice(self):
+        """The model this library runs (or will load on first use), without loading it."""
+        from vidmini.engine.load import choose_model
+
+        with self._lock:
+            return self._choice if self._choice is not None else choose_model(self._model_arg)
+
     def load_model(self, name_or_path: str | None = None) -> ModelInfo:
         """Load a model (path or Hugging Face id in the local cache; None: the default) and make it the one
         this process uses. On failure the current model stays and ModelLoadError says why."""
@@ -254,7 +262,7 @@ class Library:
             raise ModelLoadError(f"no model at {choice.location!r}: give a checkpoint folder or a Hugging Face id "
                                  "(owner/name) already downloaded with `vidmini download`")
         try:
-            engine = open_model(choice, dtype=self.dtype, device=self.device)
+            engine = open_model(choice, dtype=self.dtype, device=self.device, prompt_style=self.prompt_style)
         except CheckpointError as e:
             raise ModelLoadError(f"could not load model {choice.location!r}: {one_line(e)}") from None
         except Exception as e:  # noqa: BLE001 - hub, file and format errors alike: the app must keep working

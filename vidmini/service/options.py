@@ -17,7 +17,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [UsageError, FileNotFoundError]
     for module, name in (("vidmini.engine.checkpoint", "CheckpointError"), ("vidmini.ingest.simple_decode", "MediaError"),
-                         ("vidmini.ingest.errors", "IngestError")):
+                         ("vidmini.ingest.errors", "IngestError"), ("vidmini.service.library", "LibraryError")):
         loaded = sys.modules.get(module)
         if loaded is not None:
             types.append(getattr(loaded, name))

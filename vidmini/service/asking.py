@@ -1,0 +1,222 @@
+"""A question about a file, an image or a stored video, answered through the library: what `vidmini ask` calls.
+
+The face parses its input into `AskOptions` (and the ingest's `IngestOptions`), makes this one call and prints
+the `AskReply`; everything in between — deciding image, stored video or new file, ingesting it (resumable, into
+the same stores the app uses), opening a session, the reference one-pass path, the "when" moments — is here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vidmini.common.errors import UsageError
+
+if TYPE_CHECKING:
+    from vidmini.ingest.job import IngestOptions, Progress
+    from vidmini.service.library import Library
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    """How to answer; the defaults are the CLI's (`vidmini ask --help` shows them)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: int = 0
+    policy: str = "auto"
+    start: str | float | None = None
+    end: str | float | None = None
+    prefusion_budget_gb: float = 1.0
+    no_cache: bool = False  # the reference's one pass over freshly decoded frames (a baseline)
+    no_store: bool = False  # decode and encode in memory; store nothing
+    max_frames: int | None = None  # with no_store: stop after N frames
+
+    def check(self) -> None:
+        if self.logprobs < 0 or self.max_new_tokens < 0:
+            raise UsageError("--logprobs and --max-new-tokens must be >= 0")
+        if self.prefusion_budget_gb <= 0:
+            raise UsageError("--prefusion-budget-gb must be > 0")
+
+
+@dataclass
+class AskReply:
+    """The answer and what it used; `to_json()` is the one JSON shape of an answer."""
+
+    answer: str
+    token_ids: list[int]
+    timestamps: list[float]
+    result: dict[str, Any]
+    encode_ms: float
+    model: str
+    video_id: str | None
+    random_weights: bool
+    logprobs: list | None = None
+    moments: list | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.result
+        out = {
+            "answer": self.answer,
+            "token_ids": self.token_ids,
+            "frames": len(self.timestamps),
+            "timestamps": [float(t) for t in self.timestamps],
+            "frame_indices": r["frame_indices"],
+            "fused_frames": r["fused_frames"],
+            "range": r["range"],
+            "policy": r["policy"],
+            "policy_requested": r["policy_requested"],
+            "exact_prefix": r["exact_prefix"],
+            "packed_from": r["packed_from"],
+            "ttft_ms": round(r["ttft_ms"], 3),
+            "tokens_per_s": round(r["tokens_per_s"], 3),
+            "encode_ms": round(self.encode_ms, 3),
+            "model": self.model,
+            "video_id": self.video_id,
+            "random_weights": self.random_weights,
+        }
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        if self.moments is not None:
+            out["moments"] = [m.to_json() for m in self.moments]
+        return out
+
+
+def _is_image(path: str) -> bool:
+    from vidmini.ingest.simple_decode import MediaError, media_kind
+
+    try:
+        return media_kind(path) == "image"
+    except MediaError:
+        return False  # reported with the usual message when the media is read
+
+
+def ask_media(library: Library, media: str, question: str, options: AskOptions, ingest: IngestOptions,
+              on_progress: Callable[[Progress], None] | None = None,
+              before_load: Callable[[], None] | None = None) -> AskReply:
+    """Answer `question` about `media`: an image, a video file (ingested into the library first unless
+    `no_store`) or a stored video's id. Bad input raises UsageError (or the decoder's error) before the model
+    loads where it can; `before_load()` runs just before the model loads (not at all when it is loaded)."""
+    from vidmini.engine.session import Policy, VideoSession
+    from vidmini.engine.timerange import choose_range
+    from vidmini.ingest.simple_decode import media_kind
+
+    options.check()
+    try:
+        Policy.parse(options.policy)
+        explicit = choose_range(question, options.start, options.end)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    is_image = Path(media).exists() and _is_image(media)
+    if is_image:
+        if options.start is not None or options.end is not None:
+            raise UsageError("--from/--to apply to videos, not images")
+        explicit = None  # times written in a question about an image are not ranges
+    stored, kind = None, None
+    if not Path(media).exists():
+        try:
+            stored = library.stores.get(media)  # a stored video's id
+        except KeyError:
+            raise UsageError(f"no such file or stored video: {media}") from None
+    else:
+        kind = media_kind(media)  # bad media fails before the model loads
+    if before_load is not None and not library.model_loaded:
+        before_load()
+    engine = library.engine
+    from vidmini.engine.generate import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                              top_p=options.top_p, stop_ids=engine.eos_ids, logprobs=options.logprobs,
+                              seed=options.seed)
+    t0 = time.perf_counter()
+    video_id = stored.video_id if stored is not None else None
+    if options.no_cache:
+        try:
+            pixels, timestamps = _reference_frames(engine, media, options, stored, kind, ingest, explicit)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        encode_ms = 0.0  # the reference encodes inside every question: counted in ttft_ms
+        answer = engine.collect(engine.forward_full(pixels, question, sampling), frames=len(timestamps))
+        frames = list(range(len(timestamps)))
+        result = {"answer": answer.text, "token_ids": answer.token_ids, "policy": "reference",
+                  "policy_requested": options.policy, "frame_indices": frames, "fused_frames": frames,
+                  "range": None if explicit is None else {"start": explicit.start, "end": explicit.end,
+                                                          "source": explicit.source},
+                  "ttft_ms": answer.ttft_ms, "tokens_per_s": answer.tokens_per_s, "logprobs": answer.logprobs,
+                  "exact_prefix": True, "prefix_cosine": 1.0, "packed_from": None}
+    else:
+        budget = int(options.prefusion_budget_gb * 2**30)
+        if stored is None and (kind == "image" or options.no_store):
+            pixels, timestamps = _read_media(engine, media, ingest.fps, options.max_frames)
+            session = VideoSession.from_states(engine, engine.encode_frames(pixels), timestamps,
+                                               prefusion_budget_bytes=budget)
+        else:
+            from vidmini.index.search import frame_picker
+            from vidmini.store.session import open_store_session
+
+            if stored is None:
+                stored = library.stores.get(library.ingest(media, ingest, on_progress=on_progress).video_id)
+                video_id = stored.video_id
+            session = open_store_session(engine, stored, prefusion_budget_bytes=budget,
+                                         picker=frame_picker(library.searcher, stored.video_id))
+        encode_ms = (time.perf_counter() - t0) * 1000
+        try:
+            got = session.ask(question, options.start, options.end, options.policy, sampling,
+                              question_times=not is_image).result()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        timestamps = got.timestamps
+        result = got.to_json()
+        result["answer"] = result.pop("text")
+        result["frame_indices"] = result.pop("frames")
+    moments = None
+    if video_id is not None:
+        moments = library.when_moments(question, video_id, result["range"], 5) or None
+    choice = library.model_choice
+    return AskReply(result["answer"], result["token_ids"], list(timestamps), result, encode_ms, engine.name, video_id,
+                    bool(choice and choice.is_random), result["logprobs"] if options.logprobs else None, moments)
+
+
+def _read_media(engine, path: str, fps: float, max_frames: int | None):
+    from vidmini.ingest.simple_decode import load_image, media_kind, sample_frames
+
+    if not Path(path).exists():
+        raise UsageError(f"no such file: {path}")
+    if media_kind(path) == "image":
+        return engine.image_pixels(load_image(path)), [0.0]
+    sampled = sample_frames(path, fps=fps, max_frames=max_frames)
+    return engine.frame_pixels(sampled.frames), sampled.timestamps
+
+
+def _reference_frames(engine, media: str, options: AskOptions, stored, kind, ingest, time_range):
+    """no_cache: the frames decoded again from the source (a stored video's own file and sampling), cut to the
+    range; returns pixels and timestamps."""
+    from vidmini.ingest.sampler import FrameSampler
+
+    if kind == "image" or (stored is None and options.no_store):
+        pixels, timestamps = _read_media(engine, media, ingest.fps, options.max_frames)
+    else:
+        source, sampling = media, {"fps": ingest.fps, "every_k": ingest.every_k, "mode": ingest.mode,
+                                   "stream": ingest.stream}
+        if stored is not None:
+            meta = stored.manifest["meta"]
+            source, sampling = meta["source"], meta["sampling"]
+            if not Path(source).exists():
+                raise UsageError(f"--no-cache needs the stored video's source file, which is gone: {source}")
+        bounds = {} if time_range is None else {"start": time_range.start, "end": time_range.end + 1e-3}
+        frames = list(FrameSampler(source, fps=None if sampling["every_k"] else sampling["fps"],
+                                   every_k=sampling["every_k"], mode=sampling["mode"], stream=sampling["stream"],
+                                   backend=ingest.backend, **bounds))
+        if not frames:
+            raise UsageError("no frames decoded in that range")
+        pixels, timestamps = engine.frame_pixels([f.image for f in frames]), [f.t for f in frames]
+    if time_range is None:
+        return pixels, timestamps
+    picked = time_range.frame_span(timestamps)
+    return pixels[picked.start : picked.stop], [timestamps[i] for i in picked]
