@@ -246,10 +246,10 @@ def test_subset_is_gathered_once_and_equals_fusing_those_frames(engine, video300
 def test_store_session_working_set_under_budget(engine, tmp_path):
     from vidmini.ingest.job import IngestOptions, load_states, run_ingest
     from vidmini.store.session import open_store_session, store_states
-    from vidmini.store.video_store import Library
+    from vidmini.store.video_store import StoreCatalog
 
     result = run_ingest(str(FIXTURES / "safari.mp4"), engine, tmp_path, IngestOptions(chunk_frames=4))
-    store = Library(tmp_path).get(result.video_id)
+    store = StoreCatalog(tmp_path).get(result.video_id)
     source = store_states(store)
     assert source.starts == [0, 4, 8, 11] and source.num_chunks == 3
     chunk_bytes = 4 * source.frame_bytes

@@ -21,7 +21,7 @@ from vidmini.engine.checkpoint import load_checkpoint
 from vidmini.engine.inference import Engine
 from vidmini.ingest.job import IngestOptions, load_states, run_ingest
 from vidmini.ingest.simple_decode import sample_frames
-from vidmini.store.video_store import Library
+from vidmini.store.video_store import StoreCatalog
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "videos"
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ def test_ingest_fixture_matches_direct_encoding(engine, tmp_path):
     assert result.frames == 11 and not result.reused
     assert [p.frames_done for p in progress] == [4, 8, 11]
     assert progress[-1].total == 11
-    store = Library(tmp_path).get(result.video_id)
+    store = StoreCatalog(tmp_path).get(result.video_id)
     assert store.complete
     assert store.timestamps().tolist() == [float(t) for t in range(11)]
     # the stored states are what encoding the same frames directly gives

@@ -20,7 +20,7 @@ import torch
 import vidmini.store.video_store as store_mod
 from vidmini.store.video_store import (
     NON_COMPARED,
-    Library,
+    StoreCatalog,
     StoreConflict,
     StoreKey,
     StoreMismatch,
@@ -173,7 +173,7 @@ def test_crash_between_chunk_file_and_manifest(tmp_path, monkeypatch):
     assert store.committed_frames == 4  # the handle did not move ahead of the disk
     leftovers = {"chunks/chunk-000001.safetensors", "thumbs/chunk-000001.bin", "manifest.json.tmp"}
     assert leftovers <= set(store_files(store.path))
-    reader = Library(tmp_path / "crashed").get(KEY.video_id)  # readers ignore the unlisted chunk
+    reader = StoreCatalog(tmp_path / "crashed").get(KEY.video_id)  # readers ignore the unlisted chunk
     assert reader.committed_frames == 4 and reader.verify() == [] and len(reader.timestamps()) == 4
 
     store = VideoStore.open(tmp_path / "crashed", KEY, META)
@@ -255,7 +255,7 @@ def test_sigkilled_writer_resumes_to_an_identical_store(tmp_path):
         for _ in range(kills):
             _run_writer(root, rng)
             if _committed(root) >= 0:  # a reader sees a consistent store at every kill point
-                reader = Library(root).get("feedc0ffee")
+                reader = StoreCatalog(root).get("feedc0ffee")
                 assert reader.committed_frames % 3 == 0 and reader.verify() == [] and not reader.complete
         _run_writer(root, None)
         (path,) = (root / "videos").iterdir()
@@ -286,7 +286,7 @@ def test_complete_only_when_marked(tmp_path):
     assert not store.complete and not VideoStore.open(tmp_path, KEY, META).complete
     store.mark_failed("decoder gave up")
     assert not store.complete and store.manifest["failed"] == "decoder gave up"
-    assert Library(tmp_path).list()[0].failed == "decoder gave up"
+    assert StoreCatalog(tmp_path).list()[0].failed == "decoder gave up"
     store.mark_complete([(1, 2)], duration=2.0, extra={"frames_dropped": 0})
     again = VideoStore.open(tmp_path, KEY, META)
     assert again.complete and again.manifest["gaps"] == [[1.0, 2.0]] and again.manifest["failed"] is None
@@ -324,7 +324,7 @@ def test_second_writer_and_removal_are_detected(tmp_path):
     append(a, 2, 2)
     with pytest.raises(StoreConflict, match="another writer"):
         append(b, 2, 2)
-    Library(tmp_path).remove(KEY.video_id)
+    StoreCatalog(tmp_path).remove(KEY.video_id)
     with pytest.raises(StoreConflict, match="removed"):
         append(a, 4, 2)
 
@@ -340,7 +340,7 @@ def test_run_log_is_outside_the_compared_files(tmp_path):
 
 # ---- library --------------------------------------------------------------------------------------------------
 def test_library_list_find_get_remove(tmp_path):
-    lib = Library(tmp_path)
+    lib = StoreCatalog(tmp_path)
     assert lib.list() == []
     keys = [StoreKey("aaaa1111", "m", "c", "s"), StoreKey("aaaa2222", "m", "c", "s"), StoreKey("bbbb", "m2", "c", "s")]
     for i, key in enumerate(keys):
@@ -380,7 +380,7 @@ def test_library_list_find_get_remove(tmp_path):
 def test_damaged_manifest_is_listed_and_removable(tmp_path):
     path = build(tmp_path, [2]).path
     (path / "manifest.json").write_text("{not json")
-    lib = Library(tmp_path)
+    lib = StoreCatalog(tmp_path)
     (info,) = lib.list()
     assert info.video_id == KEY.video_id and not info.complete and info.failed.startswith("unreadable")
     lib.remove(KEY.video_id)

@@ -310,7 +310,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vidmini.engine.load import RANDOM_BANNER, choose_model
     from vidmini.ingest.job import IngestOptions, load_states
     from vidmini.service.models import open_model
-    from vidmini.store.video_store import Library
+    from vidmini.store.video_store import StoreCatalog
 
     if not 10 <= args.seconds <= 3 * 3600:
         raise UsageError("--seconds must be between 10 and 10800")
@@ -322,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     path = _library(engine).sample_path(args.seconds, args.seed, announce=lambda p: print(
         f"writing the sample video {p} ...", file=sys.stderr))
     result = _ingest_one(engine, str(path), IngestOptions())
-    store = Library(data_home()).get(result.video_id)
+    store = StoreCatalog(data_home()).get(result.video_id)
     states, seconds = load_states(store), np.rint(store.timestamps()).astype(int)
     print(f"model: {engine.name}")
     print(f"video: {path} ({result.frames} frames at 1 fps, id {result.video_id[:12]})")

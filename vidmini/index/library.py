@@ -22,7 +22,7 @@ import numpy as np
 from vidmini.common.files import atomic_write
 from vidmini.index.moments import Hit
 from vidmini.index.vectors import EXACT_LIMIT, FrameVectors, IndexCorrupt
-from vidmini.store.video_store import Library, UnknownVideo, VideoStore
+from vidmini.store.video_store import StoreCatalog, UnknownVideo, VideoStore
 
 FRAME_BITS = 32
 
@@ -36,7 +36,7 @@ class LibraryIndex:
         self.root = Path(root)
         self.dir = self.root / "index"
         self.exact_limit = exact_limit
-        self.library = Library(self.root)
+        self.library = StoreCatalog(self.root)
         self._loaded: dict[str, FrameVectors] = {}
         self._all: FrameVectors | None = None
         self.rebuilt: list[str] = []  # what sync/loads had to rebuild, for reports and tests

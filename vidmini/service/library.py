@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from vidmini.common.errors import one_line
-from vidmini.store.video_store import Library as StoreLibrary
-from vidmini.store.video_store import StoreInfo, UnknownVideo
+from vidmini.store.video_store import StoreCatalog, StoreInfo, UnknownVideo
 
 if TYPE_CHECKING:  # torch-backed; imported where used, so that listing the library does not load torch
     from vidmini.engine.inference import Engine
@@ -214,7 +213,7 @@ class Library:
 
         self.root = Path(root) if root is not None else data_home()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.stores = StoreLibrary(self.root)
+        self.stores = StoreCatalog(self.root)
         self.device, self.dtype, self.prompt_style = device, dtype, prompt_style
         self.session_budget_bytes, self.prefusion_budget_bytes = session_budget_bytes, prefusion_budget_bytes
         self.upload_token = secrets.token_urlsafe(24)  # the app's upload/media routes require it

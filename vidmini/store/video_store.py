@@ -38,7 +38,7 @@ from vidmini.common.fingerprint import fingerprint, fingerprint_url
 if TYPE_CHECKING:  # the tensor parts import torch and safetensors where they run, so that listing stores does not
     import torch
 
-__all__ = ["Library", "StoreConflict", "StoreInfo", "StoreKey", "StoreMismatch", "UnknownVideo", "VideoStore",
+__all__ = ["StoreCatalog", "StoreConflict", "StoreInfo", "StoreKey", "StoreMismatch", "UnknownVideo", "VideoStore",
            "atomic_write", "fingerprint", "fingerprint_url"]
 
 FORMAT_VERSION = 1
@@ -445,7 +445,7 @@ class StoreInfo:
     failed: str | None = None
 
 
-class Library:
+class StoreCatalog:
     """All stores under a data root (`<root>/videos/*`); folders starting with '.' are never stores."""
 
     def __init__(self, root: str | Path) -> None:
