@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from vidmini.engine.names import PROMPT_STYLES  # noqa: F401 - re-exported
+
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
     "user provides, and assist the user with a variety of tasks using natural language."
 )
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200
-from vidmini.engine.names import PROMPT_STYLES  # noqa: E402, F401 - re-exported
 
 
 @dataclass(frozen=True)
