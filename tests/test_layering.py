@@ -1,6 +1,8 @@
 """The package's import rules, read from the source (every import, module level or inside a function).
 
-Layers, lowest first: common → engine → store → ingest → index → demo → service → the faces (cli, ui, summaries).
+Layers, lowest first: common → engine → store → ingest → index → demo → summaries → service → the faces (cli, ui).
+`summaries` sits under the service: it is the summarizing work, given its question-answering (an asker) and the
+service's Library passed in, and the service offers it to every face (CLI, app, the HTTP API to come).
 A package imports only packages below it (and itself); the faces import only `vidmini.service` and
 `vidmini.common`; there are no import cycles between modules. The installed package never imports `research`.
 
@@ -15,23 +17,12 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vidmini"
-LAYERS = ["common", "engine", "store", "ingest", "index", "demo", "service"]
-FACES = {"cli", "ui", "summaries"}
+LAYERS = ["common", "engine", "store", "ingest", "index", "demo", "summaries", "service"]
+FACES = {"cli", "ui"}
 FACE_MAY_IMPORT = {"service", "common"}
 
 # (importing package, imported package): why it is still allowed. Remove a line when its import is gone.
 KNOWN: dict[tuple[str, str], str] = {
-    ("cli", "engine"): "cmd_ingest/cmd_demo/cmd_sample open models themselves; RANDOM_BANNER (issue 25: CLI via the service)",
-    ("cli", "ingest"): "the verbs build IngestOptions themselves; cmd_demo loads states (issue 25)",
-    ("cli", "store"): "cmd_demo reads a store itself (issue 25)",
-    ("cli", "demo"): "vidmini demo renders the synthetic world itself (issue 25)",
-    ("cli", "summaries"): "vidmini summarize's parser and command live in summaries/batch.py (issue 25)",
-    ("summaries", "engine"): "summaries read sessions and sampling configs directly (issue 25)",
-    ("summaries", "ingest"): "batch builds IngestOptions itself (issue 25)",
-    ("summaries", "store"): "batch opens store sessions itself (issue 25)",
-    ("summaries", "demo"): "the demo describer speaks the synthetic world's templates (issue 25)",
-    ("ui", "engine"): "the page builds SamplingConfig / Policy itself (issue 25)",
-    ("ui", "ingest"): "the page builds IngestOptions itself (issue 25)",
 }
 
 

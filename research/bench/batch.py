@@ -26,7 +26,7 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 def run(mode: str, videos: Path, work: Path, label: str, events: tuple[str, ...], window: float | None,
         backend: str, **kw) -> dict:
-    from vidmini.summaries.batch import BatchOptions, run_batch
+    from vidmini.service.summaries import BatchOptions, run_batch
     from vidmini.summaries.summarize import SummarizeOptions
 
     home = work / f"home-{label}"

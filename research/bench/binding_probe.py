@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from research.training.qfusion import (  # noqa: E402
+from research.training.qfusion import (
     Ask,
     FrameFacts,
     build_prefix_cache,
@@ -25,10 +25,10 @@ from research.training.qfusion import (  # noqa: E402
     question_ids,
     tower_features,
 )
-from research.training.train import TRAIN_SEED_BASE, load_video, normalize  # noqa: E402
-from vidmini.engine.llama import attention, finish_layer, project_qkv  # noqa: E402
-from vidmini.engine.load import SHIPPED_MODEL_DIR, ModelChoice, open_engine  # noqa: E402
-from vidmini.engine.prompt import build_prompt  # noqa: E402
+from research.training.train import TRAIN_SEED_BASE, load_video, normalize
+from vidmini.engine.llama import attention, finish_layer, project_qkv
+from vidmini.engine.load import SHIPPED_MODEL_DIR, ModelChoice, open_engine
+from vidmini.engine.prompt import build_prompt
 
 
 def draw(rng: np.random.Generator, here: np.ndarray) -> tuple[Ask, int]:

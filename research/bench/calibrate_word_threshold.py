@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidmini.demo.questions import TEXT_Q  # noqa: E402
-from vidmini.demo.render import write_video  # noqa: E402
-from vidmini.demo.world import generate_timeline, truth_at  # noqa: E402
-from vidmini.engine.load import choose_model, open_engine  # noqa: E402
-from vidmini.ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
-from vidmini.store.video_store import VideoStore  # noqa: E402
-from vidmini.summaries.describe import word_token_ids  # noqa: E402
+from vidmini.demo.questions import TEXT_Q
+from vidmini.demo.render import write_video
+from vidmini.demo.world import generate_timeline, truth_at
+from vidmini.engine.load import choose_model, open_engine
+from vidmini.ingest.job import IngestOptions, load_states, run_ingest
+from vidmini.store.video_store import VideoStore
+from vidmini.summaries.describe import word_token_ids
 
 VIDEOS = ((424242, 80), (535353, 150), (646464, 200))
 

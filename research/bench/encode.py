@@ -11,7 +11,7 @@ import argparse
 import time
 
 import torch
-from qa_latency import DTYPES, build_engine, pixels_for, sync  # noqa: E402
+from qa_latency import DTYPES, build_engine, pixels_for, sync
 
 
 def main() -> None:

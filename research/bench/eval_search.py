@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from research.training.train import TRAIN_SEED_BASE  # noqa: E402
-from vidmini.cli.main import main as cli  # noqa: E402
-from vidmini.demo.render import write_video  # noqa: E402
-from vidmini.demo.world import generate_timeline, truth_at  # noqa: E402
+from research.training.train import TRAIN_SEED_BASE
+from vidmini.cli.main import main as cli
+from vidmini.demo.render import write_video
+from vidmini.demo.world import generate_timeline, truth_at
 
 MAX_SHARE = 0.4  # a query true in more of the video than this is not a search
 

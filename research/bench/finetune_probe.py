@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from research.training.train import (  # noqa: E402
+from research.training.train import (
     TRAIN_SEED_BASE,
     adamw,
     buckets,
@@ -32,9 +32,9 @@ from research.training.train import (  # noqa: E402
     normalize,
     question_pool,
 )
-from vidmini.engine.llama import attention, finish_layer, project_qkv  # noqa: E402
-from vidmini.engine.load import choose_model, open_engine  # noqa: E402
-from vidmini.engine.prompt import build_prompt  # noqa: E402
+from vidmini.engine.llama import attention, finish_layer, project_qkv
+from vidmini.engine.load import choose_model, open_engine
+from vidmini.engine.prompt import build_prompt
 
 TRAINS = {
     "llm": ("model.layers.", "model.norm.", "lm_head"),

@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from research.training.train import TRAIN_SEED_BASE  # noqa: E402
-from vidmini.demo.questions import FAMILIES, make_questions  # noqa: E402
-from vidmini.demo.render import write_video  # noqa: E402
-from vidmini.demo.world import generate_timeline  # noqa: E402
-from vidmini.engine.generate import SamplingConfig  # noqa: E402
-from vidmini.engine.load import choose_model, open_engine  # noqa: E402
-from vidmini.engine.session import VideoSession  # noqa: E402
-from vidmini.index.search import MomentSearch, frame_picker  # noqa: E402
-from vidmini.ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
-from vidmini.store.video_store import VideoStore  # noqa: E402
+from research.training.train import TRAIN_SEED_BASE
+from vidmini.demo.questions import FAMILIES, make_questions
+from vidmini.demo.render import write_video
+from vidmini.demo.world import generate_timeline
+from vidmini.engine.generate import SamplingConfig
+from vidmini.engine.load import choose_model, open_engine
+from vidmini.engine.session import VideoSession
+from vidmini.index.search import MomentSearch, frame_picker
+from vidmini.ingest.job import IngestOptions, load_states, run_ingest
+from vidmini.store.video_store import VideoStore
 
 POLICIES = ("uniform:4", "uniform:16", "uniform:64", "retrieved:16")
 

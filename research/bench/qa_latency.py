@@ -17,13 +17,13 @@ import time
 import numpy as np
 import torch
 
-from vidmini.demo.tiny import randomize_, tiny_clip, tiny_llama_config  # noqa: E402
-from vidmini.demo.tokenizer import build_llama3_style_tokenizer, generation_eos_ids  # noqa: E402
-from vidmini.engine.config import LlavaMiniConfig  # noqa: E402
-from vidmini.engine.generate import SamplingConfig  # noqa: E402
-from vidmini.engine.inference import Engine  # noqa: E402
-from vidmini.engine.model import LlavaMiniModel  # noqa: E402
-from vidmini.engine.vision import VisionTower, make_image_processor  # noqa: E402
+from vidmini.demo.tiny import randomize_, tiny_clip, tiny_llama_config
+from vidmini.demo.tokenizer import build_llama3_style_tokenizer, generation_eos_ids
+from vidmini.engine.config import LlavaMiniConfig
+from vidmini.engine.generate import SamplingConfig
+from vidmini.engine.inference import Engine
+from vidmini.engine.model import LlavaMiniModel
+from vidmini.engine.vision import VisionTower, make_image_processor
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUESTION = "What colour is the square, and how many circles are there?"

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from transformers import CLIPModel
 
-from research.training.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion  # noqa: E402
-from research.training.train import TRAIN_SEED_BASE, TrainConfig, load_video, normalize, stage2  # noqa: E402
-from vidmini.demo.model import save_demo  # noqa: E402
-from vidmini.engine.load import ModelChoice, open_engine  # noqa: E402
+from research.training.qfusion import QFusionConfig, add_prefusion_layer, run_question_fusion
+from research.training.train import TRAIN_SEED_BASE, TrainConfig, load_video, normalize, stage2
+from vidmini.demo.model import save_demo
+from vidmini.engine.load import ModelChoice, open_engine
 
 
 def main() -> None:

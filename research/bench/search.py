@@ -18,7 +18,7 @@ import time
 import faiss
 import numpy as np
 
-from vidmini.index.vectors import FrameVectors  # noqa: E402
+from vidmini.index.vectors import FrameVectors
 
 DIM = 768
 

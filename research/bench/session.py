@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from research.bench.qa_latency import build_engine, pixels_for  # noqa: E402
-from vidmini.engine.generate import SamplingConfig  # noqa: E402
-from vidmini.engine.session import AUTO_K, VideoSession  # noqa: E402
+from research.bench.qa_latency import build_engine, pixels_for
+from vidmini.engine.generate import SamplingConfig
+from vidmini.engine.session import AUTO_K, VideoSession
 
 QUESTIONS = ["What colour is the square, and how many circles are there?", "What happens after the red car leaves?",
              "Is anyone holding an umbrella?", "Where is the dog at the end?"]

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from research.training.train import (  # noqa: E402
+from research.training.train import (
     FAMILY_WEIGHTS,
     TRAIN_SEED_BASE,
     FusedQuestionBank,
@@ -26,9 +26,9 @@ from research.training.train import (  # noqa: E402
     load_video,
     question_pool,
 )
-from vidmini.demo.questions import timeline_facts  # noqa: E402
-from vidmini.engine.load import SHIPPED_MODEL_DIR, ModelChoice, open_engine  # noqa: E402
-from vidmini.engine.prompt import build_prompt  # noqa: E402
+from vidmini.demo.questions import timeline_facts
+from vidmini.engine.load import SHIPPED_MODEL_DIR, ModelChoice, open_engine
+from vidmini.engine.prompt import build_prompt
 
 
 def draw_steps(model, tok, steps: int, batch: int, videos: int, rng: np.random.Generator) -> list[list[tuple]]:

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from vidmini.demo.render import write_video  # noqa: E402
-from vidmini.demo.tiny import build_tiny_checkpoint  # noqa: E402
-from vidmini.demo.world import generate_timeline  # noqa: E402
-from vidmini.engine.fusion import prefuse_prefix  # noqa: E402
-from vidmini.engine.load import ModelChoice, choose_model, open_engine  # noqa: E402
-from vidmini.ingest.job import IngestOptions, load_states, run_ingest  # noqa: E402
-from vidmini.store.video_store import VideoStore  # noqa: E402
+from vidmini.demo.render import write_video
+from vidmini.demo.tiny import build_tiny_checkpoint
+from vidmini.demo.world import generate_timeline
+from vidmini.engine.fusion import prefuse_prefix
+from vidmini.engine.load import ModelChoice, choose_model, open_engine
+from vidmini.ingest.job import IngestOptions, load_states, run_ingest
+from vidmini.store.video_store import VideoStore
 
 
 def drop_cache(store: VideoStore) -> None:

@@ -26,7 +26,7 @@ from transformers import (
 from transformers.utils import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fixture import MAIN_NAME, TOWER_NAME, LlavaMiniConfig, LlavaMiniLlamaForCausalLM  # noqa: E402
+from make_fixture import MAIN_NAME, TOWER_NAME, LlavaMiniConfig, LlavaMiniLlamaForCausalLM
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from vidmini.service.library import (
     ModelLoadError,
     sanitize_filename,
 )
+from vidmini.service.options import AskOptions
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_background_ingest_reports_progress_and_other_videos_stay_usable(lib, wo
         if job.fraction is not None:
             seen.add(round(job.fraction, 3))
         if answer is None:  # a question on another video while this one ingests
-            answer = lib.answer(video_id, q.question, start=q.start_s, end=q.end_s)
+            answer = lib.answer(video_id, q.question, AskOptions(start=q.start_s, end=q.end_s))
         time.sleep(0.01)
     assert job.status == "ready", job.error
     assert any(0 < f < 1 for f in seen), f"no intermediate progress seen: {seen}"
@@ -162,7 +163,7 @@ def test_delete_removes_store_index_and_uploaded_source(lib, tmp_path):
 def test_answers_stream_and_report_range_and_frames(lib, world):
     video_id, timeline = world
     q = reliable_questions(timeline)[0]
-    asking = lib.ask(video_id, q.question, start=q.start_s, end=q.end_s)
+    asking = lib.ask(video_id, q.question, AskOptions(start=q.start_s, end=q.end_s))
     pieces = list(asking.text())
     got = asking.result()
     assert "".join(pieces).strip() == got.text and got.text.lower() == q.answer.lower()
@@ -173,7 +174,7 @@ def test_answers_stream_and_report_range_and_frames(lib, world):
 def test_two_tabs_asking_at_once_each_get_their_own_answer(lib, world):
     video_id, timeline = world
     questions = reliable_questions(timeline, per_family=3)[:4]
-    alone = [lib.answer(video_id, q.question, start=q.start_s, end=q.end_s).text for q in questions]
+    alone = [lib.answer(video_id, q.question, AskOptions(start=q.start_s, end=q.end_s)).text for q in questions]
     assert [a.lower() for a in alone] == [q.answer.lower() for q in questions]
     together: list[str | None] = [None] * len(questions)
     start = threading.Barrier(len(questions))
@@ -181,7 +182,7 @@ def test_two_tabs_asking_at_once_each_get_their_own_answer(lib, world):
     def tab(i: int) -> None:
         q = questions[i]
         start.wait()
-        together[i] = "".join(lib.ask(video_id, q.question, start=q.start_s, end=q.end_s).text()).strip()
+        together[i] = "".join(lib.ask(video_id, q.question, AskOptions(start=q.start_s, end=q.end_s)).text()).strip()
 
     threads = [threading.Thread(target=tab, args=(i,)) for i in range(len(questions))]
     for t in threads:
@@ -196,9 +197,9 @@ def test_bad_questions_are_readable_errors(lib, world):
     with pytest.raises(LibraryError, match="empty question"):
         lib.ask(video_id, "  ")
     with pytest.raises(LibraryError, match="before it starts"):
-        lib.ask(video_id, "What word is shown?", start=20, end=10)
+        lib.ask(video_id, "What word is shown?", AskOptions(start=20, end=10))
     with pytest.raises(LibraryError, match="unknown policy"):
-        lib.ask(video_id, "What word is shown?", policy="everything")
+        lib.ask(video_id, "What word is shown?", AskOptions(policy="everything"))
     with pytest.raises(LibraryError, match="no stored video"):
         lib.ask("nope", "What word is shown?")
 
@@ -239,7 +240,7 @@ def test_model_info_and_a_model_that_does_not_load(lib, world, tmp_path):
         assert "\n" not in str(e.value)
     video_id, timeline = world
     q = reliable_questions(timeline)[0]
-    assert lib.answer(video_id, q.question, start=q.start_s, end=q.end_s).text.lower() == q.answer.lower()
+    assert lib.answer(video_id, q.question, AskOptions(start=q.start_s, end=q.end_s)).text.lower() == q.answer.lower()
 
 
 # ---- the HTTP routes ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists()
 
 def test_cli_app_and_summaries_give_the_same_answer(tmp_path, monkeypatch):
     from vidmini.service.library import Library
+    from vidmini.service.options import AskOptions
     from vidmini.store.session import open_store_session
     from vidmini.summaries.describe import Asker
 
@@ -37,7 +38,7 @@ def test_cli_app_and_summaries_give_the_same_answer(tmp_path, monkeypatch):
     asker = Asker(open_store_session(lib.engine, store))
     env = {**os.environ, "VIDMINI_HOME": str(home)}
     for q in questions:
-        app = lib.answer(job.video_id, q.question, start=q.start_s, end=q.end_s, max_new_tokens=32).answer
+        app = lib.answer(job.video_id, q.question, AskOptions(start=q.start_s, end=q.end_s, max_new_tokens=32)).answer
         res = subprocess.run([sys.executable, "-m", "vidmini.cli.main", "ask", job.video_id, q.question, "--from",
                               str(q.start_s), "--to", str(q.end_s), "--max-new-tokens", "32", "--json"],
                              capture_output=True, text=True, cwd=REPO, env=env, timeout=300)

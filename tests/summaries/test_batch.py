@@ -17,7 +17,8 @@ from vidmini.cli.main import main as cli
 from vidmini.demo.render import write_video
 from vidmini.demo.world import generate_timeline
 from vidmini.engine.load import SHIPPED_MODEL_DIR, choose_model, open_engine
-from vidmini.summaries.batch import BatchOptions, Manifest, discover, run_batch
+from vidmini.service.summaries import BatchOptions, run_batch
+from vidmini.summaries.batch import Manifest, discover
 from vidmini.summaries.formats import JSON_SCHEMA
 from vidmini.summaries.summarize import SummarizeOptions, pieces
 

@@ -143,16 +143,23 @@ def upload(driver, path: Path) -> None:
 
 
 def click(driver, what: str, find, timeout: float = 30.0) -> None:
-    """Find and click, again until it takes: the library list re-renders every second, so an element found a
-    moment ago may be gone (stale) or not drawn yet."""
-    def attempt():
-        element = find()
-        if not element:
-            return False
-        element.click()
-        return True
+    """Click exactly once, as a person does: wait until `find()` gives a displayed, enabled element that is
+    still the same element a moment later (drawn, not about to be replaced), then click it once. No retry:
+    the caller waits for the click's effect, so a click the app loses fails the test."""
+    seen = {}
 
-    wait_for(driver, what, attempt, timeout=timeout)
+    def settled():
+        element = find()
+        if not element or not (element.is_displayed() and element.is_enabled()):
+            seen.clear()
+            return None
+        if seen.get("id") == element.id:
+            return element
+        seen["id"] = element.id
+        return None
+
+    element = wait_for(driver, what, settled, timeout=timeout, step=0.3)
+    element.click()
 
 
 def row_for(driver, name: str):

@@ -1,4 +1,4 @@
-"""`vidmini` command line: ask about an image or a video, download the real checkpoint."""
+"""`vidmini` command line: one short command per verb — parse, make one service call, print."""
 
 from __future__ import annotations
 
@@ -9,7 +9,22 @@ from pathlib import Path
 
 from vidmini.common.errors import UsageError
 from vidmini.common.timefmt import clock, span
-from vidmini.service.options import CLIP_REPO, DEFAULT_REPO, DTYPE_NAMES, PROMPT_STYLES, user_error_types
+from vidmini.service.options import (
+    BACKENDS,
+    CLIP_REPO,
+    DEFAULT_REPO,
+    DTYPE_NAMES,
+    HWACCELS,
+    MAX_FPS,
+    MIN_FPS,
+    MODES,
+    PROMPT_STYLES,
+    RANDOM_BANNER,
+    AskOptions,
+    IngestOptions,
+    checked_ingest,
+    user_error_types,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,9 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--model", help="checkpoint directory or Hugging Face id (default: $VIDMINI_MODEL, "
                                      "else the shipped model)")
-    ask.add_argument("--max-new-tokens", type=int, default=256)
-    ask.add_argument("--temperature", type=float, default=0.0)
-    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--max-new-tokens", type=int, default=AskOptions.max_new_tokens)
+    ask.add_argument("--temperature", type=float, default=AskOptions.temperature)
+    ask.add_argument("--top-p", type=float, default=AskOptions.top_p)
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     ask.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -35,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--from", dest="start", default=None, metavar="T",
                      help="only frames from this time (1:02:03, 62:03 or seconds)")
     ask.add_argument("--to", dest="end", default=None, metavar="T", help="only frames up to this time")
-    ask.add_argument("--policy", default="auto",
+    ask.add_argument("--policy", default=AskOptions.policy,
                      help="question-time fusion: all (exact), uniform:K, retrieved:K or auto (default)")
-    ask.add_argument("--prefusion-budget-gb", type=float, default=1.0,
+    ask.add_argument("--prefusion-budget-gb", type=float, default=AskOptions.prefusion_budget_gb,
                      help="device memory for pre-fusion states (tier C); auto uses all frames when they fit")
     ask.add_argument("--no-cache", action="store_true",
                      help="answer the reference's way: decode the frames again and recompute everything")
@@ -80,34 +95,27 @@ def _parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="fetch a checkpoint and its vision tower into the Hugging Face cache")
     dl.add_argument("model_id", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--vision-tower", default=None, help=f"default: the checkpoint's mm_vision_tower ({CLIP_REPO})")
-    from vidmini.summaries.batch import (
-        add_parser as add_summarize_parser,  # vidmini summarize (vidmini/summaries/batch.py)
-    )
+    from vidmini.cli.summarize import add_parser as add_summarize_parser
 
     add_summarize_parser(sub)
     return p
 
 
 def _ingest_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fps", type=float, default=1.0, help="sampling rate, 0.05 to 30 frames per second")
+    p.add_argument("--fps", type=float, default=IngestOptions.fps,
+                   help=f"sampling rate, {MIN_FPS:g} to {MAX_FPS:g} frames per second")
     p.add_argument("--every-k", type=int, default=None, help="instead of --fps: every k-th frame")
-    p.add_argument("--mode", choices=["exact", "fast"], default="exact",
+    p.add_argument("--mode", choices=MODES, default=IngestOptions.mode,
                    help="exact: the frame displayed at each time; fast: within one frame, quicker")
     p.add_argument("--stream", type=int, default=None, help="video stream index (default: the main one)")
-    p.add_argument("--backend", choices=["pyav", "ffmpeg", "decord"], default="pyav")
-    p.add_argument("--hwaccel", choices=["cuda"], default=None,
+    p.add_argument("--backend", choices=BACKENDS, default=IngestOptions.backend)
+    p.add_argument("--hwaccel", choices=HWACCELS, default=None,
                    help="decode on the GPU (NVDEC, pyav backend); falls back to software when unavailable")
 
 
-def _options(args: argparse.Namespace):
-    from vidmini.ingest.job import IngestOptions
-
-    if not 0.05 <= args.fps <= 30:
-        raise UsageError("--fps must be between 0.05 and 30")
-    if args.every_k is not None and args.every_k < 1:
-        raise UsageError("--every-k must be >= 1")
-    return IngestOptions(fps=args.fps, every_k=args.every_k, mode=args.mode, stream=args.stream,
-                         backend=args.backend, hwaccel=args.hwaccel)
+def _options(args: argparse.Namespace) -> IngestOptions:
+    return checked_ingest(IngestOptions(fps=args.fps, every_k=args.every_k, mode=args.mode, stream=args.stream,
+                                        backend=args.backend, hwaccel=args.hwaccel))
 
 
 def _progress_bar(label: str):
@@ -124,39 +132,37 @@ def _progress_bar(label: str):
     return bar, update
 
 
-def _library(engine=None, **model):
-    """The service the app uses too (vidmini/service/library.py): one path for ask, ingest, list, rm, search, scenes.
-    `model`: the model to load on first use (model, dtype, device, prompt_style) when no engine is given."""
+def _library(model: str | None = None, **options):
+    """The service (vidmini/service/library.py), the same one the app uses; `model` and `options` (dtype,
+    device, prompt_style) choose the model it loads on first use."""
     from vidmini.common.paths import data_home
     from vidmini.service.library import Library
 
-    return Library(data_home(), engine=engine, **model)
+    return Library(data_home(), model=model, **options)
 
 
-def _ingest_one(engine, source: str, options):
+def _say_if_random(lib) -> None:
+    if lib.model_choice.is_random:
+        print(RANDOM_BANNER, file=sys.stderr)
+
+
+def _ingest_one(lib, source: str, options: IngestOptions | None):
     bar, update = _progress_bar(Path(source).name or source)
     try:
-        return _library(engine).ingest(source, options, on_progress=update)
+        return lib.ingest(source, options, on_progress=update)
     finally:
         bar.close()
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from vidmini.engine.load import RANDOM_BANNER
-    from vidmini.service.asking import AskOptions, ask_media
+    from vidmini.service.asking import ask_media
 
     options = AskOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed, logprobs=args.logprobs, policy=args.policy, start=args.start, end=args.end,
                          prefusion_budget_gb=args.prefusion_budget_gb, no_cache=args.no_cache, no_store=args.no_store,
-                         max_frames=args.max_frames)
-    options.check()
+                         max_frames=args.max_frames).check()
     ingest = _options(args)
-    lib = _library(model=args.model, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
-
-    def banner() -> None:
-        if lib.model_choice.is_random:
-            print(RANDOM_BANNER, file=sys.stderr)
-
+    lib = _library(args.model, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
     shown: list = []  # the ingest's bar, made when an ingest first reports (images and stored videos show none)
 
     def progress(p) -> None:
@@ -165,7 +171,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         shown[1](p)
 
     try:
-        reply = ask_media(lib, args.media, args.question, options, ingest, on_progress=progress, before_load=banner)
+        reply = ask_media(lib, args.media, args.question, options, ingest, on_progress=progress,
+                          before_load=lambda: _say_if_random(lib))
     finally:
         if shown:
             shown[0].close()
@@ -183,21 +190,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from vidmini.engine.load import RANDOM_BANNER, choose_model
-    from vidmini.ingest.errors import IngestError
-    from vidmini.service.models import open_model
-
     options = _options(args)
-    choice = choose_model(args.model)
-    if choice.is_random:
-        print(RANDOM_BANNER, file=sys.stderr)
-    engine = open_model(choice, dtype=args.dtype, device=args.device)
+    lib = _library(args.model, dtype=args.dtype, device=args.device)
+    _say_if_random(lib)
     failures = 0
     for source in args.sources:
         try:
-            result = _ingest_one(engine, source, options)
-        except IngestError as e:  # one bad input does not stop the others
-            failures += 1
+            result = _ingest_one(lib, source, options)  # the first loads the model while its frames decode
+        except Exception as e:
+            if not isinstance(e, user_error_types()) or not lib.model_loaded:
+                raise  # a model that does not load is one error for the whole command
+            failures += 1  # one bad input does not stop the others
             print(f"vidmini: error: {e}".splitlines()[0], file=sys.stderr)
             if args.json:
                 print(json.dumps({"source": source, "error": str(e).splitlines()[0]}))
@@ -245,21 +248,19 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from vidmini.engine.load import choose_model
     from vidmini.service.library import LibraryError
-    from vidmini.service.models import open_model
 
     if args.k < 1:
         raise UsageError("-k must be at least 1")
     if not args.query.strip():
         raise UsageError("empty search query")
-    engine = open_model(choose_model(args.model))
+    lib = _library(args.model)
     try:
-        moments = _library(engine).search(args.query, args.video, args.k, curve=False).moments
+        moments = lib.search(args.query, args.video, args.k, curve=False).moments
     except LibraryError as e:
         raise UsageError(str(e)) from None
     if args.json:
-        print(json.dumps({"query": args.query, "video": args.video, "model": engine.name,
+        print(json.dumps({"query": args.query, "video": args.video, "model": lib.model_info().name,
                           "moments": [m.to_json() for m in moments]}))
         return 0
     if not moments:
@@ -285,75 +286,43 @@ def cmd_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce(path: Path) -> None:
+    print(f"writing the sample video {path} ...", file=sys.stderr)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """The sample synthetic video in the library (the app's `make run` calls this): made and ingested once."""
-    from vidmini.engine.load import RANDOM_BANNER, choose_model
-    from vidmini.service.models import open_model
-
-    choice = choose_model(args.model)
-    if choice.is_random:
-        print(RANDOM_BANNER, file=sys.stderr)
-    lib = _library(open_model(choice))
-    path = lib.sample_path(announce=lambda p: print(f"writing the sample video {p} ...", file=sys.stderr))
-    result = _ingest_one(lib.engine, str(path), None)
+    lib = _library(args.model)
+    _say_if_random(lib)
+    path = lib.sample_path(announce=_announce)
+    result = _ingest_one(lib, str(path), None)
     print(f"{result.video_id}  {path}  ({'already in the library' if result.reused else f'{result.frames} frames'})")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The offline end-to-end demo: a synthetic video (made once), ingested, and one question per family."""
-    import numpy as np
+    from vidmini.service.demo_quiz import run_demo_quiz
 
-    from vidmini.common.paths import data_home
-    from vidmini.demo.questions import make_questions
-    from vidmini.demo.world import generate_timeline
-    from vidmini.engine.load import RANDOM_BANNER, choose_model
-    from vidmini.ingest.job import IngestOptions, load_states
-    from vidmini.service.models import open_model
-    from vidmini.store.video_store import StoreCatalog
-
-    if not 10 <= args.seconds <= 3 * 3600:
-        raise UsageError("--seconds must be between 10 and 10800")
-    choice = choose_model(args.model)
-    if choice.is_random:
-        print(RANDOM_BANNER, file=sys.stderr)
-    engine = open_model(choice)
-    timeline = generate_timeline(args.seed, args.seconds)
-    path = _library(engine).sample_path(args.seconds, args.seed, announce=lambda p: print(
-        f"writing the sample video {p} ...", file=sys.stderr))
-    result = _ingest_one(engine, str(path), IngestOptions())
-    store = StoreCatalog(data_home()).get(result.video_id)
-    states, seconds = load_states(store), np.rint(store.timestamps()).astype(int)
-    print(f"model: {engine.name}")
-    print(f"video: {path} ({result.frames} frames at 1 fps, id {result.video_id[:12]})")
-    right = 0
-    questions = make_questions(timeline, np.random.default_rng(args.seed), per_family=1)
-    from vidmini.engine.generate import SamplingConfig
-
-    sampling = SamplingConfig(max_new_tokens=8, stop_ids=engine.eos_ids)
-    for q in questions:
-        index = np.flatnonzero((seconds >= q.start_s) & (seconds <= q.end_s)).tolist()
-        got = engine.collect(engine.answer(q.question, states.select(index), sampling), len(index)).text
-        ok = got.strip().lower() == q.answer.lower()
-        right += ok
-        print(f"  {q.with_range():<62} model: {got:<8} truth: {q.answer:<8} {'ok' if ok else 'WRONG'}")
-    print(f"{right}/{len(questions)} right")
+    lib = _library(args.model)
+    _say_if_random(lib)
+    bar, update = _progress_bar("demo video")
+    try:
+        quiz = run_demo_quiz(lib, args.seconds, args.seed, on_progress=update, announce=_announce)
+    finally:
+        bar.close()
+    print(f"model: {quiz.model}")
+    print(f"video: {quiz.path} ({quiz.frames} frames at 1 fps, id {quiz.video_id[:12]})")
+    for line in quiz.lines:
+        print(f"  {line.question:<62} model: {line.answer:<8} truth: {line.truth:<8} {'ok' if line.right else 'WRONG'}")
+    print(f"{sum(line.right for line in quiz.lines)}/{len(quiz.lines)} right")
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    import json as _json
+    from vidmini.service.models import download
 
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = Path(snapshot_download(args.model_id))
-        tower = args.vision_tower or _json.loads((path / "config.json").read_text()).get("mm_vision_tower", CLIP_REPO)
-        if not Path(tower).is_dir():
-            snapshot_download(tower)
-    except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
-        raise UsageError(f"download of {args.model_id} failed (network needed): {type(e).__name__}: {e}") from None
-    print(path)
+    print(download(args.model_id, args.vision_tower))
     return 0
 
 
@@ -361,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download,
                 "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes, "sample": cmd_sample}
-    from vidmini.summaries.batch import cmd_summarize
+    from vidmini.cli.summarize import cmd_summarize
 
     commands["summarize"] = cmd_summarize
     try:

@@ -23,10 +23,6 @@ from vidmini.engine.retrieval import RetrievalSpace
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL_DIR = REPO_ROOT / "models" / "vidmini-demo"
 RANDOM_MODEL_NAME = "tiny-random"
-RANDOM_BANNER = (
-    "NOTE: running a tiny RANDOM-WEIGHT model (no trained model is configured or shipped yet): "
-    "its answers are meaningless. Use --model or VIDMINI_MODEL for a real checkpoint."
-)
 
 
 @dataclass(frozen=True)

@@ -7,3 +7,7 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 PROMPT_STYLES = ("reference", "corrected")
 DEFAULT_REPO = "ICTNLP/llava-mini-llama-3.1-8b"
 CLIP_REPO = "openai/clip-vit-large-patch14-336"
+RANDOM_BANNER = (
+    "NOTE: running a tiny RANDOM-WEIGHT model (the shipped demo model is missing from this install): "
+    "its answers are meaningless. Use --model or VIDMINI_MODEL for a real checkpoint."
+)

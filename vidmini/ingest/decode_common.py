@@ -17,10 +17,10 @@ from fractions import Fraction
 
 import numpy as np
 
+from vidmini.ingest.options import MAX_FPS, MIN_FPS, MODES
+
 log = logging.getLogger(__name__)
 
-MIN_FPS, MAX_FPS = 0.05, 30.0
-MODES = ("exact", "fast")
 # Names accepted for `interpolation` -> PyAV's swscale name; NEAREST is swscale's POINT.
 INTERPOLATIONS = {"NEAREST": "POINT", "POINT": "POINT", "BILINEAR": "BILINEAR", "FAST_BILINEAR": "FAST_BILINEAR",
                   "BICUBIC": "BICUBIC", "AREA": "AREA", "LANCZOS": "LANCZOS"}

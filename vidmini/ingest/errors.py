@@ -1,7 +1,7 @@
 """Typed ingest errors; every message is one line naming the input and the cause.
 
-They subclass `ValueError` (as `ingest.simple_decode.MediaError` does, without being related to it), so a
-caller that catches ValueError for bad media keeps working whichever decoder it uses.
+One family: every class here, `MediaError` of the in-memory reader (`ingest.simple_decode`) included, is an
+`IngestError`, which is a `ValueError`, so a caller catches bad media the same way whichever decoder ran.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ class CorruptMedia(IngestError):
 
 class SourceUnreachable(IngestError):
     """A stream URL that does not answer."""
+
+
+class MediaError(IngestError):
+    """A file the in-memory reader (`ingest.simple_decode`: images, `ask --no-store`) cannot use."""
 
 
 def one_line(e: BaseException) -> str:

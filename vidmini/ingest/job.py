@@ -24,29 +24,13 @@ from PIL import Image
 
 from vidmini.engine.fusion import FrameStates
 from vidmini.engine.inference import Engine
+from vidmini.ingest.options import IngestOptions
 
 if TYPE_CHECKING:
+    from vidmini.ingest.prefetch import PrefetchedFrames
     from vidmini.store.video_store import VideoStore
 
 THUMB_WIDTH = 160
-
-
-@dataclass
-class IngestOptions:
-    fps: float = 1.0
-    every_k: int | None = None
-    mode: str = "exact"
-    stream: int | None = None
-    backend: str = "pyav"
-    hwaccel: str | None = None  # "cuda": NVDEC through PyAV when available, else software (same frames)
-    chunk_frames: int = 32
-    queue_chunks: int = 2
-    live: bool = False  # a file still being written: follow it until it stops growing
-    idle_timeout: float = 5.0
-
-    def sampling_key(self) -> str:
-        rate = f"every{self.every_k}" if self.every_k else f"fps{self.fps:g}"
-        return f"{rate}-{self.mode}-s{self.stream if self.stream is not None else 'auto'}"
 
 
 @dataclass
@@ -181,11 +165,13 @@ def run_ingest(
     on_progress: Callable[[Progress], None] | None = None,
     cancel: threading.Event | None = None,
     on_chunk: Callable[[VideoStore, int, torch.Tensor | None], None] | None = None,
+    prefetched: PrefetchedFrames | None = None,
 ) -> IngestResult:
     """Ingest one file or stream; reuses a complete store, resumes an incomplete one.
 
     `on_chunk(store, first_frame, embeddings)` runs after each chunk is committed (the moment-search index
-    adds a live source's frames as they arrive)."""
+    adds a live source's frames as they arrive). `prefetched`: the same source's frames, already being decoded
+    under the same options (started before the model loaded); the caller closes it."""
     from vidmini.ingest.live import FollowFile, is_stream_url
     from vidmini.ingest.probe import probe
     from vidmini.ingest.sampler import FrameSampler
@@ -222,10 +208,13 @@ def run_ingest(
     if duration and not options.every_k and not is_live:
         total = int(np.ceil(duration * options.fps - 1e-9))
 
-    reader = FollowFile(source, options.idle_timeout) if options.live and not url else source
-    sampler = FrameSampler(reader, fps=None if options.every_k else options.fps, every_k=options.every_k,
-                           mode=options.mode, stream=options.stream, backend=options.backend,
-                           hwaccel=options.hwaccel)
+    if prefetched is not None:
+        sampler = prefetched
+    else:
+        reader = FollowFile(source, options.idle_timeout) if options.live and not url else source
+        sampler = FrameSampler(reader, fps=None if options.every_k else options.fps, every_k=options.every_k,
+                               mode=options.mode, stream=options.stream, backend=options.backend,
+                               hwaccel=options.hwaccel)
     frames = (f for i, f in enumerate(sampler) if i >= resumed_from)  # resume: skip committed frames exactly
     def prepare(batch: list) -> PreparedChunk:
         return PreparedChunk([f.t for f in batch], [f.pts for f in batch],

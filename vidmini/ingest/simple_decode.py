@@ -28,16 +28,14 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vidmini.ingest.errors import MediaError
+
 __all__ = ["MediaError", "SampledFrames", "load_image", "media_kind", "sample_frames"]
 
 log = logging.getLogger(__name__)
 
 # Errors that PIL raises for files that are not (readable) images; plugins vary in what they raise.
 _PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class MediaError(ValueError):
-    """A file that cannot be used as media; the message is one line and names the file."""
 
 
 @dataclass

@@ -14,34 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vidmini.common.errors import UsageError
+from vidmini.engine.timerange import times_in_question
+from vidmini.service.options import AskOptions, checked_ingest
+
+__all__ = ["AskOptions", "AskReply", "ask_media", "times_in_question"]
 
 if TYPE_CHECKING:
-    from vidmini.ingest.job import IngestOptions, Progress
+    from vidmini.ingest.job import Progress
+    from vidmini.ingest.options import IngestOptions
     from vidmini.service.library import Library
-
-
-@dataclass(frozen=True)
-class AskOptions:
-    """How to answer; the defaults are the CLI's (`vidmini ask --help` shows them)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    logprobs: int = 0
-    policy: str = "auto"
-    start: str | float | None = None
-    end: str | float | None = None
-    prefusion_budget_gb: float = 1.0
-    no_cache: bool = False  # the reference's one pass over freshly decoded frames (a baseline)
-    no_store: bool = False  # decode and encode in memory; store nothing
-    max_frames: int | None = None  # with no_store: stop after N frames
-
-    def check(self) -> None:
-        if self.logprobs < 0 or self.max_new_tokens < 0:
-            raise UsageError("--logprobs and --max-new-tokens must be >= 0")
-        if self.prefusion_budget_gb <= 0:
-            raise UsageError("--prefusion-budget-gb must be > 0")
 
 
 @dataclass
@@ -108,6 +89,7 @@ def ask_media(library: Library, media: str, question: str, options: AskOptions, 
     from vidmini.ingest.simple_decode import media_kind
 
     options.check()
+    checked_ingest(ingest)
     try:
         Policy.parse(options.policy)
         explicit = choose_range(question, options.start, options.end)

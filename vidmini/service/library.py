@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from vidmini.common.errors import one_line
+from vidmini.service.options import AskOptions, IngestOptions, checked_ingest
 from vidmini.store.video_store import StoreCatalog, StoreInfo, UnknownVideo
 
 if TYPE_CHECKING:  # torch-backed; imported where used, so that listing the library does not load torch
     from vidmini.engine.inference import Engine
     from vidmini.engine.session import SessionAnswer
-    from vidmini.ingest.job import IngestOptions, IngestResult, Progress
+    from vidmini.ingest.job import IngestResult, Progress
+    from vidmini.summaries.summarize import SummarizeOptions, VideoSummary
 
 COPY_CHUNK = 8 << 20  # bytes per read when streaming an upload to disk: memory stays bounded at any file size
 UPLOADS = "uploads"
@@ -373,12 +375,26 @@ class Library:
     def ingest(self, source: str, options: IngestOptions | None = None,
                on_progress: Callable[[Progress], None] | None = None, cancel: threading.Event | None = None,
                on_store: Callable[[str], None] | None = None) -> IngestResult:
-        """Ingest one file or stream now (the CLI's path, and the background worker's): store, then index."""
+        """Ingest one file or stream now (the CLI's path, and the background worker's): store, then index.
+        When the model is not loaded yet, a local file's decoding starts first, in a child process, so that it
+        overlaps the model's loading (`vidmini.ingest.prefetch`)."""
+        options = checked_ingest(options or IngestOptions())
+        prefetched = None
+        if not self.model_loaded and not options.live and Path(source).is_file():
+            from vidmini.ingest.prefetch import PrefetchedFrames
+
+            prefetched = PrefetchedFrames(source, options)
+        try:
+            return self._ingest(source, options, on_progress, cancel, on_store, prefetched)
+        finally:
+            if prefetched is not None:
+                prefetched.close()
+
+    def _ingest(self, source: str, options: IngestOptions, on_progress, cancel, on_store, prefetched) -> IngestResult:
         from vidmini.index.library import LibraryIndex, NotIndexed
-        from vidmini.ingest.job import IngestOptions, run_ingest
+        from vidmini.ingest.job import run_ingest
         from vidmini.ingest.live import is_stream_url
 
-        options = options or IngestOptions()
         engine = self.engine
         index = LibraryIndex(self.root)
         live = options.live or is_stream_url(source)
@@ -393,7 +409,7 @@ class Library:
                 index.add_chunk(store, first, embeddings)
 
         result = run_ingest(source, engine, self.root, options, on_progress=on_progress, cancel=cancel,
-                            on_chunk=on_chunk)
+                            on_chunk=on_chunk, prefetched=prefetched)
         if engine.retrieval is not None:
             try:
                 index.sync()
@@ -408,6 +424,11 @@ class Library:
         source = str(source).strip()
         if not source:
             raise LibraryError("give a file path or a stream URL")
+        options = options or IngestOptions()
+        try:
+            options.check()
+        except ValueError as e:
+            raise LibraryError(str(e)) from None
         if not is_stream_url(source):
             path = Path(source).expanduser()
             if not path.exists():
@@ -420,9 +441,7 @@ class Library:
         job = IngestJob(uuid.uuid4().hex[:12], source, name or _display_name(Path(source).name or source))
         with self._lock:
             self._jobs[job.job_id] = job
-            from vidmini.ingest.job import IngestOptions
-
-            self._queue.append((job, options or IngestOptions()))
+            self._queue.append((job, options))
             self._wake.notify_all()
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, name="vidmini-ingest", daemon=True)
@@ -596,31 +615,35 @@ class Library:
                                    f"ingest it again with this one: {one_line(e)}") from None
         return key
 
-    def ask(self, video_id: str, question: str, start: str | float | None = None, end: str | float | None = None,
-            policy: str = "auto", max_new_tokens: int = 32, temperature: float = 0.0,
+    def ask(self, video_id: str, question: str, options: AskOptions | None = None,
             cancel: threading.Event | None = None) -> Asking:
-        """A question about a stored video; iterate `.text()` for streamed pieces, then `.result()`."""
+        """A question about a stored video; iterate `.text()` for streamed pieces, then `.result()`. Of
+        `options`, the answer's length, sampling, policy and time range apply (the pre-fusion budget is the
+        library's, set when it was made)."""
         from vidmini.engine.generate import SamplingConfig
         from vidmini.engine.session import Policy
 
+        options = options or AskOptions()
         if not question.strip():
             raise LibraryError("empty question")
         try:
-            Policy.parse(policy)
+            options.check()
+            Policy.parse(options.policy)
         except ValueError as e:
             raise LibraryError(str(e)) from None
         key = self._session_key(video_id)
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+        sampling = SamplingConfig(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                                  top_p=options.top_p, seed=options.seed, logprobs=options.logprobs,
                                   stop_ids=self.engine.eos_ids)
         try:
-            stream = self.manager.ask(key, question, start=start, end=end, policy=policy, sampling=sampling,
-                                      cancel=cancel)
+            stream = self.manager.ask(key, question, start=options.start, end=options.end, policy=options.policy,
+                                      sampling=sampling, cancel=cancel)
         except ValueError as e:  # a bad time range
             raise LibraryError(one_line(e)) from None
         return Asking(self, key, stream, question)
 
-    def answer(self, video_id: str, question: str, **kwargs) -> AskResult:
-        return self.ask(video_id, question, **kwargs).result()
+    def answer(self, video_id: str, question: str, options: AskOptions | None = None) -> AskResult:
+        return self.ask(video_id, question, options).result()
 
     def when_moments(self, question: str, video_id: str, time_range, k: int = 5) -> list:
         """For "when does …" questions: the top moments (within the range asked about)."""
@@ -703,6 +726,23 @@ class Library:
         source = self.get_store(video_id).manifest["meta"].get("source", "")
         path = Path(source)
         return path if source and path.is_file() else None
+
+    def summarize(self, video_id: str, options: SummarizeOptions, source: str | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> VideoSummary:
+        """A stored video's summary (chapters, events or a timeline, by `options.mode`), asked of this library's
+        model over the video's warm states; lecture chapters also cut at scene changes when the model can embed."""
+        from vidmini.store.session import open_store_session
+        from vidmini.summaries.summarize import summarize_session
+
+        store = self.get_store(video_id)
+        cuts = self.scenes(store.video_id) if options.mode == "lecture" and self.engine.retrieval is not None else []
+        session = open_store_session(self.engine, store)
+        try:
+            return summarize_session(session, options, source=source or store.manifest["meta"].get("source", ""),
+                                     video_id=store.video_id, duration=store.manifest.get("duration"), cuts=cuts,
+                                     thumbnail=store.thumbnail, on_progress=on_progress)
+        finally:
+            session.close()
 
     def summary(self, video_id: str) -> str | None:
         """The batch summarizer's output for a video, when there is one: `<root>/summaries/<id>.md|.txt|.json`

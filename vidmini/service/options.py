@@ -1,10 +1,60 @@
-"""The options the faces offer, importable without torch: their names and defaults, stated once here."""
+"""What a face may ask for, with every default stated once: how to answer (`AskOptions`), how to ingest
+(`IngestOptions`), the model options' names. Importable without torch, so parsers show them and light verbs
+start fast."""
 
 from __future__ import annotations
 
-from vidmini.engine.names import CLIP_REPO, DEFAULT_REPO, DTYPE_NAMES, PROMPT_STYLES
+from dataclasses import dataclass, replace
 
-__all__ = ["CLIP_REPO", "DEFAULT_REPO", "DTYPE_NAMES", "PROMPT_STYLES", "user_error_types"]
+from vidmini.common.errors import UsageError
+from vidmini.engine.names import CLIP_REPO, DEFAULT_REPO, DTYPE_NAMES, PROMPT_STYLES, RANDOM_BANNER
+from vidmini.ingest.options import BACKENDS, HWACCELS, MAX_FPS, MIN_FPS, MODES, IngestOptions
+
+__all__ = ["BACKENDS", "CLIP_REPO", "DEFAULT_REPO", "DTYPE_NAMES", "HWACCELS", "MAX_FPS", "MIN_FPS", "MODES",
+           "PROMPT_STYLES", "RANDOM_BANNER", "AskOptions", "IngestOptions", "checked_ingest", "user_error_types"]
+
+POLICY_HELP = "all (exact), uniform:K, retrieved:K or auto"
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    """How to answer a question; these defaults are every face's (CLI, app, API)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: int = 0
+    policy: str = "auto"
+    start: str | float | None = None
+    end: str | float | None = None
+    prefusion_budget_gb: float = 1.0  # device memory for a question's pre-fusion states (tier C)
+    no_cache: bool = False  # the reference's one pass over freshly decoded frames (a baseline)
+    no_store: bool = False  # decode and encode in memory; store nothing
+    max_frames: int | None = None  # with no_store: stop after N frames
+
+    def check(self) -> AskOptions:
+        """Raise UsageError on options no answer can run with; return self."""
+        if self.logprobs < 0 or self.max_new_tokens < 0:
+            raise UsageError("logprobs and max-new-tokens must be >= 0")
+        if self.prefusion_budget_gb <= 0:
+            raise UsageError("prefusion-budget-gb must be > 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UsageError("temperature must be >= 0 and top-p in (0, 1]")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise UsageError("max-frames must be >= 1")
+        return self
+
+    def with_range(self, start: str | float | None, end: str | float | None) -> AskOptions:
+        return replace(self, start=start, end=end)
+
+
+def checked_ingest(options: IngestOptions) -> IngestOptions:
+    """`options.check()` with its complaint as a UsageError (a face's bad input, one line)."""
+    try:
+        return options.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -13,11 +63,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     here would make every light command pay for torch and transformers."""
     import sys
 
-    from vidmini.common.errors import UsageError
-
     types: list[type[BaseException]] = [UsageError, FileNotFoundError]
-    for module, name in (("vidmini.engine.checkpoint", "CheckpointError"), ("vidmini.ingest.simple_decode", "MediaError"),
-                         ("vidmini.ingest.errors", "IngestError"), ("vidmini.service.library", "LibraryError")):
+    for module, name in (("vidmini.engine.checkpoint", "CheckpointError"), ("vidmini.ingest.errors", "IngestError"),
+                         ("vidmini.service.library", "LibraryError")):
         loaded = sys.modules.get(module)
         if loaded is not None:
             types.append(getattr(loaded, name))

@@ -1,4 +1,4 @@
-"""`vidmini summarize`: folders of video → ingest (stores reused) → summaries in md/json/srt/vtt, resumably.
+"""Batch summaries (`vidmini summarize`): folders of video → ingest (stores reused) → summaries in md/json/srt/vtt, resumably.
 
 A manifest in the output folder records every input as done or failed with the options it was run with; a
 rerun skips inputs that are done with the same options and unchanged since, and retries the failed ones. One
@@ -8,7 +8,6 @@ failing input is reported and the rest go on. `process_file` is the unit of work
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -19,9 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vidmini.common.files import atomic_write
-from vidmini.summaries.formats import FORMATS
-from vidmini.summaries.summarize import MODES, SummarizeOptions
-from vidmini.summaries.work import BatchOptions, FileResult, process_file
+from vidmini.summaries.work import BatchOptions, FileResult, LibraryMaker, process_file
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts", ".mts", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ogv"}
@@ -141,12 +138,14 @@ class _Bars:
         self.files.close()
 
 
-def run_batch(paths: Iterable[str], out: str | Path, options: BatchOptions, *, library=None,
-              ray: bool = False, ray_address: str | None = None, workers: int | None = None,
+def run_batch(paths: Iterable[str], out: str | Path, options: BatchOptions, *, make_library: LibraryMaker,
+              library=None, ray: bool = False, ray_address: str | None = None, workers: int | None = None,
               progress: bool = True, log: Callable[[str], None] | None = None,
               on_dispatch: Callable[[str, int], None] | None = None) -> BatchReport:
-    """Summarize every input not already done into `out`; locally with `library` (an app.library.Library, made
-    here when None) or on Ray (`ray`/`ray_address`; `on_dispatch(source, worker pid)` as a file is handed out)."""
+    """Summarize every input not already done into `out`: locally with `library` (the service's Library; made
+    by `make_library(options, home, device)` when None), or on Ray (`ray`/`ray_address`: each worker makes its
+    own; `on_dispatch(source, worker pid)` as a file is handed out). The service passes its maker in
+    (`vidmini.service.summaries`): this layer never reaches up for it."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,12 +178,11 @@ def run_batch(paths: Iterable[str], out: str | Path, options: BatchOptions, *, l
         if ray or ray_address:
             from vidmini.summaries.ray_runner import run_on_ray
 
-            run_on_ray(todo, names, options, finished, address=ray_address, workers=workers, on_dispatch=on_dispatch)
+            run_on_ray(todo, names, options, finished, make_library, address=ray_address, workers=workers,
+                       on_dispatch=on_dispatch)
         else:
-            if library is None:
-                from vidmini.service.library import Library
-
-                library = Library(model=options.model, device=options.device, dtype=options.dtype)
+            if library is None and todo:
+                library = make_library(options, None, None)
             for s in todo:
                 finished(process_file(library, s, names[s], options,
                                       lambda phase, done, total, s=s: bars.phase(names[s], phase, done, total)))
@@ -207,51 +205,3 @@ def _library_copy(result: FileResult) -> None:
         atomic_write(folder / f"{result.video_id}.json", result.outputs["json"])
     except OSError:
         pass
-
-
-# ---- the command ---------------------------------------------------------------------------------------------
-def add_parser(sub) -> None:
-    p = sub.add_parser("summarize", help="summarize files and folders of video: chapters, event logs, timelines")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders (searched recursively)")
-    p.add_argument("--mode", choices=MODES, default="general")
-    p.add_argument("--format", dest="formats", action="append", choices=FORMATS,
-                   help="output format; repeat for several (default: md and json)")
-    p.add_argument("--out", default="summaries", help="output folder (default: ./summaries); holds manifest.json")
-    p.add_argument("--window", type=float, default=None,
-                   help="seconds per window (default 60; surveillance: 10, the coarse scan before per-frame refining)")
-    p.add_argument("--events", nargs="+", default=[], metavar="EVENT", help='surveillance: e.g. "a person enters"')
-    p.add_argument("--fps", type=float, default=1.0, help="ingest sampling rate")
-    p.add_argument("--backend", choices=["pyav", "ffmpeg", "decord"], default="pyav", help="ingest decoder")
-    p.add_argument("--model", help="checkpoint directory or Hugging Face id")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--ray", action="store_true", help="run on a local Ray instance")
-    p.add_argument("--ray-address", default=None, metavar="ADDR", help="run on an existing Ray cluster (host:port)")
-    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
-    p.add_argument("--json", action="store_true", help="print the batch report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def cmd_summarize(args: argparse.Namespace) -> int:
-    from vidmini.common.errors import UsageError
-
-    if not 0.05 <= args.fps <= 30:
-        raise UsageError("--fps must be between 0.05 and 30")
-    try:
-        summarize = SummarizeOptions(args.mode, args.window, tuple(args.events))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.events and args.mode != "surveillance":
-        raise UsageError("--events apply to --mode surveillance")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError("--workers must be >= 1")
-    options = BatchOptions(summarize, tuple(dict.fromkeys(args.formats or ["md", "json"])), args.model,
-                           args.device, args.dtype, args.fps, args.backend)
-    report = run_batch(args.paths, args.out, options, ray=args.ray, ray_address=args.ray_address,
-                       workers=args.workers, progress=not args.quiet)
-    if args.json:
-        print(json.dumps(report.to_json()))
-    else:
-        print(f"{len(report.done)} summarized, {len(report.skipped)} already done, {len(report.failed)} failed "
-              f"→ {args.out}")
-    return 2 if report.failed else 0

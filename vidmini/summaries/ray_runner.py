@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from vidmini.summaries.work import BatchOptions, FileResult
+from vidmini.summaries.work import BatchOptions, FileResult, LibraryMaker
 
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 2
@@ -21,17 +21,15 @@ MAX_TASK_RETRIES = 2
 class SummarizerWorker:
     """Runs inside a Ray actor process: one library (one model) for all the files it is handed."""
 
-    def __init__(self, home: str, options: BatchOptions, threads: int) -> None:
+    def __init__(self, home: str, options: BatchOptions, threads: int, make_library: LibraryMaker) -> None:
         import torch
-
-        from vidmini.service.library import Library
 
         os.environ["VIDMINI_HOME"] = home
         torch.set_num_threads(max(1, threads))
         device = options.device
         if device == "cpu" and torch.cuda.is_available():
             device = "cuda"  # a GPU actor uses its GPU
-        self.library = Library(home, model=options.model, device=device, dtype=options.dtype)
+        self.library = make_library(options, home, device)
         self.library.engine  # noqa: B018 - load the model now, not inside the first file's time
 
     def pid(self) -> int:
@@ -57,7 +55,7 @@ def _init(address: str | None, workers: int | None) -> bool:
 
 
 def run_on_ray(sources: list[str], stems: dict[str, str], options: BatchOptions, finished: Callable[[FileResult], None],
-               address: str | None = None, workers: int | None = None,
+               make_library: LibraryMaker, address: str | None = None, workers: int | None = None,
                on_dispatch: Callable[[str, int], None] | None = None) -> None:
     """Process `sources` on Ray actors, calling `finished(result)` on the driver as each file completes.
     `on_dispatch(source, actor_pid)` is called as a file is handed to an actor (progress, tests)."""
@@ -81,7 +79,7 @@ def run_on_ray(sources: list[str], stems: dict[str, str], options: BatchOptions,
         home = str(data_home())
 
         def spawn():
-            return actor_cls.remote(home, options, cpus if not gpus else 1)
+            return actor_cls.remote(home, options, cpus if not gpus else 1, make_library)
 
         actors = [spawn() for _ in range(count)]
         queue = list(sources)

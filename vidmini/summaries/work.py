@@ -8,10 +8,15 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vidmini.common.errors import one_line
+from vidmini.ingest.options import IngestOptions
 from vidmini.summaries.formats import render
-from vidmini.summaries.summarize import SummarizeOptions, summarize_session
+from vidmini.summaries.summarize import SummarizeOptions
+
+# (options, data home or None for the default, device or None for the options') → the service's Library
+LibraryMaker = Callable[["BatchOptions", "str | None", "str | None"], Any]
 
 
 @dataclass
@@ -52,26 +57,15 @@ class FileResult:
 
 def process_file(library, source: str, stem: str, options: BatchOptions,
                  on_frames: Callable[[str, int, int | None], None] | None = None) -> FileResult:
-    """Ingest (reusing the store), summarize, render. Never raises for a bad input: the result says why."""
-    from vidmini.ingest.job import IngestOptions
-    from vidmini.store.session import open_store_session
-
+    """Ingest (reusing the store) and summarize through `library` (the service's Library), then render. Never
+    raises for a bad input: the result says why."""
     t0 = time.perf_counter()
     frames = on_frames or (lambda phase, done, total: None)
     try:
         ingested = library.ingest(source, IngestOptions(fps=options.fps, backend=options.backend),
                                   on_progress=lambda p: frames("ingest", p.frames_done, p.total))
-        store = library.get_store(ingested.video_id)
-        cuts = library.scenes(store.video_id) if options.summarize.mode == "lecture" and \
-            library.engine.retrieval is not None else []
-        session = open_store_session(library.engine, store)
-        try:
-            summary = summarize_session(
-                session, options.summarize, source=source, video_id=store.video_id,
-                duration=store.manifest.get("duration"), cuts=cuts, thumbnail=store.thumbnail,
-                on_progress=lambda done, total: frames("summarize", done, total))
-        finally:
-            session.close()
+        summary = library.summarize(ingested.video_id, options.summarize, source=source,
+                                    on_progress=lambda done, total: frames("summarize", done, total))
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - one bad input is reported, the others go on
@@ -83,6 +77,6 @@ def process_file(library, source: str, stem: str, options: BatchOptions,
             thumbs[rel] = summary.thumbnails[ev.thumbnail]
             ev.thumbnail = rel
     outputs = {fmt: render(summary, fmt) for fmt in options.formats}
-    return FileResult(source, stem, True, video_id=store.video_id, frames=summary.frames, duration=summary.duration,
-                      seconds=time.perf_counter() - t0, outputs=outputs, thumbnails=thumbs,
-                      reused_store=ingested.reused)
+    return FileResult(source, stem, True, video_id=ingested.video_id, frames=summary.frames,
+                      duration=summary.duration, seconds=time.perf_counter() - t0, outputs=outputs,
+                      thumbnails=thumbs, reused_store=ingested.reused)

@@ -16,8 +16,9 @@ import streamlit as st
 
 from vidmini.common.paths import data_home
 from vidmini.common.timefmt import clock, span
-from vidmini.engine.timerange import times_in_question
+from vidmini.service.asking import times_in_question
 from vidmini.service.library import Library, LibraryError, SearchResult, VideoRow, shared_library
+from vidmini.service.options import AskOptions, IngestOptions
 from vidmini.ui.routes import MEDIA_PATH, UPLOAD_PATH
 
 TIMELINE_THUMBS = 16
@@ -188,8 +189,6 @@ def add_by_path(lib: Library) -> None:
                                placeholder="/data/videos/lecture.mp4  or  rtsp://camera.local/stream")
         live = st.checkbox("still being recorded (follow the file until it stops growing)")
         if st.form_submit_button("Add"):
-            from vidmini.ingest.job import IngestOptions
-
             try:
                 job = lib.add(source, IngestOptions(live=live))
                 st.success(f"ingesting {job.name}")
@@ -377,7 +376,7 @@ def chat_tab(lib: Library, row: VideoRow, state: TabState) -> None:
 def ask(lib: Library, row: VideoRow, question: str, start: float | None, end: float | None) -> dict:
     """Ask with the answer streamed into the page; returns the chat record (or an error record)."""
     try:
-        asking = lib.ask(row.video_id, question, start=start, end=end)
+        asking = lib.ask(row.video_id, question, AskOptions(start=start, end=end))
         st.write_stream(asking.text())
         got = asking.result()
     except LibraryError as e:
