@@ -1,4 +1,4 @@
-"""Where the demo model's word-shown threshold (`app.describe.DEMO_WORD_THRESHOLD`) can sit for a set of weights.
+"""Where the demo model's word-shown threshold (`vidmini.summaries.describe.DEMO_WORD_THRESHOLD`) can sit for a set of weights.
 
 Each frame of a few synthetic videos (seeds that no test or evaluation uses), written as H.264 and ingested as the
 app ingests (1 fps exact decode → encode → store), is asked "What word is shown?" on its own. The highest

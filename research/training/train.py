@@ -8,7 +8,7 @@ feature), probes of c' (which shapes, counts, word, background, and what each of
 per-cell probe keeps the binding through the compressor's averaging), and CLIP's contrastive loss between frames
 and captions (trains the text tower used by search). All heads are thrown away.
 Stage 1 (end to end, clips of 1–8 frames): the world's questions, side losses kept.
-Question fusion (synth.qfusion): a third pre-fusion layer is added as the identity and trained, with everything
+Question fusion (research.training.qfusion): a third pre-fusion layer is added as the identity and trained, with everything
 before it frozen and cached, so each frame's fused question carries that frame's answer (side heads at the
 question's kind words and last token, per frame and over weighted bags of frames, which is what the LLM reads).
 Stage 2 (LLM only, clips up to 10 minutes): everything before the LLM is frozen, so each frame's states are

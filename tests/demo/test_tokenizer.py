@@ -1,4 +1,4 @@
-"""Tests for the tiny Llama-3.1-style tokenizer in engine.tokenizer_tiny."""
+"""Tests for the tiny Llama-3.1-style tokenizer in vidmini.demo.tokenizer."""
 
 from __future__ import annotations
 

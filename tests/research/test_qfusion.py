@@ -1,4 +1,4 @@
-"""Question fusion (synth.qfusion): the cached training path gives the engine's numbers, an added layer starts as
+"""Question fusion (research.training.qfusion): the cached training path gives the engine's numbers, an added layer starts as
 the identity, and the per-frame / bag targets agree with the question generator's own answers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The shipped demo model's shape, tokenizer and freshly initialized weights (training is `synth.train`).
+"""The shipped demo model's shape, tokenizer and freshly initialized weights (training is `research.training.train`).
 
 It is the full LLaVA-Mini architecture at a small size, built from the engine's own classes, plus a CLIP
 text tower trained contrastively with the vision tower (text → frame search; the real model uses CLIP's).
@@ -44,7 +44,7 @@ class DemoSpec:
     hidden: int = 256
     intermediate: int = 640
     llm_layers: int = 4
-    prefusion_layers: int = 2  # built with two; question fusion (synth.qfusion) adds a third
+    prefusion_layers: int = 2  # built with two; question fusion (research.training.qfusion) adds a third
     heads: int = 4
     kv_heads: int = 2
     vocab_size: int = 1024  # regular BPE entries; specials and the system prompt come after

@@ -1,4 +1,4 @@
-"""The Streamlit page script (thin: everything is in app.ui over app.library)."""
+"""The Streamlit page script (thin: everything is in vidmini.ui.page over the service)."""
 
 from vidmini.ui.page import main
 

@@ -1,4 +1,4 @@
-"""The Streamlit UI: a thin layer over `app.library.Library` (the calls the CLI makes).
+"""The Streamlit UI: a thin layer over `vidmini.service.library.Library` (the calls the CLI makes).
 
 One Library (and so one model) per process through `st.cache_resource`; everything about one browser tab —
 the open video, its chat, the player position, search results — lives in `st.session_state`.
