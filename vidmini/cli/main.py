@@ -132,6 +132,25 @@ def _progress_bar(label: str):
     return bar, update
 
 
+class _LazyBar:
+    """A progress bar made when the work first reports (so that a command failing early prints only its error)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar = label, None
+
+    def update(self, p) -> None:
+        if self.bar is None:
+            self.bar, self._update = _progress_bar(self.label)
+        self._update(p)
+
+    def __enter__(self) -> _LazyBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _library(model: str | None = None, **options):
     """The service (vidmini/service/library.py), the same one the app uses; `model` and `options` (dtype,
     device, prompt_style) choose the model it loads on first use."""
@@ -147,11 +166,8 @@ def _say_if_random(lib) -> None:
 
 
 def _ingest_one(lib, source: str, options: IngestOptions | None):
-    bar, update = _progress_bar(Path(source).name or source)
-    try:
-        return lib.ingest(source, options, on_progress=update)
-    finally:
-        bar.close()
+    with _LazyBar(Path(source).name or source) as bar:
+        return lib.ingest(source, options, on_progress=bar.update)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -163,19 +179,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
                          max_frames=args.max_frames).check()
     ingest = _options(args)
     lib = _library(args.model, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
-    shown: list = []  # the ingest's bar, made when an ingest first reports (images and stored videos show none)
-
-    def progress(p) -> None:
-        if not shown:
-            shown.extend(_progress_bar(Path(args.media).name or args.media))
-        shown[1](p)
-
-    try:
-        reply = ask_media(lib, args.media, args.question, options, ingest, on_progress=progress,
+    with _LazyBar(Path(args.media).name or args.media) as bar:  # images and stored videos show none
+        reply = ask_media(lib, args.media, args.question, options, ingest, on_progress=bar.update,
                           before_load=lambda: _say_if_random(lib))
-    finally:
-        if shown:
-            shown[0].close()
     if args.json:
         print(json.dumps(reply.to_json()))
         return 0
@@ -306,11 +312,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     lib = _library(args.model)
     _say_if_random(lib)
-    bar, update = _progress_bar("demo video")
-    try:
-        quiz = run_demo_quiz(lib, args.seconds, args.seed, on_progress=update, announce=_announce)
-    finally:
-        bar.close()
+    with _LazyBar("demo video") as bar:
+        quiz = run_demo_quiz(lib, args.seconds, args.seed, on_progress=bar.update, announce=_announce)
     print(f"model: {quiz.model}")
     print(f"video: {quiz.path} ({quiz.frames} frames at 1 fps, id {quiz.video_id[:12]})")
     for line in quiz.lines:
