@@ -108,14 +108,17 @@ def test_background_ingest_reports_progress_and_other_videos_stay_usable(lib, wo
     job = lib.add(str(path))
     seen: set[float] = set()
     answer = None
+    listed: list[int] = []
     while job.active:
         if job.fraction is not None:
             seen.add(round(job.fraction, 3))
+        listed.append(sum(r.source == job.source for r in lib.videos()))  # the job's row only, never its store too
         if answer is None:  # a question on another video while this one ingests
             answer = lib.answer(video_id, q.question, AskOptions(start=q.start_s, end=q.end_s))
         time.sleep(0.01)
     assert job.status == "ready", job.error
     assert any(0 < f < 1 for f in seen), f"no intermediate progress seen: {seen}"
+    assert set(listed) == {1}, "a running ingest was listed twice (its job and its incomplete store)"
     assert answer is not None and answer.text.lower() == q.answer.lower()
     row = lib.video(job.video_id)
     assert row.status == "ready" and row.frames == 150 and row.duration == pytest.approx(150, abs=0.1)

@@ -36,6 +36,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
@@ -142,10 +143,16 @@ def upload(driver, path: Path) -> None:
     picker[0].send_keys(str(path))
 
 
+SETTLE = """arguments[0].scrollIntoView({block: "nearest"});
+const r = arguments[0].getBoundingClientRect(); return [r.x, r.y, r.width, r.height];"""
+
+
 def click(driver, what: str, find, timeout: float = 30.0) -> None:
-    """Click exactly once, as a person does: wait until `find()` gives a displayed, enabled element that is
-    still the same element a moment later (drawn, not about to be replaced), then click it once. No retry:
-    the caller waits for the click's effect, so a click the app loses fails the test."""
+    """Click exactly once, as a person does: wait until `find()` gives a displayed, enabled element that is the
+    same element at the same place on two looks 0.3 s apart (drawn and laid out, the page done moving), then
+    press and release the mouse on it once, with the short hold of a real click. No retry: every caller waits
+    for the click's effect, so a click the app loses (redrawn, moved or still disabled under the pointer)
+    fails the test."""
     seen = {}
 
     def settled():
@@ -153,13 +160,33 @@ def click(driver, what: str, find, timeout: float = 30.0) -> None:
         if not element or not (element.is_displayed() and element.is_enabled()):
             seen.clear()
             return None
-        if seen.get("id") == element.id:
+        where = (element.id, tuple(round(v) for v in driver.execute_script(SETTLE, element)))
+        if seen.get("where") == where:
             return element
-        seen["id"] = element.id
+        seen["where"] = where
         return None
 
     element = wait_for(driver, what, settled, timeout=timeout, step=0.3)
-    element.click()
+    ActionChains(driver).move_to_element(element).click_and_hold().pause(0.1).release().perform()
+
+
+QUIET = """const row = arguments[0]; window.vmChanges = 0;
+new MutationObserver(ms => { window.vmChanges += ms.length; }).observe(row, {subtree: true, childList: true,
+                                                                     attributes: true, characterData: true});"""
+
+
+def still(driver, what: str, element, quiet: float = 2.5, timeout: float = 15.0) -> None:
+    """Wait until nothing in `element` changes for `quiet` seconds (a list that redraws itself every second
+    never gets there)."""
+    driver.execute_script(QUIET, element)
+    count = -1
+
+    def quiet_now():
+        nonlocal count
+        before, count = count, driver.execute_script("return window.vmChanges")
+        return count == before
+
+    wait_for(driver, what, quiet_now, timeout=timeout, step=quiet)
 
 
 def row_for(driver, name: str):
@@ -172,6 +199,18 @@ def row_for(driver, name: str):
 def button(scope, label: str):
     for b in scope.find_elements(By.TAG_NAME, "button"):
         if b.text.strip() == label and b.is_enabled():
+            return b
+    return None
+
+
+def tab(driver, label: str):
+    return next((t for t in driver.find_elements(By.CSS_SELECTOR, "[role='tab']") if t.text.strip() == label), None)
+
+
+def form_button(driver, label: str):
+    """A form's submit button (not a tab or another button with the same text)."""
+    for form in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stForm']"):
+        if (b := button(form, label)) is not None:
             return b
     return None
 
@@ -195,6 +234,9 @@ def test_upload_ask_seek_search_and_a_corrupt_upload(server, browser, tmp_path):
     wait_for(d, "the ingest to finish",
              lambda: (r := row_for(d, video.name)) is not None and "ready" in r.text and r, timeout=120)
     assert list((home / "uploads").glob(f"*-{video.name}")), "the upload is stored under the data root"
+    # with no ingest running the list stays still: nothing is redrawn under a pointer about to click (it used to
+    # rerun every second, and the first click on Open could be lost)
+    still(d, "the library list to stay still", row_for(d, video.name))
     shot(d, "1-library")
 
     # open it, ask a question with a known answer
@@ -218,27 +260,26 @@ def test_upload_ask_seek_search_and_a_corrupt_upload(server, browser, tmp_path):
     target = next(b for b in d.find_elements(By.TAG_NAME, "button")
                   if (m := re.fullmatch(r"▶ 0:(\d\d)", b.text.strip())) and 5 <= int(m.group(1)) <= SECONDS - 2)
     seconds = int(target.text.strip()[-2:])
-    target.click()
+    click(d, f"the ▶ 0:{seconds:02d} button", lambda: button(d, f"▶ 0:{seconds:02d}"))
     position = "return document.querySelector('video').currentTime"
     wait_for(d, f"the player at {seconds}s", lambda: abs(d.execute_script(position) - seconds) < 0.5,
              timeout=30)
     shot(d, "3-seek")
 
     # search: moments on the timeline, and the relevance plot
-    tab = wait_for(d, "the search tab", lambda: next((t for t in d.find_elements(By.CSS_SELECTOR, "[role='tab']")
-                                                       if t.text.strip() == "Search"), None))
-    tab.click()
+    click(d, "the Search tab", lambda: tab(d, "Search"))
     field = wait_for(d, "the search box", lambda: [e for e in d.find_elements(By.CSS_SELECTOR, "input[type='text']")
                                                    if "Search" in (e.get_attribute("aria-label") or "")])
     field[0].send_keys(f"a {question.answer} background")
-    click(d, "the Search button", lambda: button(d, "Search"))
+    click(d, "the Search button", lambda: form_button(d, "Search"))
     moments = wait_for(d, "a moment on the timeline", lambda: d.find_elements(By.CSS_SELECTOR, ".vm-timeline .vm-moment"))
     start = float(moments[0].get_attribute("data-start"))
     assert 0 <= start <= SECONDS
     wait_for(d, "the relevance plot", lambda: d.find_elements(By.CSS_SELECTOR, "[data-testid='stVegaLiteChart']"))
     shot(d, "4-search")
     # the whole page, chat tab in front (the README's picture: docs/app.png is one of these)
-    next(t for t in d.find_elements(By.CSS_SELECTOR, "[role='tab']") if t.text.strip() == "Chat").click()
+    click(d, "the Chat tab", lambda: tab(d, "Chat"))
+    wait_for(d, "the Chat tab in front", lambda: tab(d, "Chat").get_attribute("aria-selected") == "true")
     d.set_window_size(1400, 1900)
     time.sleep(1.0)
     shot(d, "app")
@@ -246,13 +287,14 @@ def test_upload_ask_seek_search_and_a_corrupt_upload(server, browser, tmp_path):
 
     # back to the library: a corrupt upload ends with a readable error, and the app keeps working
     click(d, "the Library button", lambda: button(d, "← Library"))
+    wait_for(d, "the library page", lambda: row_for(d, video.name))
     upload(d, corrupt)
     bad = wait_for(d, "the corrupt upload's error",
                    lambda: (r := row_for(d, corrupt.name)) is not None and "failed" in r.text and r, timeout=60)
     alert = bad.find_element(By.CSS_SELECTOR, "[data-testid='stAlert']").text
     assert corrupt.name in alert and ("Corrupt" in alert or "NotAVideo" in alert or "decod" in alert), alert
     assert "Traceback" not in d.find_element(By.TAG_NAME, "body").text
-    # the list re-renders every second: wait for the first video's row rather than read it mid-render
+    # the failed ingest was the last one running: the page is drawn again; read the first row once it is there
     wait_for(d, "the first video still ready",
              lambda: (r := row_for(d, video.name)) is not None and "ready" in r.text and r, timeout=15)
     shot(d, "5-corrupt-upload")

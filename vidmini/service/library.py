@@ -347,9 +347,10 @@ class Library:
                                  bytes_on_disk=info.bytes_on_disk if info else 0))
             if j.video_id:
                 seen.add(j.video_id)
+        active = {j.source for j in jobs if j.active}
         for info in stored.values():
-            if info.video_id in seen:
-                continue
+            if info.video_id in seen or (not info.complete and info.source in active):
+                continue  # a running ingest's store is that job's row, not a second "incomplete" one
             status = "ready" if info.complete else ("failed" if info.failed else "incomplete")
             name = Path(info.source).name if info.source else info.video_id
             rows.append(VideoRow(info.video_id, _display_name(name), info.source, status, info.frames,

@@ -24,7 +24,7 @@ from vidmini.ui.routes import MEDIA_PATH, UPLOAD_PATH
 TIMELINE_THUMBS = 16
 SEARCH_K = 8
 FRAMES_SHOWN = 8  # timestamp links under an answer, out of the frames it used
-POLL_S = 1.0
+POLL_S = 1.0  # while an ingest runs, the library list redraws this often; with none running it stays still
 STATUS_COLOUR = {"ready": "green", "ingesting": "blue", "queued": "gray", "failed": "red", "incomplete": "orange",
                  "cancelled": "gray"}
 
@@ -46,6 +46,7 @@ class TabState:
     seek_nonce: int = 0
     searches: dict[str, SearchResult] = field(default_factory=dict)
     flash: list[tuple[str, str]] = field(default_factory=list)  # (kind, message) shown once on the next run
+    listed: tuple = ()  # what the library list last showed (`library_watch` compares the library with it)
 
 
 def tab_state() -> TabState:
@@ -153,6 +154,7 @@ def upload_widget(lib: Library) -> None:
   function send(file) {{
     const row = document.createElement("div");
     row.className = "vm-upload-row";
+    row.style.cssText = "white-space:nowrap;overflow:hidden;text-overflow:ellipsis";  // one line: no wrap moves the list
     const bar = document.createElement("progress");
     bar.max = 1; bar.value = 0; bar.style.width = "40%";
     const msg = document.createElement("span");
@@ -196,10 +198,21 @@ def add_by_path(lib: Library) -> None:
                 st.error(str(e))
 
 
-def video_row(lib: Library, row: VideoRow) -> None:
+def video_row(lib: Library, row: VideoRow, row_key: str) -> None:
+    """One line of the list. Its place, its container's key and its buttons' places stay put when the row's ingest
+    ends (a click aimed at "Open" as it turns usable must land on it): `row_key` is the same before and after,
+    and the buttons sit at the top of the row, not centred on a text that loses its progress bar. The buttons
+    are drawn before the text, so the row never says "ready" while its Open button is still disabled."""
     ident = row.video_id or row.job_id or "x"
-    with st.container(border=True, key=f"row-{ident}"):
-        left, mid, right = st.columns([5, 2, 2], vertical_alignment="center")
+    with st.container(border=True, key=f"row-{row_key}"):
+        left, mid, right = st.columns([5, 2, 2], vertical_alignment="top")
+        # callbacks: the click acts on the row it was made on, whatever the run that handles it lists; in the
+        # fragment a button reruns only the fragment, which then asks for the whole page (see library_list)
+        with mid:
+            st.button("Open", key=f"open-{ident}", disabled=not row.usable, width="stretch", on_click=_open,
+                      args=(row.video_id,))
+        with right:
+            st.button("Delete", key=f"del-{ident}", width="stretch", on_click=_delete, args=(lib, row))
         with left:
             colour = STATUS_COLOUR.get(row.status, "gray")
             st.markdown(f"**{_md(row.name)}** :{colour}-badge[{row.status}]")
@@ -219,15 +232,6 @@ def video_row(lib: Library, row: VideoRow) -> None:
                 st.progress(frac if frac is not None else 0.0, text=label)
             if row.error:
                 st.error(f"{row.name}: {row.error}")
-        # in a fragment a button reruns only the fragment: switching page or showing a message needs the app
-        with mid:
-            if st.button("Open", key=f"open-{ident}", disabled=not row.usable, width="stretch"):
-                _open(row.video_id)
-                st.rerun(scope="app")
-        with right:
-            if st.button("Delete", key=f"del-{ident}", width="stretch"):
-                _delete(lib, row)
-                st.rerun(scope="app")
 
 
 def _md(text: str) -> str:
@@ -235,19 +239,56 @@ def _md(text: str) -> str:
     return "".join("\\" + c if c in "\\`*_{}[]<>|~:$" else c for c in text)
 
 
-def library_list(lib: Library) -> None:
-    rows = lib.videos()
+def ingesting(lib: Library) -> bool:
+    return any(job.active for job in lib.jobs())
+
+
+def library_rows(lib: Library) -> list[VideoRow]:
+    """The library by name: a row keeps its place when its ingest ends (the service lists running ingests first)."""
+    return sorted(lib.videos(), key=lambda row: row.name.casefold())
+
+
+def _listing(rows: list[VideoRow]) -> tuple:
+    return tuple((r.video_id, r.job_id, r.name, r.status, r.frames, r.duration, r.error, r.model_id) for r in rows)
+
+
+def _row_keys(lib: Library, rows: list[VideoRow]) -> list[str]:
+    """A key per row that stays the same when an ingest's row (keyed by its job) becomes the stored video's row
+    (no job on it, so found through the jobs' video ids; the newest job of a video wins)."""
+    job_of = {job.video_id: job.job_id for job in lib.jobs() if job.video_id}
+    keys, used = [], set()
+    for i, row in enumerate(rows):
+        key = row.job_id or job_of.get(row.video_id) or row.video_id or f"x{i}"
+        if key in used:  # never two rows with one key (Streamlit refuses a duplicate key)
+            key = f"{row.video_id or row.job_id}-{i}"
+        used.add(key)
+        keys.append(key)
+    return keys
+
+
+def library_list(lib: Library, polling: bool) -> None:
+    """The list, in a fragment: its buttons rerun only it. Registered with `run_every` only while an ingest runs
+    (`polling`): progress bars move and the rest of the page stays as it is. With no ingest running it does not
+    rerun on its own, so nothing is redrawn under a pointer about to click."""
+    state = tab_state()
+    if (state.page == "video" and state.video_id) or state.flash:
+        st.rerun(scope="app")  # an Open or Delete callback (run before this) changed the page or left a message
+    if polling and not ingesting(lib):
+        st.rerun(scope="app")  # the last ingest ended: the whole page once more, with the list still
+    rows = library_rows(lib)
+    state.listed = _listing(rows)
     if not rows:
         st.info("The library is empty: upload a video or add one by path. `make run` adds the sample video.")
-    for row in rows:
-        video_row(lib, row)
+    for row, key in zip(rows, _row_keys(lib, rows), strict=True):
+        video_row(lib, row, key)
 
 
 @st.fragment(run_every=POLL_S)
-def live_library_list(lib: Library) -> None:
-    """Reruns on its own every POLL_S seconds: progress bars move, finished ingests appear, the rest of the page
-    stays as it is and stays usable."""
-    library_list(lib)
+def library_watch(lib: Library) -> None:
+    """While no ingest runs: draws nothing, and asks for the page again when the library changed since the list
+    was drawn (an upload arrived through the upload route, a CLI ingest or another tab's delete)."""
+    if ingesting(lib) or _listing(library_rows(lib)) != tab_state().listed:
+        st.rerun(scope="app")
 
 
 def library_page(lib: Library) -> None:
@@ -259,7 +300,10 @@ def library_page(lib: Library) -> None:
     with b:
         add_by_path(lib)
     st.subheader("Library")
-    live_library_list(lib)
+    polling = ingesting(lib)
+    st.fragment(library_list, run_every=POLL_S if polling else None)(lib, polling)
+    if not polling:
+        library_watch(lib)
 
 
 # ---- the video page -------------------------------------------------------------------------------------------
