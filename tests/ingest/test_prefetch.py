@@ -76,6 +76,7 @@ def test_close_mid_way_stops_the_child():
     assert first.t == 0.0
     prefetched.close()
     assert prefetched._child.poll() is not None  # killed and reaped, not left decoding
+    assert not prefetched.folder.exists()  # its frames removed
     prefetched.close()  # twice is harmless
 
 

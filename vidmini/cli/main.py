@@ -347,5 +347,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `vidmini` command. A command that loaded torch would spend ~1.2 s more tearing the interpreter down
+    (torch's and transformers' modules and thread pools); by then every store and output file is committed
+    (atomic renames, fsync) and every worker has been joined, so the process flushes its streams and leaves."""
+    code = main()
+    if "torch" in sys.modules:
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

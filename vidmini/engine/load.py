@@ -11,14 +11,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from vidmini.common.fingerprint import fingerprint
 from vidmini.common.paths import data_home
-from vidmini.engine.checkpoint import load_checkpoint
-from vidmini.engine.inference import Engine
-from vidmini.engine.retrieval import RetrievalSpace
+
+if TYPE_CHECKING:  # torch and transformers load in open_engine: choosing a model must not pay for them
+    from vidmini.engine.inference import Engine
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL_DIR = REPO_ROOT / "models" / "vidmini-demo"
@@ -44,6 +43,12 @@ def choose_model(arg: str | None = None) -> ModelChoice:
 
 def open_engine(choice: ModelChoice, dtype: str = "fp32", device: str = "cpu", prompt_style: str = "reference"
                 ) -> Engine:
+    import torch
+
+    from vidmini.engine.checkpoint import load_checkpoint
+    from vidmini.engine.inference import Engine
+    from vidmini.engine.retrieval import RetrievalSpace
+
     loaded = load_checkpoint(choice.location, dtype=dtype, device=device)
     retrieval = None
     if loaded.vision_dir is not None:
