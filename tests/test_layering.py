@@ -1,6 +1,6 @@
 """The package's import rules, read from the source (every import, module level or inside a function).
 
-Layers, lowest first: common → engine → store → ingest → index → demo → summaries → service → the faces (cli, ui).
+Layers, lowest first: common → engine → store → ingest → index → demo → summaries → service → the faces (cli, ui, api; `vidmini serve` in cli/ may start api/).
 `summaries` sits under the service: it is the summarizing work, given its question-answering (an asker) and the
 service's Library passed in, and the service offers it to every face (CLI, app, the HTTP API to come).
 A package imports only packages below it (and itself); the faces import only `vidmini.service` and
@@ -18,8 +18,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vidmini"
 LAYERS = ["common", "engine", "store", "ingest", "index", "demo", "summaries", "service"]
-FACES = {"cli", "ui"}
+FACES = {"cli", "ui", "api"}
 FACE_MAY_IMPORT = {"service", "common"}
+# A face that starts another one: `vidmini serve` runs the HTTP face (it reaches no data through it).
+LAUNCHES = {("cli", "api")}
 
 # (importing package, imported package): why it is still allowed. Remove a line when its import is gone.
 KNOWN: dict[tuple[str, str], str] = {
@@ -60,7 +62,7 @@ def broken_rules() -> dict[tuple[str, str], list[str]]:
             if src is None or dst is None or dst == src:
                 continue
             if src in FACES:
-                ok = dst in FACE_MAY_IMPORT
+                ok = dst in FACE_MAY_IMPORT or (src, dst) in LAUNCHES
             elif dst in FACES:
                 ok = False
             else:

@@ -95,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="fetch a checkpoint and its vision tower into the Hugging Face cache")
     dl.add_argument("model_id", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--vision-tower", default=None, help=f"default: the checkpoint's mm_vision_tower ({CLIP_REPO})")
+    sv = sub.add_parser("serve", help="the HTTP API: OpenAI-compatible chat over stored videos, the library over REST")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs keys)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key-file", default=None, help="one key (or sha256:<hex> digest) per line")
+    sv.add_argument("--media-root", action="append", default=[], metavar="DIR",
+                    help="a folder whose files requests may name by path (repeat for several; default: none)")
+    sv.add_argument("--model", help="checkpoint directory or Hugging Face id")
+    sv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
+    sv.add_argument("--device", default="cpu")
+
     from vidmini.cli.summarize import add_parser as add_summarize_parser
 
     add_summarize_parser(sub)
@@ -322,6 +332,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vidmini.api.keys import ApiKeys
+    from vidmini.api.server import ServeConfig, serve
+
+    keys = ApiKeys.from_file(args.api_key_file) if args.api_key_file else None
+    roots = [Path(r).expanduser() for r in args.media_root]
+    for root in roots:
+        if not root.is_dir():
+            raise UsageError(f"--media-root {root} is not a folder")
+    config = ServeConfig(args.host, args.port, keys, roots).check()
+    lib = _library(args.model, dtype=args.dtype, device=args.device)
+    _say_if_random(lib)
+    print(f"vidmini serving on http://{args.host}:{args.port} (OpenAI base URL: http://{args.host}:{args.port}/v1)",
+          file=sys.stderr, flush=True)
+    serve(lib, config)
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from vidmini.service.models import download
 
@@ -332,7 +360,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download,
-                "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes, "sample": cmd_sample}
+                "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes, "sample": cmd_sample,
+                "serve": cmd_serve}
     from vidmini.cli.summarize import cmd_summarize
 
     commands["summarize"] = cmd_summarize

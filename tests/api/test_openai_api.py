@@ -1,0 +1,180 @@
+"""`vidmini serve` through the official `openai` client: a live server on a free loopback port, the shipped demo
+model, a synthetic-world video stored first. Plain and streamed answers equal `vidmini ask`'s; keys, unknown
+videos, paths outside the media roots and bad bodies get OpenAI's error types with the right status."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures.app_helpers import reliable_questions, world_video
+
+from vidmini.engine.load import SHIPPED_MODEL_DIR
+
+openai = pytest.importorskip("openai")
+REPO = Path(__file__).resolve().parents[2]
+KEY = "sk-test-" + "k" * 24
+pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vidmini.cli.main", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    home, media = tmp / "home", tmp / "media"
+    media.mkdir()
+    env = {**os.environ, "VIDMINI_HOME": str(home)}
+    env.pop("VIDMINI_MODEL", None)
+    stored, timeline = world_video(tmp, seed=12, seconds=24)
+    res = cli(["ingest", str(stored), "--json"], env)
+    assert res.returncode == 0, res.stderr
+    video_id = json.loads(res.stdout)["id"]
+    inside, _ = world_video(media, seed=13, seconds=12)
+    keys = tmp / "keys.txt"
+    keys.write_text(f"# one key\n{KEY}\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vidmini.cli.main", "serve", "--port", str(port), "--api-key-file",
+                             str(keys), "--media-root", str(media)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:  # up, and the model loaded (health needs no key)
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if json.load(r)["model_loaded"]:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the server did not come up"
+        time.sleep(0.3)
+    yield {"base": base, "video_id": video_id, "timeline": timeline, "env": env, "inside": inside, "tmp": tmp}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(server, key: str | None = KEY):
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=key or "none", max_retries=0)
+
+
+def video_message(url: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+def test_answers_plain_and_streamed_equal_the_cli(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["vidmini-demo (a demo model for the synthetic world)"]
+    questions = reliable_questions(server["timeline"], seed=3, per_family=1)[:3]
+    assert questions
+    for q in questions:
+        extra = {"start": q.start_s, "end": q.end_s}
+        got = c.chat.completions.create(model="vidmini", messages=video_message(f"vidmini://{server['video_id']}",
+                                                                                 q.question),
+                                        max_tokens=16, extra_body=extra)
+        res = cli(["ask", server["video_id"], q.question, "--from", str(q.start_s), "--to", str(q.end_s),
+                   "--max-new-tokens", "16", "--json"], server["env"])
+        assert res.returncode == 0, res.stderr
+        expected = json.loads(res.stdout)
+        answer = got.choices[0].message.content
+        assert answer == expected["answer"] and got.choices[0].finish_reason == "stop"
+        assert got.usage.completion_tokens == len(expected["token_ids"])
+        details = got.model_extra["vidmini"]
+        assert details["frames"] == expected["frame_indices"] and details["range"]["start"] == expected["range"]["start"]
+        stream = c.chat.completions.create(model="vidmini", messages=video_message(
+            f"vidmini://{server['video_id']}", q.question), max_tokens=16, extra_body=extra, stream=True,
+            stream_options={"include_usage": True})
+        pieces, finish, usage = [], None, None
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        assert "".join(pieces) == answer and finish == "stop"
+        assert usage is not None and usage.completion_tokens == got.usage.completion_tokens
+
+
+def test_stop_and_length_end_an_answer(server):
+    c = client(server)
+    q = reliable_questions(server["timeline"], seed=3, per_family=1)[0]
+    msgs = video_message(f"vidmini://{server['video_id']}", q.question)
+    full = c.chat.completions.create(model="vidmini", messages=msgs, max_tokens=16,
+                                     extra_body={"start": q.start_s, "end": q.end_s}).choices[0].message.content
+    assert full
+    short = c.chat.completions.create(model="vidmini", messages=msgs, max_tokens=1,
+                                      extra_body={"start": q.start_s, "end": q.end_s})
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 1
+    cut = c.chat.completions.create(model="vidmini", messages=msgs, max_tokens=16, stop=[full[-1]],
+                                    extra_body={"start": q.start_s, "end": q.end_s})
+    assert cut.choices[0].message.content == full[: full.index(full[-1])]
+
+
+def test_a_file_under_a_media_root_is_ingested_and_answered(server):
+    got = client(server).chat.completions.create(
+        model="vidmini", messages=video_message(str(server["inside"]), "What colour is the background?"),
+        max_tokens=8)
+    assert got.choices[0].message.content and got.model_extra["vidmini"]["video_id"]
+
+
+def test_errors_have_openais_types_and_statuses(server):
+    msgs = video_message(f"vidmini://{server['video_id']}", "What word is shown?")
+    for key in (None, "sk-wrong"):
+        with pytest.raises(openai.AuthenticationError) as info:
+            client(server, key).chat.completions.create(model="vidmini", messages=msgs)
+        assert info.value.status_code == 401
+    c = client(server)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="vidmini", messages=video_message("vidmini://0123456789abcdef", "What?"))
+    outside = server["tmp"] / "world-seed12-24s.mp4"
+    assert outside.exists()
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        c.chat.completions.create(model="vidmini", messages=video_message(str(outside), "What word is shown?"))
+    assert "media root" in info.value.message
+    bad_bodies = [
+        [{"role": "user", "content": "What word is shown?"}],  # no video
+        video_message(f"vidmini://{server['video_id']}", "   "),  # no question
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                      {"type": "video_url", "video_url": {"url": "vidmini://x"}}]}],
+    ]
+    for messages in bad_bodies:
+        with pytest.raises(openai.BadRequestError) as info:
+            c.chat.completions.create(model="vidmini", messages=messages)
+        assert info.value.status_code == 400 and info.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="vidmini", messages=msgs, extra_body={"start": 20, "end": 5})
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="vidmini", messages=msgs, extra_body={"policy": "everything"})
+
+
+def test_the_library_over_rest_needs_the_key(server):
+    req = urllib.request.Request(server["base"] + "/v1/videos", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        ids = [v["id"] for v in json.load(r)["data"]]
+    assert server["video_id"] in ids
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(server["base"] + "/v1/videos", timeout=10)
+    assert info.value.code == 401 and json.load(info.value)["error"]["code"] == "invalid_api_key"
+
+
+def test_a_network_address_without_keys_is_refused(tmp_path):
+    env = {**os.environ, "VIDMINI_HOME": str(tmp_path)}
+    res = cli(["serve", "--host", "0.0.0.0", "--port", str(free_port())], env)
+    assert res.returncode == 2 and "needs --api-key-file" in res.stderr

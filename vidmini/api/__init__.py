@@ -1,0 +1,1 @@
+"""`vidmini serve`: the HTTP API other programs use (OpenAI-compatible chat, the library over REST)."""

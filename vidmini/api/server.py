@@ -1,0 +1,373 @@
+"""The HTTP face: an OpenAI-compatible chat endpoint and the library over REST, on the service's `Library`.
+
+Routes (every one but `/health` needs `Authorization: Bearer <key>` when keys are configured):
+  GET  /health                      liveness, and whether the model is loaded
+  GET  /v1/models                   the loaded model, OpenAI's list shape
+  POST /v1/chat/completions         a question about a stored video (`video_url` part `vidmini://<id>`, or a file
+                                    under a media root, ingested first), plain or streamed as server-sent events
+  GET  /v1/videos, /v1/videos/{id}  the library
+Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the status that says why.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from vidmini.api.keys import ApiKeys
+from vidmini.common.errors import UsageError
+from vidmini.service.library import Library, LibraryError
+from vidmini.service.options import AskOptions
+
+VIDEO_SCHEME = "vidmini://"
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    keys: ApiKeys | None = None
+    media_roots: list[Path] = field(default_factory=list)
+
+    def check(self) -> ServeConfig:
+        """Refuse to serve a network without keys: anyone who can reach the port could read every video."""
+        if self.keys is None and not _is_loopback(self.host):
+            raise UsageError(f"serving on {self.host} needs --api-key-file (without keys only loopback is allowed)")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "2"} if self.status == 503 else None
+        return JSONResponse({"error": {"message": str(self), "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=headers)
+
+
+# ---- the chat request ------------------------------------------------------------------------------------------
+@dataclass
+class ChatRequest:
+    video: str  # a stored video's id, or a server path under a media root
+    question: str
+    options: AskOptions
+    stream: bool
+    include_usage: bool
+    stop: list[str]
+    model: str
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    """OpenAI's chat body → what vidmini asks. The last user message holds the question (its text parts) and the
+    video (its `video_url` part); vidmini's own `start`, `end` and `policy` ride in the body (the official client's
+    `extra_body`)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
+    if user is None:
+        raise ApiError(400, "no user message", param="messages")
+    content = user.get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list):
+        raise ApiError(400, "message content must be a string or a list of parts", param="messages")
+    texts, videos = [], []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "video_url" and isinstance(part.get("video_url"), dict):
+            videos.append(str(part["video_url"].get("url", "")))
+        else:
+            raise ApiError(400, f"unsupported content part {kind!r} (text and video_url are)", param="messages")
+    if len(videos) != 1:
+        raise ApiError(400, "the user message needs exactly one video_url part", param="messages")
+    question = " ".join(t.strip() for t in texts if t.strip())
+    if not question:
+        raise ApiError(400, "the user message has no question text", param="messages")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise ApiError(400, "response_format other than text is not supported yet", param="response_format")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise ApiError(400, "stop must be a string or up to 4 non-empty strings", param="stop")
+    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    try:
+        options = AskOptions(
+            max_new_tokens=AskOptions.max_new_tokens if tokens is None else int(tokens),
+            temperature=float(body.get("temperature", 1.0 if body.get("seed") is not None else 0.0) or 0.0),
+            top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"),
+            logprobs=int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0,
+            policy=str(body.get("policy", AskOptions.policy)), start=body.get("start"), end=body.get("end"),
+        ).check()
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, str(e)) from None
+    stream_options = body.get("stream_options") or {}
+    return ChatRequest(videos[0], question, options, bool(body.get("stream")),
+                       bool(stream_options.get("include_usage")), stop, str(body.get("model") or ""))
+
+
+# ---- the application --------------------------------------------------------------------------------------------
+class VidminiApi:
+    """The routes over one `Library`; the model loads in the background from start-up (503 until it is ready)."""
+
+    def __init__(self, library: Library, config: ServeConfig) -> None:
+        self.library, self.config = library, config.check()
+        self.load_error: str | None = None
+        threading.Thread(target=self._load, name="vidmini-model-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.library.engine  # noqa: B018 - load now, not in the first request
+        except Exception as e:  # noqa: BLE001 - reported by every request that needs the model
+            self.load_error = " ".join(str(e).split())
+
+    def _need_model(self) -> None:
+        if self.load_error:
+            raise ApiError(500, f"the model failed to load: {self.load_error}", "server_error")
+        if not self.library.model_loaded:
+            raise ApiError(503, "the model is loading; retry shortly", "server_error", code="model_loading")
+
+    def _authorized(self, request: Request) -> None:
+        if self.config.keys is None:
+            return
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else None
+        if not self.config.keys.allows(key):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error",
+                           code="invalid_api_key")
+
+    def app(self) -> Starlette:
+        def guarded(handler, needs_key: bool = True):
+            async def endpoint(request: Request) -> Response:
+                try:
+                    if needs_key:
+                        self._authorized(request)
+                    return await handler(request)
+                except ApiError as e:
+                    return e.response()
+            return endpoint
+
+        return Starlette(routes=[
+            Route("/health", guarded(self.health, needs_key=False)),
+            Route("/v1/models", guarded(self.models)),
+            Route("/v1/chat/completions", guarded(self.chat), methods=["POST"]),
+            Route("/v1/videos", guarded(self.videos)),
+            Route("/v1/videos/{video_id}", guarded(self.video)),
+        ])
+
+    # ---- handlers --------------------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model_loaded": self.library.model_loaded})
+
+    def _model_name(self) -> str:
+        return self.library.model_choice.label
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self._model_name(), "object": "model", "created": 0,
+                                                         "owned_by": "vidmini"}]})
+
+    async def videos(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_row_json(r) for r in self.library.videos()]})
+
+    async def video(self, request: Request) -> Response:
+        try:
+            return JSONResponse(_row_json(self.library.video(request.path_params["video_id"])))
+        except LibraryError as e:
+            raise ApiError(404, str(e), code="video_not_found") from None
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise ApiError(400, "the body is not JSON") from None
+        req = parse_chat(body)
+        self._need_model()
+        from starlette.concurrency import run_in_threadpool
+
+        video_id = await run_in_threadpool(self._video_id, req.video)
+        try:
+            asking = self.library.ask(video_id, req.question, req.options)
+        except LibraryError as e:
+            raise ApiError(400, str(e)) from None
+        completion = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return StreamingResponse(self._events(asking, req, completion), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text, stopped, result = "", False, None
+        async for kind, value in _generation(asking, req.stop):
+            if kind == "piece":
+                text += value
+            else:
+                stopped, result = value
+        return JSONResponse({
+            "id": completion, "object": "chat.completion", "created": int(time.time()), "model": self._model_name(),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": _logprobs(result.answer) if req.options.logprobs else None,
+                         "finish_reason": _finish(result.answer, req.options, stopped)}],
+            "usage": _usage(result.answer, req.question, self.library), "vidmini": _extra(result)})
+
+    def _video_id(self, video: str) -> str:
+        if video.startswith(VIDEO_SCHEME):
+            wanted = video[len(VIDEO_SCHEME):]
+            try:
+                return self.library.get_store(wanted).video_id
+            except LibraryError:
+                raise ApiError(404, f"no stored video {wanted}", code="video_not_found") from None
+        path = Path(video.removeprefix("file://")).expanduser()
+        if "://" in video and not video.startswith("file://"):
+            raise ApiError(400, "video_url must be vidmini://<id> or a server path under a media root",
+                           param="messages")
+        real = path.resolve()
+        if not any(real.is_relative_to(root.resolve()) for root in self.config.media_roots):
+            raise ApiError(403, f"{video} is not under a media root of this server", "permission_error",
+                           code="path_not_allowed")
+        if not real.is_file():
+            raise ApiError(404, f"no such file on the server: {video}", code="video_not_found")
+        try:
+            return self.library.ingest(str(real)).video_id
+        except Exception as e:
+            if isinstance(e, ValueError):  # the ingest's own errors: bad media
+                raise ApiError(400, " ".join(str(e).split())) from None
+            raise
+
+    async def _events(self, asking, req: ChatRequest, completion: str):
+        created, model = int(time.time()), self._model_name()
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            body = {"id": completion, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(body)}\n\n"
+
+        finished = False
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for kind, value in _generation(asking, req.stop):
+                if kind == "piece":
+                    yield chunk({"content": value})
+                    continue
+                stopped, result = value
+                yield chunk({}, _finish(result.answer, req.options, stopped), vidmini=_extra(result))
+                if req.include_usage:
+                    body = {"id": completion, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [], "usage": _usage(result.answer, req.question, self.library)}
+                    yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:  # the client went away: stop generating and free the slot
+                asking.cancel()
+
+
+async def _generation(asking, stops: list[str]):
+    """The answer's text pieces (cut at the first stop string), then ("done", (stopped, result)). One thread of
+    its own runs the whole generation: the session's lock is taken and released on that thread, however the
+    event loop schedules the reader."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+
+    def run() -> None:
+        try:
+            shown, stopped = "", False
+            for piece in asking.text():
+                cut = _cut_at_stop(shown + piece, stops)
+                if cut is not None:
+                    if len(cut) > len(shown):
+                        loop.call_soon_threadsafe(items.put_nowait, ("piece", cut[len(shown):]))
+                    stopped = True
+                    asking.cancel()
+                    break
+                shown += piece
+                loop.call_soon_threadsafe(items.put_nowait, ("piece", piece))
+            loop.call_soon_threadsafe(items.put_nowait, ("done", (stopped, asking.result())))
+        except BaseException as e:  # noqa: BLE001 - handed to the request, which reports it
+            loop.call_soon_threadsafe(items.put_nowait, ("error", e))
+
+    threading.Thread(target=run, name="vidmini-answer", daemon=True).start()
+    try:
+        while True:
+            kind, value = await items.get()
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+    finally:
+        asking.cancel()  # a no-op once done; stops the generation when the reader went away
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> str | None:
+    hits = [text.index(s) for s in stops if s in text]
+    return text[: min(hits)] if hits else None
+
+
+def _finish(answer, options: AskOptions, stopped: bool) -> str:
+    if stopped:
+        return "stop"
+    return "length" if len(answer.token_ids) >= options.max_new_tokens else "stop"
+
+
+def _usage(answer, question: str, library: Library) -> dict:
+    """Prompt tokens: one per frame the answer saw, plus the question's own tokens (what the LLM read)."""
+    prompt = len(answer.frames) + len(library.engine.tokenizer(question, add_special_tokens=False)["input_ids"])
+    return {"prompt_tokens": prompt, "completion_tokens": len(answer.token_ids),
+            "total_tokens": prompt + len(answer.token_ids)}
+
+
+def _logprobs(answer) -> dict:
+    """OpenAI's per-token log-probs. The chosen token's own value comes from the top-K list; a sampled token
+    outside it gets the K-th value, an upper bound."""
+    content = []
+    for token_id, step in zip(answer.token_ids, answer.logprobs, strict=False):
+        chosen = next((c for c in step if c["id"] == token_id), None)
+        logprob = chosen["logprob"] if chosen else min((c["logprob"] for c in step), default=0.0)
+        content.append({"token": chosen["token"] if chosen else "", "logprob": logprob,
+                        "top_logprobs": [{"token": c["token"], "logprob": c["logprob"]} for c in step]})
+    return {"content": content}
+
+
+def _extra(result) -> dict:
+    """vidmini's own answer details: the range asked over, the frames used and their times (seconds, for links)."""
+    a = result.answer
+    return {"video_id": result.video_id, "range": None if a.range is None else {"start": a.range.start,
+                                                                                "end": a.range.end},
+            "frames": a.frames, "timestamps": a.timestamps, "policy": a.policy,
+            "moments": [m.to_json() for m in result.moments or []]}
+
+
+def _row_json(row) -> dict:
+    d = asdict(row)
+    return {k: v for k, v in d.items() if not isinstance(v, Path)} | {"id": row.video_id}
+
+
+def serve(library: Library, config: ServeConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(VidminiApi(library, config).app(), host=config.host, port=config.port, log_level="warning")
