@@ -66,8 +66,18 @@ def server(tmp_path_factory):
         assert time.time() < deadline, "the server did not come up"
         time.sleep(0.3)
     yield {"base": base, "video_id": video_id, "timeline": timeline, "env": env, "inside": inside, "tmp": tmp}
+    stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server; one that does not stop in time is killed (and the test says so)."""
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the server did not stop on SIGTERM within 30 s") from None
 
 
 def client(server, key: str | None = KEY):
@@ -178,3 +188,53 @@ def test_a_network_address_without_keys_is_refused(tmp_path):
     env = {**os.environ, "VIDMINI_HOME": str(tmp_path)}
     res = cli(["serve", "--host", "0.0.0.0", "--port", str(free_port())], env)
     assert res.returncode == 2 and "needs --api-key-file" in res.stderr
+
+
+def test_a_client_that_disconnects_cancels_its_generation(tmp_path, tiny_ckpt):
+    """A tiny random model with no end-of-sequence id runs on until its token limit; a streamed request dropped after its first chunk must
+    stop generating at once, or the next question on the same video would wait behind it."""
+    import shutil
+
+    model = tmp_path / "no-eos"
+    shutil.copytree(tiny_ckpt, model)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": []}))  # never stops on its own
+    home = tmp_path / "home"
+    env = {**os.environ, "VIDMINI_HOME": str(home), "VIDMINI_MODEL": str(model)}
+    path, _ = world_video(tmp_path, seed=14, seconds=8)
+    res = cli(["ingest", str(path), "--json"], env)
+    assert res.returncode == 0, res.stderr
+    video_id = json.loads(res.stdout)["id"]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vidmini.cli.main", "serve", "--port", str(port)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if json.load(r)["model_loaded"]:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.3)
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        msgs = video_message(f"vidmini://{video_id}", "What word is shown?")
+        t0 = time.perf_counter()
+        probe = c.chat.completions.create(model="m", messages=msgs, max_tokens=300)
+        per_token = (time.perf_counter() - t0) / max(1, probe.usage.completion_tokens)
+        assert probe.choices[0].finish_reason == "length" and probe.usage.completion_tokens == 300
+        long_tokens = 200_000  # minutes of generation at this rate
+        assert long_tokens * per_token > 60
+        stream = c.chat.completions.create(model="m", messages=msgs, max_tokens=long_tokens, stream=True)
+        for chunk in stream:  # generation is under way once text arrives
+            if any(ch.delta.content for ch in chunk.choices):
+                break
+        stream.close()  # the client goes away
+        t1 = time.perf_counter()
+        after = c.with_options(timeout=60).chat.completions.create(model="m", messages=msgs, max_tokens=1)
+        assert after.usage.completion_tokens == 1
+        assert time.perf_counter() - t1 < 30  # not queued behind 200,000 tokens
+    finally:
+        stop(proc)
