@@ -120,7 +120,7 @@ def parse_chat(body: Any) -> ChatRequest:
     try:
         options = AskOptions(
             max_new_tokens=AskOptions.max_new_tokens if tokens is None else int(tokens),
-            temperature=float(body.get("temperature", 1.0 if body.get("seed") is not None else 0.0) or 0.0),
+            temperature=float(body.get("temperature", AskOptions.temperature) or 0.0),  # greedy unless asked
             top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"),
             logprobs=int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0,
             policy=str(body.get("policy", AskOptions.policy)), start=body.get("start"), end=body.get("end"),
