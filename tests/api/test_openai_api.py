@@ -35,6 +35,29 @@ def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, timeout=300)
 
 
+def start_server(args: list[str], env: dict) -> tuple[subprocess.Popen, str]:
+    """`vidmini serve` on a free loopback port, returned once it answers and its model is loaded (`/health`
+    needs no key): the process and its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vidmini.cli.main", "serve", "--port", str(port), *args],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if json.load(r)["model_loaded"]:
+                    return proc, base
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited: {proc.stderr.read()}")
+        if time.time() > deadline:
+            stop(proc)
+            raise AssertionError("the server did not come up within 120 s")
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
@@ -49,22 +72,7 @@ def server(tmp_path_factory):
     inside, _ = world_video(media, seed=13, seconds=12)
     keys = tmp / "keys.txt"
     keys.write_text(f"# one key\n{KEY}\n")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vidmini.cli.main", "serve", "--port", str(port), "--api-key-file",
-                             str(keys), "--media-root", str(media)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:  # up, and the model loaded (health needs no key)
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if json.load(r)["model_loaded"]:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, "the server did not come up"
-        time.sleep(0.3)
+    proc, base = start_server(["--api-key-file", str(keys), "--media-root", str(media)], env)
     yield {"base": base, "video_id": video_id, "timeline": timeline, "env": env, "inside": inside, "tmp": tmp}
     stop(proc)
 
@@ -204,21 +212,8 @@ def test_a_client_that_disconnects_cancels_its_generation(tmp_path, tiny_ckpt):
     res = cli(["ingest", str(path), "--json"], env)
     assert res.returncode == 0, res.stderr
     video_id = json.loads(res.stdout)["id"]
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vidmini.cli.main", "serve", "--port", str(port)], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, base = start_server([], env)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if json.load(r)["model_loaded"]:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline and proc.poll() is None
-            time.sleep(0.3)
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
         msgs = video_message(f"vidmini://{video_id}", "What word is shown?")
         t0 = time.perf_counter()

@@ -211,8 +211,8 @@ class VidminiApi:
         from starlette.concurrency import run_in_threadpool
 
         video_id = await run_in_threadpool(self._video_id, req.video)
-        try:
-            asking = self.library.ask(video_id, req.question, req.options)
+        try:  # off the event loop: the first question on a video opens its session (reads its states)
+            asking = await run_in_threadpool(self.library.ask, video_id, req.question, req.options)
         except LibraryError as e:
             raise ApiError(400, str(e)) from None
         completion = f"chatcmpl-{uuid.uuid4().hex[:24]}"

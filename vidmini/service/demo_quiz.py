@@ -48,12 +48,13 @@ def run_demo_quiz(library: Library, seconds: int, seed: int, on_progress: Callab
     result = library.ingest(str(path), IngestOptions(), on_progress=on_progress)
     quiz = DemoQuiz(library.engine.name, path, result.video_id, result.frames)
     store = library.get_store(result.video_id)
-    seconds_at = np.rint(store.timestamps()).astype(int)
+    times = store.timestamps()
+    seconds_at = np.rint(times).astype(int)
     for q in make_questions(timeline, np.random.default_rng(seed), per_family=1):
         index = np.flatnonzero((seconds_at >= q.start_s) & (seconds_at <= q.end_s))
         # the range as the frames' own times: the frames whose whole second lies in [start_s, end_s]
         options = AskOptions(max_new_tokens=DEMO_ANSWER_TOKENS, policy="all",
-                             start=float(store.timestamps()[index[0]]), end=float(store.timestamps()[index[-1]]))
+                             start=float(times[index[0]]), end=float(times[index[-1]]))
         got = library.answer(result.video_id, q.question, options)
         quiz.lines.append(QuizLine(q.with_range(), got.text, q.answer))
     return quiz
