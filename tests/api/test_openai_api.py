@@ -233,3 +233,33 @@ def test_a_client_that_disconnects_cancels_its_generation(tmp_path, tiny_ckpt):
         assert time.perf_counter() - t1 < 30  # not queued behind 200,000 tokens
     finally:
         stop(proc)
+
+
+def test_a_model_that_does_not_load_is_reported_not_hidden(tmp_path):
+    env = {**os.environ, "VIDMINI_HOME": str(tmp_path), "VIDMINI_MODEL": str(tmp_path / "no-such-model")}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vidmini.cli.main", "serve", "--port", str(port)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, health = time.time() + 60, None
+        while health is None or health.get("status") == "ok":
+            assert time.time() < deadline, f"no load error reported: {health}"
+            time.sleep(0.3)
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    health = json.load(r)
+            except urllib.error.HTTPError as e:
+                assert e.code == 500
+                health = json.load(e)
+            except OSError:
+                continue
+        assert health["status"] == "error" and "no-such-model" in health["error"]
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as info:
+            c.chat.completions.create(model="m", messages=video_message("vidmini://x", "What word is shown?"))
+        assert "failed to load" in info.value.message
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "vidmini: error: the model failed to load" in proc.stderr.read()

@@ -144,8 +144,11 @@ class VidminiApi:
     def _load(self) -> None:
         try:
             self.library.engine  # noqa: B018 - load now, not in the first request
-        except Exception as e:  # noqa: BLE001 - reported by every request that needs the model
+        except Exception as e:  # noqa: BLE001 - reported by /health and every request that needs the model
             self.load_error = " ".join(str(e).split())
+            import sys
+
+            print(f"vidmini: error: the model failed to load: {self.load_error}", file=sys.stderr, flush=True)
 
     def _need_model(self) -> None:
         if self.load_error:
@@ -183,6 +186,8 @@ class VidminiApi:
 
     # ---- handlers --------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
+        if self.load_error:
+            return JSONResponse({"status": "error", "model_loaded": False, "error": self.load_error}, status_code=500)
         return JSONResponse({"status": "ok", "model_loaded": self.library.model_loaded})
 
     def _model_name(self) -> str:
