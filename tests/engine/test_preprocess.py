@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vidmini.engine.frames import nearest_index
 from vidmini.engine.vision import make_image_processor, preprocess_frames, resize_nearest
 
 
@@ -17,6 +18,15 @@ def test_nearest_gather_equals_torch_interpolate(h, w, size):
     expected = F.interpolate(torch.from_numpy(frame).permute(2, 0, 1)[None].float(), size=(size, size))
     expected = expected.to(torch.uint8)[0].permute(1, 2, 0).numpy()
     assert np.array_equal(resize_nearest(frame, size), expected)
+
+
+def test_nearest_index_equals_torch_over_many_sizes():
+    """The numpy index (what the decoding child uses, without torch) is torch's pick for every size tried."""
+    sizes = [*range(1, 700), *range(700, 4400, 37)]
+    for dst in (14, 28, 80, 224, 336, 384, 448, 672):
+        for src in sizes:
+            picked = F.interpolate(torch.arange(src, dtype=torch.float32)[None, None], size=dst, mode="nearest")
+            assert np.array_equal(nearest_index(src, dst), picked[0, 0].long().numpy()), (src, dst)
 
 
 def test_preprocess_frames_matches_the_reference_pipeline():

@@ -39,6 +39,23 @@ def test_the_child_hands_back_the_samplers_own_frames(name, options):
     assert prefetched.gaps == [tuple(g) for g in sampler.gaps]
 
 
+def test_given_the_models_side_the_child_squares_frames_and_makes_thumbnails_from_the_full_frame():
+    """What the parent would do itself (the engine's nearest pick to the side; the thumbnail of the full frame),
+    byte for byte, done in the child."""
+    from vidmini.engine.frames import resize_nearest
+    from vidmini.ingest.thumbnails import thumbnail_jpeg
+
+    source = str(FIXTURES / "cockatoo.mp4")
+    full = list(FrameSampler(source))
+    with PrefetchedFrames(source, IngestOptions(), side=80) as prefetched:
+        got = list(prefetched)
+    assert [(f.t, f.pts, f.index) for f in got] == [(f.t, f.pts, f.index) for f in full]
+    for mine, theirs in zip(got, full, strict=True):
+        assert mine.image.shape == (80, 80, 3)
+        assert np.array_equal(mine.image, resize_nearest(theirs.image, 80))
+        assert mine.thumbnail == thumbnail_jpeg(theirs.image)
+
+
 def test_a_tiny_memory_bound_still_delivers_every_frame_in_order():
     source = str(FIXTURES / "safari.mp4")
     with PrefetchedFrames(source, IngestOptions(), max_bytes=1) as prefetched:
@@ -112,3 +129,24 @@ def test_library_ingest_with_a_cold_model_stores_what_a_warm_one_does(tmp_path, 
     assert [sa.thumbnail(i) for i in range(12)] == [sb.thumbnail(i) for i in range(12)]
     xa, xb = load_states(sa), load_states(sb)
     assert torch.equal(xa.compressed, xb.compressed) and torch.equal(xa.keys[-1], xb.keys[-1])
+
+
+def test_frames_squared_to_a_wrong_side_hint_are_not_used(tmp_path):
+    """A hint that disagrees with the loaded model's processor (a model swapped under the same path) makes the
+    ingest decode the source itself: the store is the one an unhinted ingest makes."""
+    import torch
+
+    from vidmini.ingest.job import load_states, run_ingest
+    from vidmini.service.library import Library
+    from vidmini.store.video_store import VideoStore
+
+    source = str(FIXTURES / "safari.mp4")
+    engine = Library(tmp_path / "lib").engine
+    assert engine.frame_side != 37
+    with PrefetchedFrames(source, IngestOptions(), side=37) as wrong:
+        hinted = run_ingest(source, engine, tmp_path / "a", prefetched=wrong)
+    plain = run_ingest(source, engine, tmp_path / "b")
+    assert hinted.frames == plain.frames == 11
+    sa, sb = VideoStore.load_existing(hinted.store_path), VideoStore.load_existing(plain.store_path)
+    assert torch.equal(load_states(sa).compressed, load_states(sb).compressed)
+    assert [sa.thumbnail(i) for i in range(11)] == [sb.thumbnail(i) for i in range(11)]

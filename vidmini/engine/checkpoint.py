@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
-from transformers.utils import logging as hf_logging
 
 from vidmini.engine.config import LlavaMiniConfig
 from vidmini.engine.hf_files import (
@@ -134,9 +133,52 @@ def resolve_vision_tower(config: LlavaMiniConfig, model_dir: Path) -> Path:
         ) from None
 
 
+def load_clip_part(cls: type, config: object, directory: Path, prefix: str, dtype: torch.dtype, device: str,
+                   what: str) -> torch.nn.Module:
+    """One tower of a CLIP directory as the transformers class `cls`, weights assigned here, not by
+    `from_pretrained` (which first spends ~0.3 s of a cold start building renaming tables for every model family).
+    A full CLIP file holds both towers and projections: this takes the keys the tower has, under its own names
+    or under `prefix` (`vision_model.` / `text_model.`: the names before transformers 5, as every published CLIP
+    writes them), skips the rest (old files also carry buffers that are no longer weights), names any missing."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # the weights are assigned below; initializing them first is wasted work
+        model = cls(config)
+    wanted = model.state_dict()
+
+    def own_name(key: str) -> str | None:
+        if key in wanted:
+            return key
+        bare = key[len(prefix):] if key.startswith(prefix) else None
+        return bare if bare in wanted else None
+
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(directory):
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as reader:
+                    state.update({name: reader.get_tensor(k) for k in reader.keys() if (name := own_name(k))})
+            except SafetensorError as e:
+                raise CheckpointError(f"{what}: {f} is not a readable safetensors file: {e}") from None
+        else:
+            try:
+                state.update({name: v for k, v in _read_bin(f).items() if (name := own_name(k))})
+            except CheckpointError as e:
+                raise CheckpointError(f"{what}: {e}") from None
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise CheckpointError(f"{what} at {directory} lacks weights: {_names(missing)}")
+    try:
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                              assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what} at {directory} does not load: {' '.join(str(e).split())[:300]}") from None
+    return model.to(device).eval()
+
+
 def load_vision_tower(path: Path, config: LlavaMiniConfig, dtype: torch.dtype, device: str) -> VisionTower:
     """The CLIP tower of a HF directory (full CLIP or vision-only, any transformers vintage); its config is read
-    from the file here and handed to transformers, which then only loads the weights."""
+    from the file here, its weights by `load_clip_part`."""
     try:
         clip_config = clip_vision_config(path)
     except (FileFormatError, TypeError, ValueError) as e:
@@ -146,22 +188,8 @@ def load_vision_tower(path: Path, config: LlavaMiniConfig, dtype: torch.dtype, d
     except CheckpointError:
         raise CheckpointError(f"{path}: no vision tower weights (model.safetensors or pytorch_model.bin), named "
                               f"by mm_vision_tower") from None
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        clip, info = CLIPVisionModel.from_pretrained(str(path), config=clip_config, dtype=dtype,
-                                                     output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise CheckpointError(f"vision tower at {path} does not load: {' '.join(str(e).split())[:300]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    if info["missing_keys"]:
-        raise CheckpointError(f"vision tower at {path} lacks weights: {_names(info['missing_keys'])}")
-    return VisionTower(clip.to(device).eval(), config.mm_vision_select_layer, config.mm_vision_select_feature)
+    clip = load_clip_part(CLIPVisionModel, clip_config, path, "vision_model.", dtype, device, "vision tower")
+    return VisionTower(clip, config.mm_vision_select_layer, config.mm_vision_select_feature)
 
 
 def eos_ids_of(directory: Path, config: LlavaMiniConfig) -> tuple[int, ...]:

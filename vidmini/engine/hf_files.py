@@ -23,6 +23,7 @@ TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "add
 CLIP_TYPES = ("clip", "clip_vision_model")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_DEFAULT_IMAGE_SIZE = 224  # CLIPVisionConfig's image_size when a config omits it
 
 
 class FileFormatError(ValueError):
@@ -138,6 +139,22 @@ def _square(value: Any, path: Path, key: str) -> int:
     raise FileFormatError(f"{path}: {key} {value!r} is not a square size vidmini can use")
 
 
+def _processor_sizes(raw: dict[str, Any], image_size: int | None, path: Path) -> tuple[int, int]:
+    """(resize side, crop side) of a preprocessor_config.json, defaulting to the tower's input size."""
+    size = _square(raw.get("size", image_size), path, "size")
+    return size, _square(raw.get("crop_size", size), path, "crop_size")
+
+
+def processor_side(directory: Path) -> int:
+    """The square side `load_image_processor(directory, <the tower's image_size>)` crops to, from the JSON files
+    alone (no transformers): a decoding process can shrink frames to it before the model is loaded."""
+    image_size = int(clip_configs(directory)[0].get("image_size", CLIP_DEFAULT_IMAGE_SIZE))
+    path = directory / "preprocessor_config.json"
+    if not path.exists():
+        return image_size
+    return _processor_sizes(read_json(path), image_size, path)[1]
+
+
 def load_image_processor(directory: Path, image_size: int | None = None):
     """CLIP's PIL processor from preprocessor_config.json in any of its historical forms (openai's has ints for
     `size`/`crop_size` and a `CLIPFeatureExtractor` type); without the file, CLIP's defaults at the tower's
@@ -151,8 +168,7 @@ def load_image_processor(directory: Path, image_size: int | None = None):
         return ClipProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
                                                                              "width": image_size})
     raw = read_json(path)
-    size = _square(raw.get("size", image_size), path, "size")
-    crop = _square(raw.get("crop_size", size), path, "crop_size")
+    size, crop = _processor_sizes(raw, image_size, path)
     options = {k: raw[k] for k in ("do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize",
                                    "do_convert_rgb", "resample") if k in raw}
     return ClipProcessor(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop},

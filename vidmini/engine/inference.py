@@ -27,7 +27,7 @@ from vidmini.engine.llama import KVCache
 from vidmini.engine.model import LlavaMiniModel
 from vidmini.engine.prompt import PromptIds, build_prompt
 from vidmini.engine.retrieval import RetrievalSpace
-from vidmini.engine.vision import preprocess_frames, preprocess_image
+from vidmini.engine.vision import preprocess_frames, preprocess_image, processor_size
 
 
 @dataclass
@@ -89,6 +89,12 @@ class Engine:
         """One image → (1, parts, 3, S, S)."""
         cfg = self.model.config
         return preprocess_image(image, self.processor, cfg.resolution_ratio, cfg.image_aspect_ratio)[None]
+
+    @property
+    def frame_side(self) -> int:
+        """The side video frames are squared to (nearest) before the processor: `frame_pixels` of frames already
+        that size is the same as of the full frames."""
+        return processor_size(self.processor)
 
     def frame_pixels(self, frames: list[np.ndarray] | np.ndarray) -> torch.Tensor:
         """Video frames (H, W, 3 uint8) → (F, parts, 3, S, S)."""

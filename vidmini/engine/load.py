@@ -41,6 +41,23 @@ def choose_model(arg: str | None = None) -> ModelChoice:
     return ModelChoice(str(data_home() / "models" / RANDOM_MODEL_NAME), RANDOM_MODEL_NAME, is_random=True)
 
 
+def frame_side_hint(choice: ModelChoice) -> int | None:
+    """The side the chosen model's processor squares frames to, read from its JSON files without loading it; None
+    when that needs more than a look at local folders (a Hugging Face id, a model not built yet, odd files). A
+    hint: the ingest checks it against the loaded model's processor before trusting frames shrunk to it."""
+    from vidmini.engine.hf_files import processor_side, read_json
+
+    directory = Path(choice.location).expanduser()
+    try:
+        tower = read_json(directory / "config.json")["mm_vision_tower"]
+        for candidate in (Path(tower).expanduser(), directory / tower):
+            if candidate.is_dir():
+                return processor_side(candidate)
+    except Exception:  # noqa: BLE001 - any surprise only means "no hint"; loading will report real problems
+        return None
+    return None
+
+
 def open_engine(choice: ModelChoice, dtype: str = "fp32", device: str = "cpu", prompt_style: str = "reference"
                 ) -> Engine:
     import torch

@@ -55,8 +55,8 @@ class RetrievalSpace:
              ) -> RetrievalSpace | None:
         """The space of a CLIP directory, or None when it holds no text tower or projection."""
         from transformers import CLIPTextModelWithProjection
-        from transformers.utils import logging as hf_logging
 
+        from vidmini.engine.checkpoint import load_clip_part
         from vidmini.engine.hf_files import FileFormatError, clip_text_config, load_tokenizer, read_json
 
         directory = Path(vision_dir)
@@ -70,21 +70,14 @@ class RetrievalSpace:
         weight = _read_tensor(directory, "visual_projection.weight")
         if weight is None:
             return None
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()  # it notes the vision weights it skips
-        hf_logging.disable_progress_bar()
+        if projection_dim is not None:
+            text_config.projection_dim = projection_dim  # the joint space's width lives on the pair
         try:
-            if projection_dim is not None:
-                text_config.projection_dim = projection_dim  # the joint space's width lives on the pair
-            text = CLIPTextModelWithProjection.from_pretrained(str(directory), config=text_config, dtype=dtype)
-            text = text.to(device).eval()
+            text = load_clip_part(CLIPTextModelWithProjection, text_config, directory, "text_model.", dtype, device,
+                                  "text tower")
             tokenizer = load_tokenizer(directory, classes=None)
         except (OSError, ValueError):
             return None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
         projection = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device, dtype=dtype)
         with torch.no_grad():
             projection.weight.copy_(weight)

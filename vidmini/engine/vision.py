@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from vidmini.engine.frames import resize_nearest
 
 try:  # transformers 5 names the PIL-backed processor (the reference's "slow" one) explicitly
     from transformers import CLIPImageProcessorPil as ClipProcessor
@@ -96,21 +95,6 @@ def preprocess_image(
         fill = tuple(int(x * 255) for x in processor.image_mean)
         parts = [expand_to_square(p, fill) for p in parts]
     return _pixels(processor, parts)
-
-
-@functools.lru_cache(maxsize=64)
-def _nearest_index(src: int, dst: int) -> np.ndarray:
-    """The source rows/columns torch's nearest interpolation picks for src → dst (computed by torch itself, so
-    the gather below is bit-identical to `F.interpolate(mode="nearest")` without converting frames to float)."""
-    picked = F.interpolate(torch.arange(src, dtype=torch.float32)[None, None], size=dst, mode="nearest")
-    return picked[0, 0].round().long().numpy()
-
-
-def resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 → (size, size, 3), as the reference's `F.interpolate(frames, (size, size))`."""
-    if arr.shape[0] == size and arr.shape[1] == size:
-        return arr
-    return np.ascontiguousarray(arr[_nearest_index(arr.shape[0], size)][:, _nearest_index(arr.shape[1], size)])
 
 
 def preprocess_frames(

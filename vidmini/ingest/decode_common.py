@@ -34,7 +34,8 @@ class SampledFrame:
     t: float  # the sampling time, seconds from the first frame (every_k: the frame's own time)
     pts: float  # presentation time of the frame returned, same origin
     index: int  # position of that frame in presentation order (0 = first frame)
-    image: np.ndarray  # (H, W, 3) uint8 RGB, upright
+    image: np.ndarray  # (H, W, 3) uint8 RGB, upright (prefetched: already squared to the model's frame side)
+    thumbnail: bytes | None = None  # its JPEG thumbnail, when made where it was decoded
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ skips exactly the committed frames, so a killed ingest ends with the same store 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import queue
 import threading
@@ -20,17 +19,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vidmini.engine.fusion import FrameStates
 from vidmini.engine.inference import Engine
 from vidmini.ingest.options import IngestOptions
+from vidmini.ingest.thumbnails import thumbnail_jpeg
 
 if TYPE_CHECKING:
     from vidmini.ingest.prefetch import PrefetchedFrames
     from vidmini.store.video_store import VideoStore
 
-THUMB_WIDTH = 160
 
 
 @dataclass
@@ -76,14 +74,6 @@ def model_fingerprint(engine: Engine) -> tuple[str, str]:
     key = f"{cfg}|{engine.prompt_style}|{prefix}|{engine.model.dtype}"
     digest = hashlib.sha256((key + f"|weights {engine.weights}" if engine.weights else key).encode()).hexdigest()
     return engine.name, digest[:16]
-
-
-def thumbnail_jpeg(image: np.ndarray, width: int = THUMB_WIDTH) -> bytes:
-    h, w = image.shape[:2]
-    thumb = Image.fromarray(image).resize((width, max(1, round(h * width / w))), Image.BILINEAR)
-    buf = io.BytesIO()
-    thumb.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
 
 
 def states_to_tensors(states: FrameStates) -> dict[str, torch.Tensor]:
@@ -208,7 +198,7 @@ def run_ingest(
     if duration and not options.every_k and not is_live:
         total = int(np.ceil(duration * options.fps - 1e-9))
 
-    if prefetched is not None:
+    if prefetched is not None and prefetched.side in (None, engine.frame_side):
         sampler = prefetched
     else:
         reader = FollowFile(source, options.idle_timeout) if options.live and not url else source
@@ -219,7 +209,7 @@ def run_ingest(
     def prepare(batch: list) -> PreparedChunk:
         return PreparedChunk([f.t for f in batch], [f.pts for f in batch],
                              engine.frame_pixels([f.image for f in batch]),
-                             [thumbnail_jpeg(f.image) for f in batch])
+                             [f.thumbnail or thumbnail_jpeg(f.image) for f in batch])
 
     producer = _Producer(frames, options.chunk_frames, options.queue_chunks, prepare)
     producer.start()

@@ -5,8 +5,13 @@ frame; decoding needs none of that. `PrefetchedFrames` runs the very same `Frame
 own interpreter: no GIL shared with the imports) as soon as the ingest starts. The child writes each frame's
 pixels to a file of its own in a private folder (in memory-backed /dev/shm where there is one) and only a short
 header on the pipe, so it never waits for the busy parent to copy megabytes; it waits only when `max_bytes` of
-frames are not yet taken. The parent reads a frame's file when the job wants that frame and deletes it. The
-frames are byte-for-byte the sampler's.
+frames are not yet taken. The parent reads a frame's file when the job wants that frame and deletes it.
+
+Given `side` (the model's frame side, `vidmini.engine.load.frame_side_hint`), the child also does the rest of the
+per-frame work that needs no model: it squares each frame to `side` (the nearest pick the engine makes itself)
+and makes its thumbnail from the full frame. A 1080p frame then crosses as 80-336 px plus a JPEG instead of
+6 MB, the bound holds many more frames while the model loads, and the parent's share of the work shrinks.
+Every byte equals what the parent would have made from the sampler's frame.
 
 Run as `python -m vidmini.ingest.prefetch SPEC_JSON FOLDER MAX_BYTES`: the child side.
 """
@@ -38,8 +43,10 @@ class PrefetchedFrames:
     """Iterate (once) for the `SampledFrame`s of `source` under `options`; `gaps` is filled when they end.
     Errors are the sampler's own types (an `IngestError` subclass for bad media), raised where the frames stop."""
 
-    def __init__(self, source: str, options: IngestOptions, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        spec = {"source": str(source), "fps": None if options.every_k else options.fps, "every_k": options.every_k,
+    def __init__(self, source: str, options: IngestOptions, max_bytes: int = DEFAULT_MAX_BYTES,
+                 side: int | None = None) -> None:
+        self.side = side
+        spec = {"side": side, "source": str(source), "fps": None if options.every_k else options.fps, "every_k": options.every_k,
                 "mode": options.mode, "stream": options.stream, "backend": options.backend,
                 "hwaccel": options.hwaccel}
         self.gaps: list[tuple[float, float]] = []
@@ -63,7 +70,12 @@ class PrefetchedFrames:
             path = self.folder / header["file"]
             image = np.fromfile(path, dtype=np.uint8).reshape(header["shape"])
             path.unlink()
-            yield SampledFrame(header["t"], header["pts"], header["index"], image)
+            thumbnail = None
+            if "thumbnail" in header:
+                thumb_path = self.folder / header["thumbnail"]
+                thumbnail = thumb_path.read_bytes()
+                thumb_path.unlink()
+            yield SampledFrame(header["t"], header["pts"], header["index"], image, thumbnail)
         code = self._child.wait()
         raise RuntimeError(f"the decoding process ended without finishing (exit code {code})")
 
@@ -98,9 +110,12 @@ def _say(header: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from vidmini.engine.frames import resize_nearest
     from vidmini.ingest.sampler import FrameSampler
+    from vidmini.ingest.thumbnails import thumbnail_jpeg
 
     spec, folder, max_bytes = json.loads(argv[0]), Path(argv[1]), int(argv[2])
+    side = spec["side"]
     sampler = FrameSampler(spec["source"], fps=spec["fps"], every_k=spec["every_k"], mode=spec["mode"],
                            stream=spec["stream"], backend=spec["backend"], hwaccel=spec["hwaccel"])
     waiting: deque[tuple[Path, int]] = deque()  # frames written and not yet taken by the parent, oldest first
@@ -108,17 +123,28 @@ def main(argv: list[str]) -> int:
     try:
         for n, f in enumerate(sampler):
             image = np.ascontiguousarray(f.image, dtype=np.uint8)
-            while waiting and held + image.nbytes > max_bytes:  # the parent takes them in order
+            header = {"t": f.t, "pts": f.pts, "index": f.index}
+            files = {}
+            if side is not None:
+                files["thumbnail"] = (f"{n:08d}.jpg", thumbnail_jpeg(image))
+                image = resize_nearest(image, side)
+            files["file"] = (f"{n:08d}.rgb", image)
+            size = sum(len(data) if isinstance(data, bytes) else data.nbytes for _, data in files.values())
+            while waiting and held + size > max_bytes:  # the parent takes them in order
                 if waiting[0][0].exists():
                     time.sleep(0.005)
                 else:
                     held -= waiting.popleft()[1]
-            name = f"{n:08d}.rgb"
-            image.tofile(folder / f".{name}")
-            os.replace(folder / f".{name}", folder / name)  # whole before the parent can see it
-            waiting.append((folder / name, image.nbytes))
-            held += image.nbytes
-            _say({"t": f.t, "pts": f.pts, "index": f.index, "shape": list(image.shape), "file": name})
+            for key, (name, data) in files.items():
+                if isinstance(data, np.ndarray):
+                    data.tofile(folder / f".{name}")  # no copy of a full frame
+                else:
+                    (folder / f".{name}").write_bytes(data)
+                os.replace(folder / f".{name}", folder / name)  # whole before the parent can see it
+                header[key] = name
+            waiting.append((folder / files["file"][0], size))  # the frame's file goes last, with its thumbnail
+            held += size
+            _say({**header, "shape": list(image.shape)})
         _say({"end": True, "gaps": [list(g) for g in sampler.gaps], "decode_errors": sampler.decode_errors})
     except (BrokenPipeError, FileNotFoundError):  # the parent closed (a reused store, a cancel): nothing to report
         return 0

@@ -382,9 +382,10 @@ class Library:
         options = checked_ingest(options or IngestOptions())
         prefetched = None
         if not self.model_loaded and not options.live and Path(source).is_file():
+            from vidmini.engine.load import frame_side_hint
             from vidmini.ingest.prefetch import PrefetchedFrames
 
-            prefetched = PrefetchedFrames(source, options)
+            prefetched = PrefetchedFrames(source, options, side=frame_side_hint(self.model_choice))
         try:
             return self._ingest(source, options, on_progress, cancel, on_store, prefetched)
         finally:
