@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from vidmini.api.keys import ApiKeys
+from vidmini.api.errors import ApiError
+from vidmini.api.keys import ApiKeys, digest
+from vidmini.api.limits import PendingBound, RateLimiter
+from vidmini.api.rest import LibraryRoutes, allowed_under
 from vidmini.common.errors import UsageError
 from vidmini.service.library import Library, LibraryError
 from vidmini.service.options import AskOptions
@@ -39,11 +43,17 @@ class ServeConfig:
     port: int = 8000
     keys: ApiKeys | None = None
     media_roots: list[Path] = field(default_factory=list)
+    max_upload_bytes: int = 16 << 30  # a bigger upload is refused with 413
+    max_pending: int = 32  # questions in flight at once; more are refused with 429 (a bounded queue)
+    rate_per_minute: int | None = None  # requests per key (or per client address without keys) per minute
+    cors_origins: list[str] = field(default_factory=list)  # browsers' cross-origin access: off unless named
 
     def check(self) -> ServeConfig:
         """Refuse to serve a network without keys: anyone who can reach the port could read every video."""
         if self.keys is None and not _is_loopback(self.host):
             raise UsageError(f"serving on {self.host} needs --api-key-file (without keys only loopback is allowed)")
+        if self.max_upload_bytes < 1 or self.max_pending < 1 or (self.rate_per_minute or 1) < 1:
+            raise UsageError("the upload limit, the queue bound and the rate limit must be >= 1")
         return self
 
 
@@ -54,18 +64,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "2"} if self.status == 503 else None
-        return JSONResponse({"error": {"message": str(self), "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=headers)
 
 
 # ---- the chat request ------------------------------------------------------------------------------------------
@@ -110,8 +108,18 @@ def parse_chat(body: Any) -> ChatRequest:
     question = " ".join(t.strip() for t in texts if t.strip())
     if not question:
         raise ApiError(400, "the user message has no question text", param="messages")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise ApiError(400, "response_format other than text is not supported yet", param="response_format")
+    fmt, json_schema = body.get("response_format"), None  # text, json_object or json_schema (held by llguidance)
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    spec = fmt.get("json_schema") if kind == "json_schema" else None
+    if kind == "json_object":
+        json_schema = {"type": "object"}
+    elif isinstance(spec, dict) and isinstance(name := spec.get("name"), str) and 0 < len(name) <= 64 \
+            and all(c.isascii() and (c.isalnum() or c in "_-") for c in name) \
+            and isinstance(spec.get("schema", {}), dict) and isinstance(spec.get("strict", False), (bool, type(None))):
+        json_schema = spec.get("schema", {})
+    elif fmt is not None and kind != "text":
+        raise ApiError(400, "response_format must be {type: text}, {type: json_object} or {type: json_schema, "
+                       "json_schema: {name, schema, strict}} (name: 1-64 of a-z A-Z 0-9 _ -)", param="response_format")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
@@ -124,6 +132,7 @@ def parse_chat(body: Any) -> ChatRequest:
             top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"),
             logprobs=int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0,
             policy=str(body.get("policy", AskOptions.policy)), start=body.get("start"), end=body.get("end"),
+            json_schema=json_schema,
         ).check()
     except (TypeError, ValueError) as e:
         raise ApiError(400, str(e)) from None
@@ -139,6 +148,8 @@ class VidminiApi:
     def __init__(self, library: Library, config: ServeConfig) -> None:
         self.library, self.config = library, config.check()
         self.load_error: str | None = None
+        self.limiter = RateLimiter(config.rate_per_minute) if config.rate_per_minute else None
+        self.pending = PendingBound(config.max_pending)
         threading.Thread(target=self._load, name="vidmini-model-load", daemon=True).start()
 
     def _load(self) -> None:
@@ -150,39 +161,95 @@ class VidminiApi:
 
             print(f"vidmini: error: the model failed to load: {self.load_error}", file=sys.stderr, flush=True)
 
-    def _need_model(self) -> None:
+    def need_model(self) -> None:
         if self.load_error:
             raise ApiError(500, f"the model failed to load: {self.load_error}", "server_error")
         if not self.library.model_loaded:
             raise ApiError(503, "the model is loading; retry shortly", "server_error", code="model_loading")
 
-    def _authorized(self, request: Request) -> None:
-        if self.config.keys is None:
-            return
+    def allowed_path(self, path: str) -> Path:
+        """A server path a request named, resolved, when it lies under a media root (403 otherwise)."""
+        return allowed_under(self.config.media_roots, path)
+
+    def _caller(self, request: Request, needs_key: bool) -> str:
+        """Who is asking (a key's digest, or the client's address on a server without keys); 401 on a missing or
+        wrong key where one is needed."""
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else None
-        if not self.config.keys.allows(key):
+        if self.config.keys is None:
+            return f"addr:{request.client.host if request.client else '-'}"
+        if needs_key and not self.config.keys.allows(key):
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error",
                            code="invalid_api_key")
+        return f"key:{digest(key)[:16]}" if key else "anonymous"
+
+    def guarded(self, handler, needs_key: bool = True):
+        """`handler` behind the key check and the rate limit, its ApiErrors answered in OpenAI's shape."""
+        async def endpoint(request: Request) -> Response:
+            try:
+                caller = self._caller(request, needs_key)
+                if needs_key and self.limiter is not None:
+                    self.limiter.check(caller)
+                return await handler(request)
+            except ApiError as e:
+                return e.response()
+        endpoint.__doc__ = handler.__doc__
+        return endpoint
 
     def app(self) -> Starlette:
-        def guarded(handler, needs_key: bool = True):
-            async def endpoint(request: Request) -> Response:
-                try:
-                    if needs_key:
-                        self._authorized(request)
-                    return await handler(request)
-                except ApiError as e:
-                    return e.response()
-            return endpoint
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
 
-        return Starlette(routes=[
+        from vidmini.api.openapi import docs_page, openapi_document
+
+        rest, guarded = LibraryRoutes(self), self.guarded
+        routes = [
             Route("/health", guarded(self.health, needs_key=False)),
+            Route("/openapi.json", guarded(openapi_document, needs_key=False)),
+            Route("/docs", guarded(docs_page, needs_key=False)),
             Route("/v1/models", guarded(self.models)),
             Route("/v1/chat/completions", guarded(self.chat), methods=["POST"]),
             Route("/v1/videos", guarded(self.videos)),
+            Route("/v1/videos", guarded(rest.add), methods=["POST"]),
+            Route("/v1/videos/upload", guarded(rest.upload), methods=["POST"]),
             Route("/v1/videos/{video_id}", guarded(self.video)),
-        ])
+            Route("/v1/videos/{video_id}", guarded(rest.remove), methods=["DELETE"]),
+            Route("/v1/videos/{video_id}/media", guarded(rest.media)),
+            Route("/v1/videos/{video_id}/thumbnails/{frame}", guarded(rest.thumbnail)),
+            Route("/v1/videos/{video_id}/summaries", guarded(rest.summaries)),
+            Route("/v1/videos/{video_id}/summaries", guarded(rest.start_summary), methods=["POST"]),
+            Route("/v1/summaries/{summary_id}", guarded(rest.summary)),
+            Route("/v1/jobs", guarded(rest.jobs)),
+            Route("/v1/jobs/{job_id}", guarded(rest.job)),
+            Route("/v1/jobs/{job_id}", guarded(rest.cancel_job), methods=["DELETE"]),
+            Route("/v1/jobs/{job_id}/events", guarded(rest.job_events)),
+            Route("/v1/search", guarded(rest.search)),
+        ]
+        from starlette.routing import Mount
+
+        from vidmini.api.mcp_server import mcp_http_app
+
+        mcp_app = mcp_http_app(self.library, self.config.media_roots, host=self.config.host)
+
+        async def keyed_mcp(scope, receive, send) -> None:  # MCP (streamable HTTP) behind the same key check
+            if scope["type"] == "http":
+                try:
+                    caller = self._caller(Request(scope), True)
+                    if self.limiter is not None:
+                        self.limiter.check(caller)
+                except ApiError as e:
+                    await e.response()(scope, receive, send)
+                    return
+            await mcp_app(scope, receive, send)
+
+        routes.append(Mount("/mcp", app=keyed_mcp))  # clients use <base>/mcp/ (/mcp redirects there)
+        middleware = []
+        if self.config.cors_origins:
+            middleware.append(Middleware(CORSMiddleware, allow_origins=self.config.cors_origins,
+                                         allow_methods=["GET", "POST", "DELETE"],
+                                         allow_headers=["Authorization", "Content-Type"]))
+        # a mounted app's lifespan does not run by itself: the MCP session manager's runs as this app's
+        return Starlette(routes=routes, middleware=middleware, lifespan=mcp_app.router.lifespan_context)
 
     # ---- handlers --------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -212,30 +279,39 @@ class VidminiApi:
         except ValueError:
             raise ApiError(400, "the body is not JSON") from None
         req = parse_chat(body)
-        self._need_model()
+        self.need_model()
         from starlette.concurrency import run_in_threadpool
 
-        video_id = await run_in_threadpool(self._video_id, req.video)
-        try:  # off the event loop: the first question on a video opens its session (reads its states)
-            asking = await run_in_threadpool(self.library.ask, video_id, req.question, req.options)
-        except LibraryError as e:
-            raise ApiError(400, str(e)) from None
-        completion = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if req.stream:
-            return StreamingResponse(self._events(asking, req, completion), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text, stopped, result = "", False, None
-        async for kind, value in _generation(asking, req.stop):
-            if kind == "piece":
-                text += value
-            else:
-                stopped, result = value
+        self.pending.enter()  # 429 beyond the bound; left when the answer (or its stream) ends
+        streaming = False
+        try:
+            video_id = await run_in_threadpool(self._video_id, req.video)
+            try:  # off the event loop: the first question on a video opens its session (reads its states)
+                asking = await run_in_threadpool(self.library.ask, video_id, req.question, req.options)
+            except LibraryError as e:
+                raise ApiError(400, str(e)) from None
+            completion = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            if req.stream:
+                streaming = True
+                release = self.pending.releaser()
+                return StreamingResponse(self._events(asking, req, completion, release),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                         background=BackgroundTask(release))
+            text, stopped, result = "", False, None
+            async for kind, value in _generation(asking, req.stop):
+                if kind == "piece":
+                    text += value
+                else:
+                    stopped, result = value
+        finally:
+            if not streaming:
+                self.pending.leave()
         return JSONResponse({
             "id": completion, "object": "chat.completion", "created": int(time.time()), "model": self._model_name(),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": _logprobs(result.answer) if req.options.logprobs else None,
                          "finish_reason": _finish(result.answer, req.options, stopped)}],
-            "usage": _usage(result.answer, req.question, self.library), "vidmini": _extra(result)})
+            "usage": _usage(result.answer, req.question, self.library), "vidmini": _extra(self.library, result)})
 
     def _video_id(self, video: str) -> str:
         if video.startswith(VIDEO_SCHEME):
@@ -244,16 +320,10 @@ class VidminiApi:
                 return self.library.get_store(wanted).video_id
             except LibraryError:
                 raise ApiError(404, f"no stored video {wanted}", code="video_not_found") from None
-        path = Path(video.removeprefix("file://")).expanduser()
         if "://" in video and not video.startswith("file://"):
             raise ApiError(400, "video_url must be vidmini://<id> or a server path under a media root",
                            param="messages")
-        real = path.resolve()
-        if not any(real.is_relative_to(root.resolve()) for root in self.config.media_roots):
-            raise ApiError(403, f"{video} is not under a media root of this server", "permission_error",
-                           code="path_not_allowed")
-        if not real.is_file():
-            raise ApiError(404, f"no such file on the server: {video}", code="video_not_found")
+        real = self.allowed_path(video)
         try:
             return self.library.ingest(str(real)).video_id
         except Exception as e:
@@ -261,7 +331,7 @@ class VidminiApi:
                 raise ApiError(400, " ".join(str(e).split())) from None
             raise
 
-    async def _events(self, asking, req: ChatRequest, completion: str):
+    async def _events(self, asking, req: ChatRequest, completion: str, release):
         created, model = int(time.time()), self._model_name()
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -277,7 +347,7 @@ class VidminiApi:
                     yield chunk({"content": value})
                     continue
                 stopped, result = value
-                yield chunk({}, _finish(result.answer, req.options, stopped), vidmini=_extra(result))
+                yield chunk({}, _finish(result.answer, req.options, stopped), vidmini=_extra(self.library, result))
                 if req.include_usage:
                     body = {"id": completion, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": [], "usage": _usage(result.answer, req.question, self.library)}
@@ -285,6 +355,7 @@ class VidminiApi:
             yield "data: [DONE]\n\n"
             finished = True
         finally:
+            release()
             if not finished:  # the client went away: stop generating and free the slot
                 asking.cancel()
 
@@ -358,13 +429,12 @@ def _logprobs(answer) -> dict:
     return {"content": content}
 
 
-def _extra(result) -> dict:
-    """vidmini's own answer details: the range asked over, the frames used and their times (seconds, for links)."""
-    a = result.answer
-    return {"video_id": result.video_id, "range": None if a.range is None else {"start": a.range.start,
-                                                                                "end": a.range.end},
-            "frames": a.frames, "timestamps": a.timestamps, "policy": a.policy,
-            "moments": [m.to_json() for m in result.moments or []]}
+def _extra(library: Library, result) -> dict:
+    """vidmini's own answer details, in the one answer shape (`vidmini ask --json`'s): the range asked over, the
+    frames used and their times (seconds, for links), the policy, the moments of a "when" question."""
+    from vidmini.service.asking import reply_of
+
+    return reply_of(library, result).to_json()
 
 
 def _row_json(row) -> dict:

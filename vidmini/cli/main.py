@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from vidmini.cli.remote import RemoteService, chat_body, server_url
 from vidmini.common.errors import UsageError
 from vidmini.common.timefmt import clock, span
 from vidmini.service.options import (
@@ -25,6 +26,11 @@ from vidmini.service.options import (
     checked_ingest,
     user_error_types,
 )
+
+
+def _server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="use a running `vidmini serve` (default: $VIDMINI_SERVER; its key: $VIDMINI_API_KEY)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="answer the reference's way: decode the frames again and recompute everything")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("--logprobs", type=int, default=0, metavar="K", help="with --json: top-K log-probs per token")
+    ask.add_argument("--json-schema", default=None, metavar="FILE",
+                     help="answer as JSON valid under this JSON schema (decoding is held to its grammar)")
+    _server_option(ask)
 
     ing = sub.add_parser("ingest", help="sample, encode and store videos or streams (resumable)")
     ing.add_argument("sources", nargs="+", metavar="PATH_OR_URL")
@@ -79,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("-k", type=int, default=10, help="how many moments")
     se.add_argument("--model", help="checkpoint directory or Hugging Face id (its text tower embeds the query)")
     se.add_argument("--json", action="store_true", help="one JSON object")
+    _server_option(se)
 
     sc = sub.add_parser("scenes", help="scene boundaries of a stored video (from frame embeddings)")
     sc.add_argument("video_id")
@@ -104,6 +114,18 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="checkpoint directory or Hugging Face id")
     sv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     sv.add_argument("--device", default="cpu")
+    sv.add_argument("--max-upload-mb", type=int, default=16 << 10, help="largest upload taken (413 beyond)")
+    sv.add_argument("--max-pending", type=int, default=32, help="questions in flight at once (429 beyond)")
+    sv.add_argument("--rate-limit", type=int, default=None, metavar="N",
+                    help="requests per minute per key (per client address without keys); default: none")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="a web origin browsers may call the API from (repeat; default: none)")
+    mc = sub.add_parser("mcp", help="the MCP server over stdio (Model Context Protocol): the library as tools")
+    mc.add_argument("--media-root", action="append", default=[], metavar="DIR",
+                    help="a folder whose files add_video may name by path (repeat for several; default: none)")
+    mc.add_argument("--model", help="checkpoint directory or Hugging Face id")
+    mc.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
+    mc.add_argument("--device", default="cpu")
 
     from vidmini.cli.summarize import add_parser as add_summarize_parser
 
@@ -186,23 +208,42 @@ def cmd_ask(args: argparse.Namespace) -> int:
     options = AskOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed, logprobs=args.logprobs, policy=args.policy, start=args.start, end=args.end,
                          prefusion_budget_gb=args.prefusion_budget_gb, no_cache=args.no_cache, no_store=args.no_store,
-                         max_frames=args.max_frames).check()
+                         max_frames=args.max_frames, json_schema=_json_schema(args.json_schema)).check()
     ingest = _options(args)
-    lib = _library(args.model, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
-    with _LazyBar(Path(args.media).name or args.media) as bar:  # images and stored videos show none
-        reply = ask_media(lib, args.media, args.question, options, ingest, on_progress=bar.update,
-                          before_load=lambda: _say_if_random(lib))
+    server = server_url(args.server)
+    if server is not None:
+        if args.no_cache or args.no_store:
+            raise UsageError("--no-cache and --no-store run locally; drop --server (or $VIDMINI_SERVER)")
+        reply = RemoteService(server).ask(args.media, args.question, chat_body(options))
+    else:
+        lib = _library(args.model, dtype=args.dtype, device=args.device, prompt_style=args.prompt_style)
+        with _LazyBar(Path(args.media).name or args.media) as bar:  # images and stored videos show none
+            reply = ask_media(lib, args.media, args.question, options, ingest, on_progress=bar.update,
+                              before_load=lambda: _say_if_random(lib)).to_json()
     if args.json:
-        print(json.dumps(reply.to_json()))
+        print(json.dumps(reply))
         return 0
-    print(reply.answer)
-    if reply.moments:
-        print("moments: " + ", ".join(f"{span(m.start, m.end)} ({m.score:.2f})" for m in reply.moments))
-    r = reply.result
-    where = "" if r["range"] is None else f" from {r['range']['start']:g}s to {r['range']['end']:g}s"
-    print(f"[{reply.model}; {len(reply.timestamps)} frame(s){where}; policy {r['policy']}; "
-          f"first token {r['ttft_ms']:.1f} ms; {r['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
+    print(reply["answer"])
+    if reply.get("moments"):
+        print("moments: " + ", ".join(f"{span(m['start'], m['end'])} ({m['score']:.2f})" for m in reply["moments"]))
+    where = "" if reply["range"] is None else f" from {reply['range']['start']:g}s to {reply['range']['end']:g}s"
+    print(f"[{reply['model']}; {reply['frames']} frame(s){where}; policy {reply['policy']}; "
+          f"first token {reply['ttft_ms']:.1f} ms; {reply['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def _json_schema(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        schema = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read --json-schema {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"--json-schema {path} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--json-schema {path} must hold a JSON object (a schema)")
+    return schema
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -270,19 +311,25 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("-k must be at least 1")
     if not args.query.strip():
         raise UsageError("empty search query")
-    lib = _library(args.model)
-    try:
-        moments = lib.search(args.query, args.video, args.k, curve=False).moments
-    except LibraryError as e:
-        raise UsageError(str(e)) from None
+    server = server_url(args.server)
+    if server is not None:
+        found = RemoteService(server).search(args.query, args.video, args.k)
+    else:
+        lib = _library(args.model)
+        try:
+            moments = lib.search(args.query, args.video, args.k, curve=False).moments
+        except LibraryError as e:
+            raise UsageError(str(e)) from None
+        found = {"query": args.query, "video": args.video, "model": lib.model_info().name,
+                 "moments": [m.to_json() for m in moments]}
     if args.json:
-        print(json.dumps({"query": args.query, "video": args.video, "model": lib.model_info().name,
-                          "moments": [m.to_json() for m in moments]}))
+        print(json.dumps(found))
         return 0
-    if not moments:
+    if not found["moments"]:
         print("no matching moments")
-    for m in moments:
-        print(f"{m.score:.3f}  {m.video_id[:16]}  {span(m.start, m.end)}  (best frame at {clock(m.time)})")
+    for m in found["moments"]:
+        print(f"{m['score']:.3f}  {m['video_id'][:16]}  {span(m['start'], m['end'])}  (best frame at "
+              f"{clock(m['time'])})")
     return 0
 
 
@@ -341,12 +388,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for root in roots:
         if not root.is_dir():
             raise UsageError(f"--media-root {root} is not a folder")
-    config = ServeConfig(args.host, args.port, keys, roots).check()
+    config = ServeConfig(args.host, args.port, keys, roots, max_upload_bytes=args.max_upload_mb << 20,
+                         max_pending=args.max_pending, rate_per_minute=args.rate_limit,
+                         cors_origins=args.cors_origin).check()
     lib = _library(args.model, dtype=args.dtype, device=args.device)
     _say_if_random(lib)
     print(f"vidmini serving on http://{args.host}:{args.port} (OpenAI base URL: http://{args.host}:{args.port}/v1)",
           file=sys.stderr, flush=True)
     serve(lib, config)
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """MCP over stdio: stdout carries only protocol messages (everything else goes to stderr)."""
+    from vidmini.api.mcp_server import run_stdio
+
+    roots = [Path(r).expanduser() for r in args.media_root]
+    for root in roots:
+        if not root.is_dir():
+            raise UsageError(f"--media-root {root} is not a folder")
+    lib = _library(args.model, dtype=args.dtype, device=args.device)
+    _say_if_random(lib)
+    run_stdio(lib, roots)
     return 0
 
 
@@ -361,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"ask": cmd_ask, "ingest": cmd_ingest, "list": cmd_list, "rm": cmd_rm, "download": cmd_download,
                 "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes, "sample": cmd_sample,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "mcp": cmd_mcp}
     from vidmini.cli.summarize import cmd_summarize
 
     commands["summarize"] = cmd_summarize

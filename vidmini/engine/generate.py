@@ -15,7 +15,11 @@ from vidmini.engine.model import LlavaMiniModel
 
 @dataclass
 class SamplingConfig:
-    """temperature 0 = greedy. `stop_ids` end the answer (the stop token is not part of it)."""
+    """temperature 0 = greedy. `stop_ids` end the answer (the stop token is not part of it).
+
+    `grammar`, when set, holds the answer to a grammar: an object with `mask(logits) -> logits` (tokens that may
+    not come next at -inf), `advance(token)` and `done` (no further token possible), e.g.
+    `vidmini.engine.constrained.JsonConstraint`. It is stateful: one per answer."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -23,6 +27,7 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()
     logprobs: int = 0
     seed: int | None = None
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -81,16 +86,26 @@ def decode(
     cfg: SamplingConfig,
     cancel: threading.Event | None = None,
 ) -> Iterator[TokenEvent]:
-    """Yield tokens until a stop id, `max_new_tokens`, or `cancel` is set. Log-probs are of the raw logits."""
+    """Yield tokens until a stop id, `max_new_tokens`, or `cancel` is set, or `cfg.grammar` is done.
+
+    With a grammar the token is chosen (greedy, sampled, top-p) among the tokens it allows, and the answer ends
+    when it can take no more. Log-probs (and `top`) are always of the raw logits, before any grammar mask: a
+    forced token may have a low log-prob."""
     gen = None
     if cfg.temperature > 0 and cfg.seed is not None:
         gen = torch.Generator().manual_seed(cfg.seed)
+    grammar = cfg.grammar
     logits = first_logits
     t0 = time.perf_counter()
     for step in range(cfg.max_new_tokens):
         if cancel is not None and cancel.is_set():
             return
-        token = _choose(logits, cfg, gen)
+        if grammar is None:
+            token = _choose(logits, cfg, gen)
+        else:
+            if grammar.done:
+                return
+            token = _choose(grammar.mask(logits), cfg, gen)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top: list[tuple[int, float]] = []
         if cfg.logprobs:
@@ -98,7 +113,9 @@ def decode(
             top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         if token in cfg.stop_ids:
             return
+        if grammar is not None:
+            grammar.advance(token)
         yield TokenEvent(token, float(logp[token]), top, time.perf_counter() - t0)
-        if step + 1 == cfg.max_new_tokens:
+        if step + 1 == cfg.max_new_tokens or (grammar is not None and grammar.done):
             return
         logits = prefill(model, model.embed(torch.tensor([[token]], device=model.device)), cache)

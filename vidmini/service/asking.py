@@ -17,12 +17,12 @@ from vidmini.common.errors import UsageError
 from vidmini.engine.timerange import times_in_question
 from vidmini.service.options import AskOptions, checked_ingest
 
-__all__ = ["AskOptions", "AskReply", "ask_media", "times_in_question"]
+__all__ = ["AskOptions", "AskReply", "ask_media", "reply_of", "times_in_question"]
 
 if TYPE_CHECKING:
     from vidmini.ingest.job import Progress
     from vidmini.ingest.options import IngestOptions
-    from vidmini.service.library import Library
+    from vidmini.service.library import AskResult, Library
 
 
 @dataclass
@@ -113,9 +113,17 @@ def ask_media(library: Library, media: str, question: str, options: AskOptions, 
     engine = library.engine
     from vidmini.engine.generate import SamplingConfig
 
+    grammar = None
+    if options.json_schema is not None:
+        from vidmini.engine.constrained import JsonConstraint
+
+        try:
+            grammar = JsonConstraint(engine.tokenizer, options.json_schema, engine.eos_ids)
+        except ValueError as e:  # a schema llguidance cannot compile
+            raise UsageError(str(e)) from None
     sampling = SamplingConfig(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                               top_p=options.top_p, stop_ids=engine.eos_ids, logprobs=options.logprobs,
-                              seed=options.seed)
+                              seed=options.seed, grammar=grammar)
     t0 = time.perf_counter()
     video_id = stored.video_id if stored is not None else None
     if options.no_cache:
@@ -202,3 +210,15 @@ def _reference_frames(engine, media: str, options: AskOptions, stored, kind, ing
         return pixels, timestamps
     picked = time_range.frame_span(timestamps)
     return pixels[picked.start : picked.stop], [timestamps[i] for i in picked]
+
+
+def reply_of(library: Library, result: AskResult, logprobs: bool = False, encode_ms: float = 0.0) -> AskReply:
+    """A `Library.ask` result in the one answer shape (`AskReply`), so the HTTP API and a `--server` CLI print
+    what a local `vidmini ask --json` prints. `encode_ms`: the time to open the video's session, when known."""
+    r = result.answer.to_json()
+    r["answer"] = r.pop("text")
+    r["frame_indices"] = r.pop("frames")
+    choice = library.model_choice
+    return AskReply(r["answer"], r["token_ids"], [float(t) for t in result.answer.timestamps], r, encode_ms,
+                    library.engine.name, result.video_id, bool(choice and choice.is_random),
+                    r["logprobs"] if logprobs else None, result.moments or None)

@@ -634,9 +634,17 @@ class Library:
         except ValueError as e:
             raise LibraryError(str(e)) from None
         key = self._session_key(video_id)
+        grammar = None
+        if options.json_schema is not None:
+            from vidmini.engine.constrained import JsonConstraint
+
+            try:
+                grammar = JsonConstraint(self.engine.tokenizer, options.json_schema, self.engine.eos_ids)
+            except ValueError as e:  # a schema llguidance cannot compile
+                raise LibraryError(one_line(e)) from None
         sampling = SamplingConfig(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                                   top_p=options.top_p, seed=options.seed, logprobs=options.logprobs,
-                                  stop_ids=self.engine.eos_ids)
+                                  stop_ids=self.engine.eos_ids, grammar=grammar)
         try:
             stream = self.manager.ask(key, question, start=options.start, end=options.end, policy=options.policy,
                                       sampling=sampling, cancel=cancel)

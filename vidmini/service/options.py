@@ -32,6 +32,7 @@ class AskOptions:
     no_cache: bool = False  # the reference's one pass over freshly decoded frames (a baseline)
     no_store: bool = False  # decode and encode in memory; store nothing
     max_frames: int | None = None  # with no_store: stop after N frames
+    json_schema: dict | None = None  # the answer is a JSON document valid under this schema (llguidance)
 
     def check(self) -> AskOptions:
         """Raise UsageError on options no answer can run with; return self."""
@@ -43,6 +44,8 @@ class AskOptions:
             raise UsageError("temperature must be >= 0 and top-p in (0, 1]")
         if self.max_frames is not None and self.max_frames < 1:
             raise UsageError("max-frames must be >= 1")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise UsageError("json-schema must be a JSON object")
         return self
 
     def with_range(self, start: str | float | None, end: str | float | None) -> AskOptions:
