@@ -133,6 +133,70 @@ def test_answers_plain_and_streamed_equal_the_cli(server):
         assert usage is not None and usage.completion_tokens == got.usage.completion_tokens
 
 
+def test_the_cli_with_a_server_prints_what_it_prints_alone_and_loads_no_model(server):
+    """`vidmini ask|search --server URL` (and `$VIDMINI_SERVER`): the same JSON as the local command, torch never
+    imported in the command's process."""
+    q = reliable_questions(server["timeline"], seed=5, per_family=1)[1]
+    args = ["ask", server["video_id"], q.question, "--from", str(q.start_s), "--to", str(q.end_s),
+            "--max-new-tokens", "16", "--json"]
+    local = cli(args, server["env"])
+    assert local.returncode == 0, local.stderr
+    remote_env = {**server["env"], "VIDMINI_API_KEY": KEY}
+    probe = ("import sys; from vidmini.cli.main import main; rc = main(sys.argv[1:]); "
+             "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    remote = subprocess.run([sys.executable, "-c", probe, *args, "--server", server["base"]], capture_output=True,
+                            text=True, cwd=REPO, env=remote_env, timeout=120)
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stderr.strip().splitlines()[-1] == "False"  # no model, no torch in the client
+    timing = {"ttft_ms", "tokens_per_s", "encode_ms"}
+    mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
+    assert {k: v for k, v in theirs.items() if k not in timing} == {k: v for k, v in mine.items() if k not in timing}
+
+    search = ["search", "a red circle", "--video", server["video_id"], "-k", "3", "--json"]
+    alone = cli(search, server["env"])
+    served = cli(search, {**remote_env, "VIDMINI_SERVER": server["base"]})
+    assert alone.returncode == 0 and served.returncode == 0, served.stderr
+    assert json.loads(served.stdout) == json.loads(alone.stdout)
+    refused = cli([*args, "--server", server["base"]], server["env"])  # no key
+    assert refused.returncode == 2 and "401" in refused.stderr
+    gone = cli([*args, "--server", "http://127.0.0.1:9"], server["env"])
+    assert gone.returncode == 2 and "cannot reach" in gone.stderr
+
+
+def test_an_image_as_a_data_url_or_a_media_root_path_is_answered_as_the_cli_answers_it(server):
+    import base64
+
+    from PIL import Image
+
+    image = server["tmp"] / "media" / "square.png"
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(image)
+    question = "What colour is the background?"
+    local = cli(["ask", str(image), question, "--max-new-tokens", "8", "--json"], server["env"])
+    assert local.returncode == 0, local.stderr
+    expected = json.loads(local.stdout)
+    data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    c = client(server)
+    timing = {"ttft_ms", "tokens_per_s", "encode_ms"}
+    for url in (data_url, str(image)):
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": question}]}]
+        got = c.chat.completions.create(model="vidmini", messages=msgs, max_tokens=8)
+        assert got.choices[0].message.content == expected["answer"]
+        details = got.model_extra["vidmini"]
+        assert details["frames"] == 1 and {k: v for k, v in details.items() if k not in timing | {"video_id"}} == \
+            {k: v for k, v in expected.items() if k not in timing | {"video_id"}}
+        pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="vidmini", messages=msgs, max_tokens=8, stream=True) if ch.choices]
+        assert "".join(pieces) == expected["answer"]
+    outside = server["tmp"] / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    for url, error in ((str(outside), openai.PermissionDeniedError), ("data:image/png;base64,@@@", openai.BadRequestError),
+                       ("https://example.com/a.png", openai.BadRequestError)):
+        with pytest.raises(error):
+            c.chat.completions.create(model="vidmini", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}])
+
+
 def test_stop_and_length_end_an_answer(server):
     c = client(server)
     q = reliable_questions(server["timeline"], seed=3, per_family=1)[0]

@@ -11,11 +11,14 @@ Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) wi
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
+import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +72,8 @@ def _is_loopback(host: str) -> bool:
 # ---- the chat request ------------------------------------------------------------------------------------------
 @dataclass
 class ChatRequest:
-    video: str  # a stored video's id, or a server path under a media root
+    video: str | None  # vidmini://<id>, or a server path under a media root
+    image: str | None  # a data: URL, or a server path under a media root (exactly one of video, image)
     question: str
     options: AskOptions
     stream: bool
@@ -94,17 +98,21 @@ def parse_chat(body: Any) -> ChatRequest:
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
     if not isinstance(parts, list):
         raise ApiError(400, "message content must be a string or a list of parts", param="messages")
-    texts, videos = [], []
+    texts, videos, images = [], [], []
     for part in parts:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "video_url" and isinstance(part.get("video_url"), dict):
-            videos.append(str(part["video_url"].get("url", "")))
+        elif kind in ("video_url", "image_url") and isinstance(part.get(kind), dict):
+            (videos if kind == "video_url" else images).append(str(part[kind].get("url", "")))
         else:
-            raise ApiError(400, f"unsupported content part {kind!r} (text and video_url are)", param="messages")
-    if len(videos) != 1:
-        raise ApiError(400, "the user message needs exactly one video_url part", param="messages")
+            raise ApiError(400, f"unsupported content part {kind!r} (text, video_url and image_url are)",
+                           param="messages")
+    if len(videos) + len(images) != 1:
+        raise ApiError(400, "the user message needs exactly one video_url or image_url part", param="messages")
+    if images and not images[0].startswith(("data:image/", "/", "file://")):
+        raise ApiError(400, "image_url must be a data:image/... URL or a server path under a media root",
+                       param="messages")
     question = " ".join(t.strip() for t in texts if t.strip())
     if not question:
         raise ApiError(400, "the user message has no question text", param="messages")
@@ -137,7 +145,7 @@ def parse_chat(body: Any) -> ChatRequest:
     except (TypeError, ValueError) as e:
         raise ApiError(400, str(e)) from None
     stream_options = body.get("stream_options") or {}
-    return ChatRequest(videos[0], question, options, bool(body.get("stream")),
+    return ChatRequest(videos[0] if videos else None, images[0] if images else None, question, options, bool(body.get("stream")),
                        bool(stream_options.get("include_usage")), stop, str(body.get("model") or ""))
 
 
@@ -282,6 +290,8 @@ class VidminiApi:
         self.need_model()
         from starlette.concurrency import run_in_threadpool
 
+        if req.image is not None:
+            return await self._image_chat(req)
         self.pending.enter()  # 429 beyond the bound; left when the answer (or its stream) ends
         streaming = False
         try:
@@ -312,6 +322,81 @@ class VidminiApi:
                          "logprobs": _logprobs(result.answer) if req.options.logprobs else None,
                          "finish_reason": _finish(result.answer, req.options, stopped)}],
             "usage": _usage(result.answer, req.question, self.library), "vidmini": _extra(self.library, result)})
+
+    async def _image_chat(self, req: ChatRequest) -> Response:
+        """A question about one image (the image's single token, no library entry): answered whole, then sent
+        plain or as one streamed piece."""
+        from starlette.concurrency import run_in_threadpool
+
+        from vidmini.service.asking import ask_media
+        from vidmini.service.options import IngestOptions
+
+        self.need_model()
+        with self.pending_slot(), self._image_file(req.image) as path:
+            try:
+                reply = await run_in_threadpool(ask_media, self.library, str(path), req.question, req.options,
+                                                IngestOptions())
+            except (UsageError, ValueError) as e:
+                raise ApiError(400, " ".join(str(e).split())) from None
+        details = reply.to_json()
+        text = reply.answer
+        cut = _cut_at_stop(text, req.stop)
+        text, stopped = (cut, True) if cut is not None else (text, False)
+        finish = "stop" if stopped or len(reply.token_ids) < req.options.max_new_tokens else "length"
+        completion, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self._model_name()
+        prompt = details["frames"] + len(self.library.engine.tokenizer(req.question,
+                                                                       add_special_tokens=False)["input_ids"])
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(reply.token_ids),
+                 "total_tokens": prompt + len(reply.token_ids)}
+        if not req.stream:
+            return JSONResponse({"id": completion, "object": "chat.completion", "created": created, "model": model,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                              "logprobs": None, "finish_reason": finish}],
+                                 "usage": usage, "vidmini": details})
+
+        def event(choices: list, **extra) -> str:
+            return "data: " + json.dumps({"id": completion, "object": "chat.completion.chunk", "created": created,
+                                          "model": model, "choices": choices, **extra}) + "\n\n"
+
+        def delta(d: dict, finish_reason: str | None = None) -> dict:
+            return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
+
+        chunks = [event([delta({"role": "assistant", "content": ""})]), event([delta({"content": text})]),
+                  event([delta({}, finish)], vidmini=details)]
+        if req.include_usage:
+            chunks.append(event([], usage=usage))
+        chunks.append("data: [DONE]\n\n")
+        return StreamingResponse(iter(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @contextmanager
+    def pending_slot(self):
+        self.pending.enter()
+        try:
+            yield
+        finally:
+            self.pending.leave()
+
+    @contextmanager
+    def _image_file(self, url: str):
+        """The image a request sent: a data: URL written to a private temporary file (removed afterwards), or a
+        server path under a media root."""
+        if not url.startswith("data:"):
+            yield self.allowed_path(url)
+            return
+        header, _, payload = url.partition(",")
+        if ";base64" not in header or not payload:
+            raise ApiError(400, "an image data: URL must be base64 (data:image/png;base64,...)", param="messages")
+        if len(payload) * 3 // 4 > self.config.max_upload_bytes:
+            raise ApiError(413, "the image is larger than this server's upload limit", code="upload_too_large")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError:
+            raise ApiError(400, "the image data: URL is not valid base64", param="messages") from None
+        suffix = "." + header[len("data:image/"):].split(";")[0].replace("jpeg", "jpg")[:8]
+        with tempfile.TemporaryDirectory(prefix="vidmini-image-") as folder:
+            path = Path(folder) / f"image{suffix}"
+            path.write_bytes(data)
+            yield path
 
     def _video_id(self, video: str) -> str:
         if video.startswith(VIDEO_SCHEME):
