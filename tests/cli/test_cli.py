@@ -66,6 +66,27 @@ def test_ask_video_json_matches_the_engine(ckpt):
     assert out["logprobs"][0][0]["logprob"] == pytest.approx(torch.log_softmax(first, -1).max().item(), abs=1e-4)
 
 
+def test_ask_with_a_json_schema_answers_json_that_validates(ckpt, tmp_path):
+    """A bounded schema (every value an enum or a small integer): even a random-weight model's answer must end
+    complete and valid, because decoding is held to the schema's grammar."""
+    import jsonschema
+
+    schema = {"type": "object", "required": ["colour", "count"], "additionalProperties": False,
+              "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                             "count": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    for seed in ("1", "2"):
+        res = vidmini("ask", str(FIXTURES / "safari.mp4"), QUESTION, "--model", str(ckpt), "--json-schema",
+                      str(path), "--max-new-tokens", "64", "--temperature", "1.0", "--seed", seed)
+        assert res.returncode == 0, res.stderr
+        jsonschema.validate(json.loads(res.stdout), schema)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    bad = vidmini("ask", str(FIXTURES / "safari.mp4"), QUESTION, "--model", str(ckpt), "--json-schema",
+                  str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "must hold a JSON object" in bad.stderr
+
+
 def test_ask_image_and_prompt_styles_differ(ckpt, tmp_path):
     from PIL import Image
 
