@@ -30,10 +30,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vidmini.api.errors import ApiError
-from vidmini.api.keys import ApiKeys, digest
 from vidmini.api.limits import PendingBound, RateLimiter
 from vidmini.api.rest import LibraryRoutes, allowed_under
 from vidmini.common.errors import UsageError
+from vidmini.common.keys import ApiKeys, digest
 from vidmini.service.library import Library, LibraryError
 from vidmini.service.options import AskOptions
 
@@ -50,10 +50,13 @@ class ServeConfig:
     max_pending: int = 32  # questions in flight at once; more are refused with 429 (a bounded queue)
     rate_per_minute: int | None = None  # requests per key (or per client address without keys) per minute
     cors_origins: list[str] = field(default_factory=list)  # browsers' cross-origin access: off unless named
+    # a Ray Serve replica (vidmini/api/ray_serve.py): no port of its own; the ingress in front of it checks the keys
+    # and the rate limit, once for every replica, and this app checks none
+    behind_ingress: bool = False
 
     def check(self) -> ServeConfig:
         """Refuse to serve a network without keys: anyone who can reach the port could read every video."""
-        if self.keys is None and not _is_loopback(self.host):
+        if self.keys is None and not self.behind_ingress and not _is_loopback(self.host):
             raise UsageError(f"serving on {self.host} needs --api-key-file (without keys only loopback is allowed)")
         if self.max_upload_bytes < 1 or self.max_pending < 1 or (self.rate_per_minute or 1) < 1:
             raise UsageError("the upload limit, the queue bound and the rate limit must be >= 1")
@@ -204,7 +207,11 @@ class VidminiApi:
         endpoint.__doc__ = handler.__doc__
         return endpoint
 
-    def app(self) -> Starlette:
+    def app(self, ui=None) -> Starlette:
+        """The routes as one ASGI app. `ui`: the Streamlit app (a `st.App`) to serve at `/` beside them, in this
+        process, over this same Library (`vidmini serve --app`: one model in memory for the app and the API)."""
+        from contextlib import asynccontextmanager
+
         from starlette.middleware import Middleware
         from starlette.middleware.cors import CORSMiddleware
 
@@ -256,8 +263,23 @@ class VidminiApi:
             middleware.append(Middleware(CORSMiddleware, allow_origins=self.config.cors_origins,
                                          allow_methods=["GET", "POST", "DELETE"],
                                          allow_headers=["Authorization", "Content-Type"]))
-        # a mounted app's lifespan does not run by itself: the MCP session manager's runs as this app's
-        return Starlette(routes=routes, middleware=middleware, lifespan=mcp_app.router.lifespan_context)
+        # a mounted app's lifespan does not run by itself: the MCP session manager's (and the app's Streamlit
+        # runtime, when there is one) run as this app's
+        lifespans = [mcp_app.router.lifespan_context]
+        if ui is not None:
+            lifespans.append(ui.lifespan())
+            routes.append(Mount("/", app=ui))  # last: every path the API does not own is the app's
+
+        @asynccontextmanager
+        async def lifespan(app):
+            async with lifespans[0](app):
+                if len(lifespans) == 1:
+                    yield
+                    return
+                async with lifespans[1](app):
+                    yield
+
+        return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
     # ---- handlers --------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -527,7 +549,8 @@ def _row_json(row) -> dict:
     return {k: v for k, v in d.items() if not isinstance(v, Path)} | {"id": row.video_id}
 
 
-def serve(library: Library, config: ServeConfig) -> None:
+def serve(library: Library, config: ServeConfig, ui=None) -> None:
+    """Serve the API (and, given `ui`, the Streamlit app at `/`) until interrupted."""
     import uvicorn
 
-    uvicorn.run(VidminiApi(library, config).app(), host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(VidminiApi(library, config).app(ui), host=config.host, port=config.port, log_level="warning")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="checkpoint directory or Hugging Face id")
     sv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     sv.add_argument("--device", default="cpu")
+    sv.add_argument("--app", action="store_true",
+                    help="also serve the app (the Streamlit page) at / of the same process: one model for both")
     sv.add_argument("--max-upload-mb", type=int, default=16 << 10, help="largest upload taken (413 beyond)")
     sv.add_argument("--max-pending", type=int, default=32, help="questions in flight at once (429 beyond)")
     sv.add_argument("--rate-limit", type=int, default=None, metavar="N",
@@ -380,8 +383,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vidmini.api.keys import ApiKeys
     from vidmini.api.server import ServeConfig, serve
+    from vidmini.common.keys import ApiKeys
 
     keys = ApiKeys.from_file(args.api_key_file) if args.api_key_file else None
     roots = [Path(r).expanduser() for r in args.media_root]
@@ -393,10 +396,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          cors_origins=args.cors_origin).check()
     lib = _library(args.model, dtype=args.dtype, device=args.device)
     _say_if_random(lib)
-    print(f"vidmini serving on http://{args.host}:{args.port} (OpenAI base URL: http://{args.host}:{args.port}/v1)",
-          file=sys.stderr, flush=True)
-    serve(lib, config)
+    ui = _app_for(lib, args.api_key_file) if args.app else None
+    print(f"vidmini serving on http://{args.host}:{args.port} (OpenAI base URL: http://{args.host}:{args.port}/v1)"
+          + (f"; the app at http://{args.host}:{args.port}/" if ui is not None else ""), file=sys.stderr, flush=True)
+    serve(lib, config, ui)
     return 0
+
+
+def _app_for(lib, key_file: str | None):
+    """The Streamlit app over this command's Library (shared as the process's one), asking for a key when the API
+    has keys."""
+    from vidmini.service.library import share_library
+    from vidmini.ui.app import KEY_FILE_ENV, make_app
+
+    share_library(lib)
+    if key_file:
+        os.environ[KEY_FILE_ENV] = str(Path(key_file).resolve())
+    return make_app()
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:

@@ -838,6 +838,14 @@ _shared: dict[str, Library] = {}
 _shared_lock = threading.Lock()
 
 
+def share_library(library: Library) -> Library:
+    """Make `library` the process's one Library for its data root (`vidmini serve --app`: the API's Library, with
+    the model options it was given, is the one the app's page and routes then use)."""
+    with _shared_lock:
+        _shared[str(library.root)] = library
+    return library
+
+
 def shared_library(root: str | Path | None = None) -> Library:
     """The process's one Library per data root (the Streamlit script runs and the app's HTTP routes share it)."""
     from vidmini.common.paths import data_home

@@ -9,16 +9,19 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import streamlit as st
 
+from vidmini.common.keys import ApiKeys
 from vidmini.common.paths import data_home
 from vidmini.common.timefmt import clock, span
 from vidmini.service.asking import times_in_question
 from vidmini.service.library import Library, LibraryError, SearchResult, VideoRow, shared_library
 from vidmini.service.options import AskOptions, IngestOptions
+from vidmini.ui.app import KEY_FILE_ENV
 from vidmini.ui.routes import MEDIA_PATH, UPLOAD_PATH
 
 TIMELINE_THUMBS = 16
@@ -500,8 +503,33 @@ def video_page(lib: Library, state: TabState) -> None:
         summary_tab(lib, row)
 
 
+@st.cache_resource(show_spinner=False)
+def access_keys(path: str) -> ApiKeys:
+    return ApiKeys.from_file(path)
+
+
+def logged_in() -> bool:
+    """With `$VIDMINI_API_KEY_FILE` set (`vidmini serve --app --api-key-file`), a tab shows nothing until it has
+    given one of those keys; the key itself is not kept, only that this tab gave one."""
+    path = os.environ.get(KEY_FILE_ENV)
+    if not path or st.session_state.get("vidmini_login"):
+        return True
+    keys = access_keys(path)
+    st.title("vidmini")
+    with st.form("login"):
+        key = st.text_input("API key", type="password", help="one of the keys this server was started with")
+        if st.form_submit_button("Log in"):
+            if keys.allows(key.strip()):
+                st.session_state["vidmini_login"] = True
+                st.rerun()
+            st.error("That key is not one of this server's keys.")
+    return False
+
+
 def main() -> None:
     st.set_page_config(page_title="vidmini", page_icon="🎞️", layout="wide")
+    if not logged_in():
+        return
     lib = get_library(str(data_home()))
     state = tab_state()
     for kind, text in state.flash:
