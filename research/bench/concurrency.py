@@ -1,0 +1,125 @@
+"""Many clients at once through `vidmini serve`: aggregate decode tokens/s and time to first token at 1, 4, 8
+concurrent clients, each on its own stored video.
+
+  python -m research.bench.concurrency                   # 8 synthetic-world videos of 120 s, 3 rounds
+  python -m research.bench.concurrency --clients 1 4 8 16 --seconds 300
+
+Each client is a thread with the official openai client, streaming answers about its own video (warm sessions:
+every video is asked once before timing). Answers are held to a JSON schema with one free string field and
+`max_tokens` (default 48), so every answer decodes the same number of tokens (the demo model would otherwise stop
+after a word or two and the table would measure prefill). A round: every client asks one question at the same
+moment; the round's wall time covers all of them. Prints a table: per client count, aggregate completion
+tokens/s (tokens of all answers / wall time of the rounds), p50/p95 time to first token, and the speed-up of the
+aggregate over one client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = {"type": "object", "required": ["note"], "additionalProperties": False,
+          "properties": {"note": {"type": "string"}}}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    from openai import OpenAI
+
+    from vidmini.demo.render import write_video
+    from vidmini.demo.world import generate_timeline
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--seconds", type=int, default=120, help="length of each client's video")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    args = ap.parse_args()
+    videos_needed = max(args.clients)
+    with tempfile.TemporaryDirectory(prefix="vidmini-concurrency-") as tmp:
+        env = {**os.environ, "VIDMINI_HOME": str(Path(tmp, "home"))}
+        env.pop("VIDMINI_MODEL", None)
+        vidmini = [sys.executable, "-m", "vidmini.cli.main"]
+        paths = [str(write_video(generate_timeline(100 + i, args.seconds), Path(tmp, f"world-{i}.mp4")))
+                 for i in range(videos_needed)]
+        out = subprocess.run([*vidmini, "ingest", *paths, "--json"], env=env, capture_output=True, text=True,
+                             check=True, cwd=REPO)
+        ids = [json.loads(line)["id"] for line in out.stdout.splitlines()]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([*vidmini, "serve", "--port", str(port), "--max-pending", "64"], env=env,
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rows = []
+        try:
+            base = f"http://127.0.0.1:{port}"
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                        if json.load(r)["model_loaded"]:
+                            break
+                except OSError:
+                    time.sleep(0.2)
+            client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+
+            def ask(video_id: str, out: list) -> None:
+                t = time.perf_counter()
+                first, tokens = None, 0
+                stream = client.chat.completions.create(
+                    model="vidmini", stream=True, max_tokens=args.max_tokens, stream_options={"include_usage": True},
+                    response_format={"type": "json_schema", "json_schema": {"name": "note", "schema": SCHEMA}},
+                    messages=[{"role": "user", "content": [
+                        {"type": "video_url", "video_url": {"url": f"vidmini://{video_id}"}},
+                        {"type": "text", "text": "Describe what happens in this video."}]}])
+                for chunk in stream:
+                    if first is None and any(c.delta.content for c in chunk.choices):
+                        first = time.perf_counter() - t
+                    if chunk.usage is not None:
+                        tokens = chunk.usage.completion_tokens
+                out.append(((first or 0.0) * 1000, tokens))
+
+            for video_id in ids:  # every session opened and its prefix cache built: warm from here on
+                ask(video_id, [])
+            for n in args.clients:
+                results, wall = [], 0.0
+                for _ in range(args.rounds):
+                    threads = [threading.Thread(target=ask, args=(ids[i], results)) for i in range(n)]
+                    t = time.perf_counter()
+                    for th in threads:
+                        th.start()
+                    for th in threads:
+                        th.join()
+                    wall += time.perf_counter() - t
+                ttfts = [r[0] for r in results]
+                tokens = sum(r[1] for r in results)
+                rows.append((n, tokens / wall, statistics.median(ttfts), percentile(ttfts, 0.95), tokens, wall))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    one = next((r[1] for r in rows if r[0] == 1), None)
+    print(f"{videos_needed} videos of {args.seconds} s (1 fps), {args.rounds} rounds, {args.max_tokens} tokens an "
+          "answer (JSON schema)")
+    print("| clients | aggregate tokens/s | p50 first token ms | p95 first token ms | tokens | wall s | vs 1 client |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n, rate, p50, p95, tokens, wall in rows:
+        speed = f"{rate / one:.2f}x" if one else "-"
+        print(f"| {n} | {rate:.1f} | {p50:.1f} | {p95:.1f} | {tokens} | {wall:.2f} | {speed} |")
+
+
+if __name__ == "__main__":
+    main()
