@@ -197,6 +197,36 @@ def test_an_image_as_a_data_url_or_a_media_root_path_is_answered_as_the_cli_answ
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}])
 
 
+def test_a_stream_url_is_followed_live_and_answered_over_its_frames_so_far(server):
+    """A `video_url` naming a live stream (ffmpeg serving MPEG-TS over loopback HTTP, in real time): the server
+    starts one live ingest, answers over the frames it has, and a later question sees more of them — through the
+    same connection (the listener serves one client only)."""
+    import shutil
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg CLI not on PATH")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/live.ts"
+    feed = subprocess.Popen(["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i",
+                             "testsrc2=size=160x120:rate=10:duration=40", "-c:v", "libx264", "-g", "10",
+                             "-f", "mpegts", "-listen", "1", url])
+    try:
+        time.sleep(1.0)  # the listener is up
+        c = client(server)
+        first = c.chat.completions.create(model="vidmini", messages=video_message(url, "What is shown?"),
+                                          max_tokens=4)
+        seen = first.model_extra["vidmini"]
+        assert first.choices[0].message.content and seen["frames"] >= 1
+        assert seen["timestamps"] == sorted(seen["timestamps"]) and seen["timestamps"][0] == 0.0
+        time.sleep(6.0)
+        later = c.chat.completions.create(model="vidmini", messages=video_message(url, "What is shown?"),
+                                          max_tokens=4).model_extra["vidmini"]
+        assert later["video_id"] == seen["video_id"] and later["frames"] > seen["frames"]
+    finally:
+        feed.kill()
+        feed.wait()
+
+
 def test_stop_and_length_end_an_answer(server):
     c = client(server)
     q = reliable_questions(server["timeline"], seed=3, per_family=1)[0]

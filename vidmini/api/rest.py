@@ -21,7 +21,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from vidmini.api.errors import ApiError, not_found
 from vidmini.common.errors import UsageError, one_line
 from vidmini.service.library import LibraryError
-from vidmini.service.options import IngestOptions
+from vidmini.service.options import LIVE_CHUNK_FRAMES, IngestOptions
 from vidmini.service.summaries import MODES, SummarizeOptions
 
 STREAM_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "srt://", "udp://")
@@ -90,7 +90,10 @@ class LibraryRoutes:
 
     def _ingest_options(self, body: dict) -> IngestOptions:
         try:
-            options = IngestOptions(fps=float(body.get("fps", IngestOptions.fps)), live=bool(body.get("live", False)))
+            source = str(body.get("source", ""))
+            options = IngestOptions(fps=float(body.get("fps", IngestOptions.fps)), live=bool(body.get("live", False)),
+                                    chunk_frames=LIVE_CHUNK_FRAMES if source.startswith(STREAM_SCHEMES)
+                                    else IngestOptions.chunk_frames)
             return options.check()
         except (TypeError, ValueError) as e:
             raise ApiError(400, one_line(e), param="fps") from None

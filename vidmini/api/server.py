@@ -31,13 +31,14 @@ from starlette.routing import Route
 
 from vidmini.api.errors import ApiError
 from vidmini.api.limits import PendingBound, RateLimiter
-from vidmini.api.rest import LibraryRoutes, allowed_under
+from vidmini.api.rest import STREAM_SCHEMES, LibraryRoutes, allowed_under
 from vidmini.common.errors import UsageError
 from vidmini.common.keys import ApiKeys, digest
 from vidmini.service.library import Library, LibraryError
-from vidmini.service.options import AskOptions
+from vidmini.service.options import LIVE_CHUNK_FRAMES, AskOptions, IngestOptions
 
 VIDEO_SCHEME = "vidmini://"
+STREAM_FIRST_FRAMES_S = 30.0  # how long a question on a new stream waits for its first frames
 
 
 @dataclass
@@ -161,6 +162,7 @@ class VidminiApi:
         self.load_error: str | None = None
         self.limiter = RateLimiter(config.rate_per_minute) if config.rate_per_minute else None
         self.pending = PendingBound(config.max_pending)
+        self._streams_lock = threading.Lock()
         threading.Thread(target=self._load, name="vidmini-model-load", daemon=True).start()
 
     def _load(self) -> None:
@@ -427,9 +429,11 @@ class VidminiApi:
                 return self.library.get_store(wanted).video_id
             except LibraryError:
                 raise ApiError(404, f"no stored video {wanted}", code="video_not_found") from None
+        if video.startswith(STREAM_SCHEMES):
+            return self._stream_video(video)
         if "://" in video and not video.startswith("file://"):
-            raise ApiError(400, "video_url must be vidmini://<id> or a server path under a media root",
-                           param="messages")
+            raise ApiError(400, "video_url must be vidmini://<id>, a stream URL or a server path under a media "
+                           "root", param="messages")
         real = self.allowed_path(video)
         try:
             return self.library.ingest(str(real)).video_id
@@ -437,6 +441,27 @@ class VidminiApi:
             if isinstance(e, ValueError):  # the ingest's own errors: bad media
                 raise ApiError(400, " ".join(str(e).split())) from None
             raise
+
+    def _stream_video(self, url: str) -> str:
+        """A stream's video: the running ingest of that URL (one connection per stream, however many questions),
+        else a new live ingest; answered over the frames it has so far, once it has some."""
+        with self._streams_lock:  # two first questions at once still open one connection
+            job = next((j for j in self.library.jobs() if j.source == url and j.active), None)
+            if job is None:
+                try:
+                    job = self.library.add(url, IngestOptions(chunk_frames=LIVE_CHUNK_FRAMES))
+                except LibraryError as e:
+                    raise ApiError(400, " ".join(str(e).split()), param="messages") from None
+        deadline = time.monotonic() + STREAM_FIRST_FRAMES_S
+        while job.video_id is None or job.frames_done == 0:
+            if not job.active:
+                raise ApiError(400, f"the stream {url} could not be read: {job.error or job.status}",
+                               param="messages")
+            if time.monotonic() > deadline:
+                raise ApiError(503, f"the stream {url} has given no frames yet; retry shortly", "server_error",
+                               code="stream_starting")
+            time.sleep(0.1)
+        return job.video_id
 
     async def _events(self, asking, req: ChatRequest, completion: str, release):
         created, model = int(time.time()), self._model_name()

@@ -10,6 +10,7 @@ MIN_FPS, MAX_FPS = 0.05, 30.0
 MODES = ("exact", "fast")  # exact: the frame displayed at each sampling time; fast: within one frame, quicker
 BACKENDS = ("pyav", "ffmpeg", "decord")
 HWACCELS = ("cuda",)
+LIVE_CHUNK_FRAMES = 4  # a stream's frames become askable and searchable this many at a time (a file's: 32)
 
 
 @dataclass

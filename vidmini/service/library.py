@@ -601,7 +601,10 @@ class Library:
         key = store.video_id
         manager = self.manager
         try:
-            manager.session(key)  # open (or reopened after eviction)
+            session = manager.session(key)  # open (or reopened after eviction)
+            if not store.complete and store.committed_frames > session.num_frames:
+                manager.close(key)  # a live video grew since its session opened: reopen over every frame so far
+                raise KeyError(key)
         except KeyError:
             engine, searcher = self.engine, self.searcher
 

@@ -8,10 +8,19 @@ from dataclasses import dataclass, replace
 
 from vidmini.common.errors import UsageError
 from vidmini.engine.names import CLIP_REPO, DEFAULT_REPO, DTYPE_NAMES, PROMPT_STYLES, RANDOM_BANNER
-from vidmini.ingest.options import BACKENDS, HWACCELS, MAX_FPS, MIN_FPS, MODES, IngestOptions
+from vidmini.ingest.options import (
+    BACKENDS,
+    HWACCELS,
+    LIVE_CHUNK_FRAMES,
+    MAX_FPS,
+    MIN_FPS,
+    MODES,
+    IngestOptions,
+)
 
-__all__ = ["BACKENDS", "CLIP_REPO", "DEFAULT_REPO", "DTYPE_NAMES", "HWACCELS", "MAX_FPS", "MIN_FPS", "MODES",
-           "PROMPT_STYLES", "RANDOM_BANNER", "AskOptions", "IngestOptions", "checked_ingest", "user_error_types"]
+__all__ = ["BACKENDS", "CLIP_REPO", "DEFAULT_REPO", "DTYPE_NAMES", "HWACCELS", "LIVE_CHUNK_FRAMES", "MAX_FPS",
+           "MIN_FPS", "MODES", "PROMPT_STYLES", "RANDOM_BANNER", "AskOptions", "IngestOptions", "checked_ingest",
+           "user_error_types"]
 
 POLICY_HELP = "all (exact), uniform:K, retrieved:K or auto"
 
