@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +39,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     from openai import OpenAI
 
+    from research.bench.serving import start_serve
     from vidmini.demo.render import write_video
     from vidmini.demo.world import generate_timeline
 
@@ -60,21 +59,9 @@ def main() -> None:
         out = subprocess.run([*vidmini, "ingest", *paths, "--json"], env=env, capture_output=True, text=True,
                              check=True, cwd=REPO)
         ids = [json.loads(line)["id"] for line in out.stdout.splitlines()]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([*vidmini, "serve", "--port", str(port), "--max-pending", "64"], env=env,
-                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server, base = start_serve(env, ["--max-pending", "64"])
         rows = []
         try:
-            base = f"http://127.0.0.1:{port}"
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                        if json.load(r)["model_loaded"]:
-                            break
-                except OSError:
-                    time.sleep(0.2)
             client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
             def ask(video_id: str, out: list) -> None:

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +28,7 @@ def main() -> None:
     import numpy as np
     from openai import OpenAI
 
+    from research.bench.serving import start_serve
     from vidmini.demo.questions import make_questions
     from vidmini.demo.render import write_video
     from vidmini.demo.world import generate_timeline
@@ -51,20 +50,8 @@ def main() -> None:
         video_id = json.loads(out.stdout)["id"]
         questions = [q.question for q in make_questions(timeline, np.random.default_rng(1), per_family=1)]
         questions = (questions * args.questions)[: args.questions]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([*vidmini, "serve", "--port", str(port)], env=env, cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server, base = start_serve(env, [])
         try:
-            base = f"http://127.0.0.1:{port}"
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                        if json.load(r)["model_loaded"]:
-                            break
-                except OSError:
-                    time.sleep(0.2)
             client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
             def ask(question: str, policy: str = "auto") -> tuple[float, float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from fixtures.app_helpers import reliable_questions, world_video
+from fixtures.serve_helpers import free_port, start_server, stop
 
 from vidmini.engine.load import SHIPPED_MODEL_DIR
 
@@ -25,38 +25,9 @@ KEY = "sk-test-" + "k" * 24
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vidmini.cli.main", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=300)
-
-
-def start_server(args: list[str], env: dict) -> tuple[subprocess.Popen, str]:
-    """`vidmini serve` on a free loopback port, returned once it answers and its model is loaded (`/health`
-    needs no key): the process and its base URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vidmini.cli.main", "serve", "--port", str(port), *args],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if json.load(r)["model_loaded"]:
-                    return proc, base
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited: {proc.stderr.read()}")
-        if time.time() > deadline:
-            stop(proc)
-            raise AssertionError("the server did not come up within 120 s")
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +47,6 @@ def server(tmp_path_factory):
     proc, base = start_server(["--api-key-file", str(keys), "--media-root", str(media)], env)
     yield {"base": base, "video_id": video_id, "timeline": timeline, "env": env, "inside": inside, "tmp": tmp}
     stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server; one that does not stop in time is killed (and the test says so)."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError("the server did not stop on SIGTERM within 30 s") from None
 
 
 def client(server, key: str | None = KEY):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from fixtures.app_helpers import world_video
-from test_openai_api import KEY, start_server, stop
+from fixtures.serve_helpers import start_server, stop
+from test_openai_api import KEY
 
 from vidmini.engine.load import SHIPPED_MODEL_DIR
 

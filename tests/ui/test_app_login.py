@@ -6,31 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+from fixtures.serve_helpers import start_server, stop
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from test_app_browser import browser, click, form_button, shot, wait_for  # noqa: F401 - browser is a fixture
 
 from vidmini.engine.load import SHIPPED_MODEL_DIR
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-app-" + "q" * 20
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -50,35 +39,12 @@ def served(tmp_path_factory):
     video, _ = world_video(media, seed=31, seconds=10)
     keys = tmp / "keys.txt"
     keys.write_text(KEY + "\n")
-    port = free_port()
     env = {**os.environ, "VIDMINI_HOME": str(tmp / "home")}
     env.pop("VIDMINI_MODEL", None)
     env.pop("VIDMINI_API_KEY_FILE", None)
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vidmini.cli.main", "serve", "--app", "--port", str(port),
-                             "--api-key-file", str(keys), "--media-root", str(media)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if json.load(r)["model_loaded"]:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()
-            time.sleep(0.5)
-        yield base, video
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    proc, base = start_server(["--app", "--api-key-file", str(keys), "--media-root", str(media)], env)
+    yield base, video
+    stop(proc)
 
 
 def test_the_app_asks_for_a_key_and_shares_the_apis_library(served, browser):  # noqa: F811

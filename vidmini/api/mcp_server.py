@@ -14,7 +14,6 @@ points fd 1 at stderr) and `mcp_http_app`, a Starlette app for streamable HTTP t
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 
 from vidmini.common.errors import one_line
+from vidmini.common.keys import is_loopback
 from vidmini.common.timefmt import span
 from vidmini.service.library import Library, LibraryError, VideoRow
 from vidmini.service.options import AskOptions
@@ -305,22 +305,13 @@ def run_stdio(library: Library, media_roots: list[Path] | list[str] | None = Non
     build_mcp(library, media_roots, preload=True).run("stdio")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def mcp_http_app(library: Library, media_roots: list[Path] | list[str] | None = None, *,
                  host: str = "127.0.0.1") -> Starlette:
     """MCP over streamable HTTP, served at the app's root (mount it: `Mount("/mcp", app)`; clients then use
     `<base>/mcp/`). The caller runs `app.router.lifespan_context` as its own lifespan (a mounted app's lifespan
     does not run). On loopback the SDK checks Host/Origin against DNS rebinding; on other addresses `vidmini
     serve` requires API keys, which guard the mount."""
-    security = None if _is_loopback(host) else TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    security = None if is_loopback(host) else TransportSecuritySettings(enable_dns_rebinding_protection=False)
     return build_mcp(library, media_roots).streamable_http_app(streamable_http_path="/", host=host,
                                                                transport_security=security)
 

@@ -12,7 +12,6 @@ Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) wi
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from vidmini.api.errors import ApiError
 from vidmini.api.limits import PendingBound, RateLimiter
 from vidmini.api.rest import STREAM_SCHEMES, LibraryRoutes, allowed_under
 from vidmini.common.errors import UsageError
-from vidmini.common.keys import ApiKeys, digest
+from vidmini.common.keys import ApiKeys, digest, is_loopback
 from vidmini.service.library import Library, LibraryError
 from vidmini.service.options import LIVE_CHUNK_FRAMES, AskOptions, IngestOptions
 
@@ -57,20 +56,11 @@ class ServeConfig:
 
     def check(self) -> ServeConfig:
         """Refuse to serve a network without keys: anyone who can reach the port could read every video."""
-        if self.keys is None and not self.behind_ingress and not _is_loopback(self.host):
+        if self.keys is None and not self.behind_ingress and not is_loopback(self.host):
             raise UsageError(f"serving on {self.host} needs --api-key-file (without keys only loopback is allowed)")
         if self.max_upload_bytes < 1 or self.max_pending < 1 or (self.rate_per_minute or 1) < 1:
             raise UsageError("the upload limit, the queue bound and the rate limit must be >= 1")
         return self
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ---- the chat request ------------------------------------------------------------------------------------------

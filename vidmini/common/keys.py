@@ -1,9 +1,11 @@
-"""API keys: a file of keys, held only as SHA-256 digests, compared in constant time."""
+"""Who may use a server: API keys (a file of keys, held only as SHA-256 digests, compared in constant time), and
+whether an address is this machine's own (served without keys)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from pathlib import Path
 
 from vidmini.common.errors import UsageError
@@ -40,3 +42,13 @@ class ApiKeys:
             return False
         given = digest(key)
         return any(hmac.compare_digest(given, d) for d in self.digests)
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address: the only hosts a server may bind without keys."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
