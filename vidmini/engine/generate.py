@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from vidmini.engine.llama import KVCache, run_stack
+from vidmini.engine.llama import KVCache, run_stack, run_step
 from vidmini.engine.model import LlavaMiniModel
 
 
@@ -78,6 +78,59 @@ def _choose(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | No
     return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
 
 
+class DecodeState:
+    """The token-choosing half of `decode` for one answer: from each step's logits, the next token (greedy,
+    sampled with the answer's own seeded generator, held to its grammar) as a `TokenEvent`, or None when the
+    answer ends before it (a stop id, `max_new_tokens`, `cancel`, the grammar done). `decode` and the engine's
+    `DecodeBatcher` both choose through it, so an answer is the same whichever runs its steps."""
+
+    def __init__(self, cfg: SamplingConfig, cancel: threading.Event | None = None) -> None:
+        self.cfg, self.cancel = cfg, cancel
+        self.gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 and cfg.seed is not None else None
+        self.step = 0
+        self.finished = False  # no token will follow: the last event was given or the answer ended without it
+        self.t0 = time.perf_counter()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def next_event(self, logits: torch.Tensor) -> TokenEvent | None:
+        """The token chosen from (V,) `logits`, or None when the answer ends here. After an event, `finished`
+        says whether it was the last one (no forward step for it is needed)."""
+        cfg, grammar = self.cfg, self.cfg.grammar
+        if self.finished or self.step >= cfg.max_new_tokens or self.cancelled or (grammar is not None and grammar.done):
+            self.finished = True
+            return None
+        token = _choose(logits if grammar is None else grammar.mask(logits), cfg, self.gen)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top: list[tuple[int, float]] = []
+        if cfg.logprobs:
+            values, ids = logp.topk(cfg.logprobs)
+            top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        if token in cfg.stop_ids:
+            self.finished = True
+            return None
+        if grammar is not None:
+            grammar.advance(token)
+        self.step += 1
+        self.finished = self.step == cfg.max_new_tokens or (grammar is not None and grammar.done)
+        return TokenEvent(token, float(logp[token]), top, time.perf_counter() - self.t0)
+
+
+@torch.no_grad()
+def decode_step(model: LlavaMiniModel, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+    """One decode step for B answers at once: token b runs after `caches[b]`'s own filled positions (its own
+    length and positions); returns (B, V) logits. Dense parts run batched over the B rows, attention per answer
+    over its own cache (`run_step`). Batched matrix products may differ from one answer's alone (`prefill`) in
+    the last bits of a float."""
+    ids = torch.tensor([[int(t)] for t in tokens], device=model.device)
+    positions = torch.tensor([[c.length] for c in caches], device=model.device)
+    cos, sin = model.rope(positions)
+    hidden = run_step(model.model.layers, model.embed(ids).to(model.dtype), cos, sin, caches, impl=model.attn_impl)
+    return model.logits(hidden[:, -1])
+
+
 @torch.no_grad()
 def decode(
     model: LlavaMiniModel,
@@ -91,31 +144,13 @@ def decode(
     With a grammar the token is chosen (greedy, sampled, top-p) among the tokens it allows, and the answer ends
     when it can take no more. Log-probs (and `top`) are always of the raw logits, before any grammar mask: a
     forced token may have a low log-prob."""
-    gen = None
-    if cfg.temperature > 0 and cfg.seed is not None:
-        gen = torch.Generator().manual_seed(cfg.seed)
-    grammar = cfg.grammar
+    state = DecodeState(cfg, cancel)
     logits = first_logits
-    t0 = time.perf_counter()
-    for step in range(cfg.max_new_tokens):
-        if cancel is not None and cancel.is_set():
+    while True:
+        event = state.next_event(logits)
+        if event is None:
             return
-        if grammar is None:
-            token = _choose(logits, cfg, gen)
-        else:
-            if grammar.done:
-                return
-            token = _choose(grammar.mask(logits), cfg, gen)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        top: list[tuple[int, float]] = []
-        if cfg.logprobs:
-            values, ids = logp.topk(cfg.logprobs)
-            top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-        if token in cfg.stop_ids:
+        yield event
+        if state.finished:
             return
-        if grammar is not None:
-            grammar.advance(token)
-        yield TokenEvent(token, float(logp[token]), top, time.perf_counter() - t0)
-        if step + 1 == cfg.max_new_tokens or (grammar is not None and grammar.done):
-            return
-        logits = prefill(model, model.embed(torch.tensor([[token]], device=model.device)), cache)
+        logits = prefill(model, model.embed(torch.tensor([[event.token_id]], device=model.device)), cache)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vidmini.engine.batcher import DecodeBatcher
 from vidmini.engine.fusion import (
     FrameStates,
     mean_over_frames,
@@ -28,6 +29,8 @@ from vidmini.engine.model import LlavaMiniModel
 from vidmini.engine.prompt import PromptIds, build_prompt
 from vidmini.engine.retrieval import RetrievalSpace
 from vidmini.engine.vision import preprocess_frames, preprocess_image, processor_size
+
+_BATCHER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -65,7 +68,16 @@ class Engine:
     retrieval: RetrievalSpace | None = None  # text–frame search space; None when the model has no text tower
     weights: str = ""  # a content key of the weight files (app.models.weights_fingerprint); "" when unknown
     _prompts: dict = field(default_factory=dict, repr=False, compare=False)  # (style, question) → PromptIds
+    _batcher: DecodeBatcher | None = field(default=None, init=False, repr=False, compare=False)
 
+    @property
+    def batcher(self) -> DecodeBatcher:
+        """The engine's one decode thread: the decode steps of every session's answers in flight run in it,
+        batched (`vidmini.engine.batcher`)."""
+        with _BATCHER_LOCK:
+            if self._batcher is None or self._batcher.model is not self.model:
+                self._batcher = DecodeBatcher(self.model)
+            return self._batcher
 
     # ---- prompt -------------------------------------------------------------------------------------------
     def prompt(self, question: str) -> PromptIds:

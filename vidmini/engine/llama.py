@@ -139,3 +139,37 @@ def run_stack(
         x = finish_layer(layer, x, attention(q, keys, values, None, causal=True, impl=impl))
     cache.length = start + t
     return x
+
+
+def run_step(
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    caches: list[KVCache],
+    impl: str = "sdpa",
+) -> torch.Tensor:
+    """One new position for each of B sequences: row b of `x` (B, 1, d), with its rotary tables row b of
+    `cos`/`sin`, runs after the `caches[b].length` positions of its own (batch-1) cache and is appended to it.
+    The dense parts (norms, projections, MLP) run batched over the B rows; attention runs per sequence over its
+    own cache, the same `attention` call `run_stack` makes for one sequence's one new position."""
+    if x.shape[0] != len(caches) or x.shape[1] != 1:
+        raise ValueError(f"run_step takes one position per sequence: x {tuple(x.shape)}, {len(caches)} caches")
+    for cache in caches:
+        if cache.keys.shape[1] != 1:
+            raise ValueError("run_step needs one batch-1 cache per sequence")
+        cache.ensure_capacity(cache.length + 1)
+    for i, layer in enumerate(layers):
+        q, k, v = project_qkv(layer, x, cos, sin)
+        outs = []
+        for b, cache in enumerate(caches):
+            s = cache.length
+            cache.keys[i, :, :, s : s + 1] = k[b : b + 1]
+            cache.values[i, :, :, s : s + 1] = v[b : b + 1]
+            keys = cache.keys[i, :, :, : s + 1]
+            values = cache.values[i, :, :, : s + 1]
+            outs.append(attention(q[b : b + 1], keys, values, None, causal=True, impl=impl))
+        x = finish_layer(layer, x, torch.cat(outs))
+    for cache in caches:
+        cache.length += 1
+    return x

@@ -1,6 +1,8 @@
-"""Many users, one model: sessions share the engine and one lock, so questions run one at a time (never mixed in
-the model's caches) and each gives what it would give alone. Sessions are evicted least-recently-used when their
-device bytes exceed the budget, and reopened from their opener (the store) on the next question.
+"""Many users, one model: sessions share the engine and one lock. A question holds the lock for its fusion and LLM
+prefill only; its decode steps run in the engine's `DecodeBatcher`, batched with every other answer in flight
+(continuous batching), each over a KV cache of its own, so each gives what it would give alone. Sessions are
+evicted least-recently-used when their device bytes exceed the budget, and reopened from their opener (the store)
+on the next question.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class SessionManager:
     def enforce_budget(self, keep: str | None = None) -> list[str]:
         """Close least-recently-used sessions (not `keep`) until within budget; returns the keys evicted."""
         evicted = []
-        with self.lock:  # never while a question runs: its tensors must stay
+        with self.lock:  # never during a prefill; an answer decoding keeps its own cache alive
             while self.device_bytes() > self.device_budget_bytes:
                 with self._index:
                     victims = [k for k in self._live if k != keep]

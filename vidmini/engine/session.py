@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from vidmini.engine.batcher import DecodeSequence
 from vidmini.engine.fusion import (
     FrameStates,
     GatheredStates,
@@ -46,7 +47,7 @@ from vidmini.engine.fusion import (
     fused_question_sum_gathered,
     question_pass,
 )
-from vidmini.engine.generate import SamplingConfig, TokenEvent, allocate_cache, decode, prefill
+from vidmini.engine.generate import SamplingConfig, TokenEvent, allocate_cache, prefill
 from vidmini.engine.inference import Engine
 from vidmini.engine.llama import KVCache
 from vidmini.engine.tiers import ChunkedStates, PrefusionWorkingSet
@@ -111,6 +112,7 @@ class PrefixEntry:
     prefix_count: int
     exact: bool = True
     prefix_cosine: float = 1.0
+    busy: bool = False  # a question in flight writes after `length` in `cache`; others copy the prefix
 
     def nbytes(self) -> int:
         return self.cache.nbytes() + self.prefix_sum.numel() * 4 + self.prefix_mean.numel() * \
@@ -164,7 +166,11 @@ class _Plan:
 
 class AnswerStream:
     """Iterate for `TokenEvent`s as they are generated; `result()` drains the rest and returns the
-    `SessionAnswer`; `cancel()` stops generation at the next token."""
+    `SessionAnswer`; `cancel()` stops generation at the next token.
+
+    Iterating runs the question's fusion and prefill on the iterating thread under the session's lock, chooses the
+    first token there, and hands the decode steps to the engine's `DecodeBatcher`, batched with every other
+    answer in flight. Leaving the iteration early (closing the iterator) stops the answer as `cancel()` does."""
 
     def __init__(self, session: VideoSession, plan: _Plan, cancel: threading.Event | None) -> None:
         self._session, self._plan = session, plan
@@ -185,17 +191,25 @@ class AnswerStream:
         return self._iter
 
     def _run(self) -> Iterator[TokenEvent]:
+        seq, handed = None, False
         try:
             with self._session.lock:
                 started = time.perf_counter()
                 self._info["queued_ms"] = (started - self._created) * 1000
-                for ev in self._session._generate(self._plan, self._cancel, self._info):
-                    if not self._events:
-                        self._info["first_at"] = time.perf_counter()
-                    self._events.append(ev)
-                    yield ev
-                self._info["started"], self._info["end"] = started, time.perf_counter()
+                seq, first = self._session._start(self._plan, self._cancel, self._info)
+            self._session.engine.batcher.start(seq, first)
+            handed = True
+            for ev in seq.events():
+                if not self._events:
+                    self._info["first_at"] = time.perf_counter()
+                self._events.append(ev)
+                yield ev
+            self._info["started"], self._info["end"] = started, time.perf_counter()
         finally:
+            if seq is not None and not handed:
+                seq.end()  # never reached the batcher: give its cache back here
+            elif seq is not None and not seq.ended:
+                seq.abandoned = True  # the reader went away: the batcher drops it at its next step
             self._done = True
             for hook in self.on_done:
                 hook()
@@ -224,8 +238,11 @@ class AnswerStream:
 
 
 class VideoSession:
-    """Questions about one video. Not for concurrent use without a shared `lock` (a `SessionManager` gives all its
-    sessions one): every question holds it from fusion to the last token, so questions are never interleaved."""
+    """Questions about one video, from any number of threads. A question holds `lock` (a `SessionManager` gives
+    all its sessions one) for its fusion and LLM prefill only; its decode steps then run in the engine's
+    `DecodeBatcher`, batched with every other answer in flight, over a KV cache of its own: the frame set's prefix
+    cache itself when no other question is using it (marked busy, rolled back when the answer ends), else a copy
+    of its prefix."""
 
     def __init__(
         self,
@@ -258,6 +275,8 @@ class VideoSession:
         self.lock = lock or threading.RLock()
         self.fuse_batch_frames = 64  # frames per pre-fusion pass of Q (bounds the activations' memory)
         self._prefixes: OrderedDict[range, PrefixEntry] = OrderedDict()
+        self._copy_bytes = 0  # prefix copies held by questions in flight
+        self._copy_lock = threading.Lock()
         self.closed = False
 
     @classmethod
@@ -276,11 +295,13 @@ class VideoSession:
         return self.source.num_frames
 
     def device_bytes(self) -> int:
-        """Bytes this session holds on the device: tier A (tokens, prefix caches) and the tier C working set."""
+        """Bytes this session holds on the device: tier A (tokens, prefix caches), the tier C working set, and the
+        prefix copies of questions in flight."""
         if self.closed:
             return 0
         return (self.compressed.numel() * self.compressed.element_size()
-                + sum(e.nbytes() for e in self._prefixes.values()) + self.working_set.resident_bytes)
+                + sum(e.nbytes() for e in list(self._prefixes.values())) + self.working_set.resident_bytes
+                + self._copy_bytes)
 
     def tier_a_bytes_per_frame(self) -> float:
         """c'_f plus its LLM keys/values (one token per compressed query), per frame."""
@@ -388,10 +409,49 @@ class VideoSession:
         return entry, False
 
     def _remember(self, entry: PrefixEntry) -> None:
+        """Keep `entry` as the most recent; evict the least recently used beyond `max_prefix_caches`, never a busy
+        one (a question in flight decodes in it; it is evicted at a later call once free)."""
         self._prefixes[entry.frames] = entry
         self._prefixes.move_to_end(entry.frames)
-        while len(self._prefixes) > self.max_prefix_caches:
-            self._prefixes.popitem(last=False)
+        for frames in [f for f, e in self._prefixes.items() if not e.busy and f != entry.frames]:
+            if len(self._prefixes) <= self.max_prefix_caches:
+                break
+            del self._prefixes[frames]
+
+    def _copy_prefix(self, entry: PrefixEntry, room: int) -> KVCache:
+        """A fresh cache holding `entry`'s prefix (`entry.length` positions) with room for `room` more."""
+        cache = allocate_cache(self.engine.model, entry.length + room)
+        n = entry.length
+        cache.keys[:, :, :, :n].copy_(entry.cache.keys[:, :, :, :n])
+        cache.values[:, :, :, :n].copy_(entry.cache.values[:, :, :, :n])
+        cache.length = n
+        return cache
+
+    def _claim(self, entry: PrefixEntry, room: int) -> tuple[KVCache, Callable[[], None]]:
+        """A cache holding `entry`'s prefix with room for `room` more positions, for one question's exclusive
+        use, and the call that gives it back. Under `lock`. The entry's own cache when it is free (busy until
+        given back, then rolled back to the prefix); a copy of the prefix when another question is using it."""
+        if not entry.busy:
+            cache = entry.cache
+            cache.length = entry.length
+            cache.ensure_capacity(entry.length + room)
+            entry.busy = True
+
+            def give_back() -> None:
+                cache.length = entry.length
+                entry.busy = False
+
+            return cache, give_back
+        cache = self._copy_prefix(entry, room)
+        size = cache.nbytes()
+        with self._copy_lock:
+            self._copy_bytes += size
+
+        def drop() -> None:
+            with self._copy_lock:
+                self._copy_bytes -= size
+
+        return cache, drop
 
     def fuse_question(self, question_ids: torch.Tensor, frames: list[int]) -> torch.Tensor:
         """Mean over `frames` of Q fused against each frame's pre-fusion states, streamed through tier C. A subset
@@ -428,7 +488,9 @@ class VideoSession:
                 [torch.cat([p[1][i] for p in parts]) for i in range(src.num_layers)])
 
     @torch.no_grad()
-    def _generate(self, plan: _Plan, cancel: threading.Event, info: dict) -> Iterator[TokenEvent]:
+    def _start(self, plan: _Plan, cancel: threading.Event, info: dict) -> tuple[DecodeSequence, torch.Tensor]:
+        """A question's fusion and LLM prefill (under `lock`): its decode sequence, over a cache of its own from
+        the prefix on, and the first answer token's logits."""
         self._check_open()
         model = self.engine.model
         entry, hit = self.prefix_entry(plan.frames)
@@ -440,17 +502,16 @@ class VideoSession:
             frames = plan.frames
             embeds = self.engine._llm_inputs(entry.prefix_mean,
                                              self.compressed[frames.start : frames.stop : frames.step], fused_q)
-            cache, rollback = allocate_cache(model, embeds.shape[1] + capacity), 0
+            cache, give_back = allocate_cache(model, embeds.shape[1] + capacity), None
             first = prefill(model, embeds, cache)
         else:
-            cache, rollback = entry.cache, entry.length
-            cache.length = rollback
-            cache.ensure_capacity(rollback + fused_q.shape[0] + capacity)
-            first = prefill(model, fused_q[None], cache)
-        try:
-            yield from decode(model, first, cache, plan.sampling, cancel)
-        finally:
-            cache.length = rollback
+            cache, give_back = self._claim(entry, fused_q.shape[0] + capacity)
+            try:
+                first = prefill(model, fused_q[None], cache)
+            except BaseException:
+                give_back()
+                raise
+        return DecodeSequence(cache, plan.sampling, cancel, on_end=give_back), first
 
     # ---- reference comparisons ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -460,12 +521,11 @@ class VideoSession:
         with self.lock:
             entry, _ = self.prefix_entry(plan.frames)
             fused_q = self.fuse_question(plan.question_ids, plan.fuse)
-            cache = entry.cache
-            cache.length = entry.length
+            cache, give_back = self._claim(entry, fused_q.shape[0])
             try:
                 return prefill(self.engine.model, fused_q[None], cache)
             finally:
-                cache.length = entry.length
+                give_back()
 
     @torch.no_grad()
     def fused_question(self, question: str, start=None, end=None, policy: str | Policy = "all") -> torch.Tensor:
@@ -502,9 +562,13 @@ class VideoSession:
                 self._remember(self._extend(whole, range(old, self.num_frames)))
 
     def _extend(self, entry: PrefixEntry, new: range) -> PrefixEntry:
-        """The stale whole-video prefix cache with `new` frames' tokens appended (nothing earlier recomputed)."""
-        cache = entry.cache
-        cache.length = entry.length
+        """The stale whole-video prefix cache with `new` frames' tokens appended (nothing earlier recomputed). A
+        question in flight in it keeps it: the new frames go into a copy of its prefix."""
+        if entry.busy:
+            cache = self._copy_prefix(entry, len(new) * self.compressed.shape[1] + PREFIX_CACHE_SLACK)
+        else:
+            cache = entry.cache
+            cache.length = entry.length
         prefill(self.engine.model, self.compressed[new.start : new.stop].flatten(0, 1)[None], cache)
         frames = range(entry.frames.start, new.stop)
         total = entry.prefix_sum + self._prefix_sum(new)

@@ -1,7 +1,8 @@
 """The library service: the one API that the CLI and the Streamlit app both call.
 
 A `Library` owns a data root, the loaded model (one per process), the on-disk stores, the search index and a
-`SessionManager` (one lock: questions from many browser tabs run one at a time, each getting its own answer).
+`SessionManager` (questions from many browser tabs and API clients prefill one at a time and decode together,
+batched, each getting the answer it would get alone).
 Ingest jobs run in a background worker thread and publish their progress in `IngestJob` records that the UI
 polls; the page never waits on an ingest, and other videos stay usable meanwhile.
 """
