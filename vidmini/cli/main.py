@@ -123,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="requests per minute per key (per client address without keys); default: none")
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="a web origin browsers may call the API from (repeat; default: none)")
+    sv.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="serve on Ray Serve: local (start Ray here), auto (this machine's cluster) or ray://host:port")
+    sv.add_argument("--replicas", type=int, default=None, metavar="N",
+                    help="model replicas on Ray Serve (default 1); a video's requests stay on one replica")
+    sv.add_argument("--replica-cpus", type=float, default=1.0, metavar="N", help="CPUs per replica (default 1)")
+    sv.add_argument("--replica-gpus", type=float, default=0.0, metavar="N",
+                    help="GPUs per replica (default 0; > 0 runs the replica's model on its GPU)")
     mc = sub.add_parser("mcp", help="the MCP server over stdio (Model Context Protocol): the library as tools")
     mc.add_argument("--media-root", action="append", default=[], metavar="DIR",
                     help="a folder whose files add_video may name by path (repeat for several; default: none)")
@@ -396,10 +403,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          cors_origins=args.cors_origin).check()
     lib = _library(args.model, dtype=args.dtype, device=args.device)
     _say_if_random(lib)
+    if args.ray_address is not None or args.replicas is not None:
+        return _serve_on_ray(args, lib, config)
     ui = _app_for(lib, args.api_key_file) if args.app else None
     print(f"vidmini serving on http://{args.host}:{args.port} (OpenAI base URL: http://{args.host}:{args.port}/v1)"
           + (f"; the app at http://{args.host}:{args.port}/" if ui is not None else ""), file=sys.stderr, flush=True)
     serve(lib, config, ui)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, lib, config) -> int:
+    """`vidmini serve --ray-address ADDR --replicas N`: the same API on Ray Serve (vidmini/api/ray_serve.py)."""
+    from vidmini.api.ray_serve import RayOptions, serve_on_ray
+
+    if args.ray_address is None:
+        raise UsageError("--replicas needs --ray-address (local, auto or ray://host:port)")
+    if args.app:
+        raise UsageError("--app serves the page from one process; it does not combine with --ray-address")
+    replicas = 1 if args.replicas is None else args.replicas
+    options = RayOptions(args.ray_address, replicas, args.replica_cpus, args.replica_gpus).check()
+    url = f"http://{args.host}:{args.port}"
+
+    def ready() -> None:
+        print(f"vidmini serving on {url} (OpenAI base URL: {url}/v1) with {options.replicas} replica(s) on Ray "
+              f"({options.address})", file=sys.stderr, flush=True)
+
+    serve_on_ray(lib.root, config, options, args.model, args.dtype, args.device, ready=ready)
     return 0
 
 
