@@ -10,7 +10,8 @@ every video is asked once before timing). Answers are held to a JSON schema with
 after a word or two and the table would measure prefill). A round: every client asks one question at the same
 moment; the round's wall time covers all of them. Prints a table: per client count, aggregate completion
 tokens/s (tokens of all answers / wall time of the rounds), p50/p95 time to first token, and the speed-up of the
-aggregate over one client.
+aggregate over one client. A second table asks the same questions through the service in the bench's own process
+(no HTTP, no server): the engine's share, with the decode batcher's step counts and batch sizes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=120, help="length of each client's video")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the same questions through the service in this process (no HTTP)")
     args = ap.parse_args()
     videos_needed = max(args.clients)
     with tempfile.TemporaryDirectory(prefix="vidmini-concurrency-") as tmp:
@@ -98,6 +101,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+        engine_rows = in_process(Path(tmp, "home"), ids, args) if args.in_process else []
     one = next((r[1] for r in rows if r[0] == 1), None)
     print(f"{videos_needed} videos of {args.seconds} s (1 fps), {args.rounds} rounds, {args.max_tokens} tokens an "
           "answer (JSON schema)")
@@ -106,6 +110,49 @@ def main() -> None:
     for n, rate, p50, p95, tokens, wall in rows:
         speed = f"{rate / one:.2f}x" if one else "-"
         print(f"| {n} | {rate:.1f} | {p50:.1f} | {p95:.1f} | {tokens} | {wall:.2f} | {speed} |")
+    if engine_rows:
+        one = next((r[1] for r in engine_rows if r[0] == 1), None)
+        print("\nthe same questions in-process (`Library.ask` from N threads, no HTTP): the engine's own share")
+        print("| clients | aggregate tokens/s | decode steps | mean batch | max batch | vs 1 client |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for n, rate, steps, mean, most in engine_rows:
+            print(f"| {n} | {rate:.1f} | {steps} | {mean:.2f} | {most} | {rate / one:.2f}x |")
+
+
+def in_process(home: Path, ids: list[str], args) -> list[tuple]:
+    """Aggregate tokens/s of N threads asking the service directly, with the decode batcher's counters."""
+    os.environ["VIDMINI_HOME"] = str(home)
+    from vidmini.service.library import Library
+    from vidmini.service.options import AskOptions
+
+    lib = Library(home)
+    options = AskOptions(max_new_tokens=args.max_tokens, json_schema=SCHEMA)
+    question = "Describe what happens in this video."
+    for video_id in ids:
+        lib.answer(video_id, question, options)
+    batcher = lib.engine.batcher
+    rows = []
+    for n in args.clients:
+        batcher.reset_stats()
+        tokens: list[int] = []
+        wall = 0.0
+
+        def one_answer(video_id: str, out: list[int] = tokens) -> None:
+            out.append(len(lib.answer(video_id, question, options).answer.token_ids))
+
+        for _ in range(args.rounds):
+            threads = [threading.Thread(target=one_answer, args=(ids[i],)) for i in range(n)]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall += time.perf_counter() - t
+        sizes = batcher.batch_sizes
+        steps = sum(sizes.values())
+        mean = sum(k * v for k, v in sizes.items()) / steps if steps else 0.0
+        rows.append((n, sum(tokens) / wall, steps, mean, batcher.max_batch_seen))
+    return rows
 
 
 if __name__ == "__main__":
