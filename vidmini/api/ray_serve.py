@@ -52,6 +52,7 @@ from pathlib import Path
 
 from vidmini.api.errors import ApiError
 from vidmini.api.limits import RateLimiter
+from vidmini.api.rest import receive_upload
 from vidmini.api.server import VIDEO_SCHEME, ServeConfig
 from vidmini.common.errors import UsageError, one_line
 from vidmini.common.keys import digest
@@ -489,39 +490,11 @@ class VidminiIngress:
         return JSONResponse({"object": "list", "data": data})
 
     async def _upload(self, request):
-        """`POST /v1/videos/upload?filename=NAME`: the body streamed into the shared uploads folder (as `rest.upload`
-        does it: the size limit, nothing half-written kept), then queued on a replica."""
-        from starlette.requests import ClientDisconnect
+        """`POST /v1/videos/upload?filename=NAME`: the body streamed into the shared uploads folder
+        (`rest.receive_upload`: the size limit, nothing half-written kept), then queued on a replica."""
         from starlette.responses import JSONResponse
 
-        from vidmini.service.library import LibraryError
-
-        filename = request.query_params.get("filename", "").strip()
-        if not filename:
-            raise ApiError(400, "give the file's name: /v1/videos/upload?filename=NAME", param="filename")
-        limit = self.config.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the upload is {int(declared)} bytes; this server takes at most {limit}",
-                           code="upload_too_large")
-        try:
-            dest, handle = self.library.open_upload(filename)
-        except LibraryError as e:
-            raise ApiError(400, one_line(e), param="filename") from None
-        size = 0
-        try:
-            async for piece in request.stream():
-                size += len(piece)
-                if size > limit:
-                    raise ApiError(413, f"the upload passed this server's limit of {limit} bytes",
-                                   code="upload_too_large")
-                await asyncio.to_thread(handle.write, piece)
-            if size == 0:
-                raise ApiError(400, "the upload is empty")
-        except (ApiError, ClientDisconnect, OSError):
-            self.library.abort_upload(dest, handle)
-            raise
-        path = self.library.finish_upload(dest, handle)
+        path, filename = await receive_upload(request, self.library, self.config.max_upload_bytes)
         key = f"upload:{path.name}"
         try:
             answer = await self.replicas.options(method_name="add_upload", session_id=key).remote(str(path),

@@ -100,33 +100,8 @@ class LibraryRoutes:
 
     async def upload(self, request: Request) -> Response:
         """POST /v1/videos/upload?filename=NAME, the file as the raw body: streamed to disk, then queued."""
-        filename = request.query_params.get("filename", "").strip()
-        if not filename:
-            raise ApiError(400, "give the file's name: /v1/videos/upload?filename=NAME", param="filename")
-        limit = self.config.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the upload is {int(declared)} bytes; this server takes at most {limit}",
-                           code="upload_too_large")
-        self.api.need_model()
-        try:
-            dest, handle = self.library.open_upload(filename)
-        except LibraryError as e:
-            raise ApiError(400, one_line(e), param="filename") from None
-        size = 0
-        try:
-            async for piece in request.stream():
-                size += len(piece)
-                if size > limit:
-                    raise ApiError(413, f"the upload passed this server's limit of {limit} bytes",
-                                   code="upload_too_large")
-                await run_in_threadpool(handle.write, piece)
-            if size == 0:
-                raise ApiError(400, "the upload is empty")
-        except (ApiError, ClientDisconnect, OSError):
-            self.library.abort_upload(dest, handle)  # nothing half-written stays behind
-            raise
-        path = self.library.finish_upload(dest, handle)
+        path, filename = await receive_upload(request, self.library, self.config.max_upload_bytes,
+                                              before_body=self.api.need_model)
         try:
             job = self.library.add(str(path), IngestOptions(), name=filename)
         except LibraryError as e:
@@ -265,3 +240,36 @@ def allowed_under(roots: list[Path], path: str) -> Path:
     if not real.is_file():
         raise not_found(f"no such file on the server: {path}")
     return real
+
+
+async def receive_upload(request: Request, library, limit: int, before_body=None) -> tuple[Path, str]:
+    """`POST …/upload?filename=NAME`'s raw body streamed into the library's uploads folder: 413 from the headers
+    alone when the declared length passes `limit`, or as soon as the bytes do; nothing half-written is kept.
+    `before_body()` runs once the headers are accepted (the model check). Returns (the file, its given name)."""
+    filename = request.query_params.get("filename", "").strip()
+    if not filename:
+        raise ApiError(400, "give the file's name: /v1/videos/upload?filename=NAME", param="filename")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the upload is {int(declared)} bytes; this server takes at most {limit}",
+                       code="upload_too_large")
+    if before_body is not None:
+        before_body()
+    try:
+        dest, handle = library.open_upload(filename)
+    except LibraryError as e:
+        raise ApiError(400, one_line(e), param="filename") from None
+    size = 0
+    try:
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                raise ApiError(413, f"the upload passed this server's limit of {limit} bytes",
+                               code="upload_too_large")
+            await run_in_threadpool(handle.write, piece)
+        if size == 0:
+            raise ApiError(400, "the upload is empty")
+    except (ApiError, ClientDisconnect, OSError):
+        library.abort_upload(dest, handle)  # nothing half-written stays behind
+        raise
+    return library.finish_upload(dest, handle), filename
