@@ -32,6 +32,20 @@ SCHEMA = {"type": "object", "required": ["note"], "additionalProperties": False,
           "properties": {"note": {"type": "string"}}}
 
 
+def timed_rounds(rounds: int, calls: list[tuple], target) -> float:
+    """Wall seconds of `rounds` rounds, each starting `target(*args)` for every args tuple at once, on threads."""
+    wall = 0.0
+    for _ in range(rounds):
+        threads = [threading.Thread(target=target, args=args) for args in calls]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall += time.perf_counter() - t
+    return wall
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -86,15 +100,8 @@ def main() -> None:
             for video_id in ids:  # every session opened and its prefix cache built: warm from here on
                 ask(video_id, [])
             for n in args.clients:
-                results, wall = [], 0.0
-                for _ in range(args.rounds):
-                    threads = [threading.Thread(target=ask, args=(ids[i], results)) for i in range(n)]
-                    t = time.perf_counter()
-                    for th in threads:
-                        th.start()
-                    for th in threads:
-                        th.join()
-                    wall += time.perf_counter() - t
+                results: list = []
+                wall = timed_rounds(args.rounds, [(ids[i], results) for i in range(n)], ask)
                 ttfts = [r[0] for r in results]
                 tokens = sum(r[1] for r in results)
                 rows.append((n, tokens / wall, statistics.median(ttfts), percentile(ttfts, 0.95), tokens, wall))
@@ -135,19 +142,11 @@ def in_process(home: Path, ids: list[str], args) -> list[tuple]:
     for n in args.clients:
         batcher.reset_stats()
         tokens: list[int] = []
-        wall = 0.0
 
         def one_answer(video_id: str, out: list[int] = tokens) -> None:
             out.append(len(lib.answer(video_id, question, options).answer.token_ids))
 
-        for _ in range(args.rounds):
-            threads = [threading.Thread(target=one_answer, args=(ids[i],)) for i in range(n)]
-            t = time.perf_counter()
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            wall += time.perf_counter() - t
+        wall = timed_rounds(args.rounds, [(ids[i],) for i in range(n)], one_answer)
         sizes = batcher.batch_sizes
         steps = sum(sizes.values())
         mean = sum(k * v for k, v in sizes.items()) / steps if steps else 0.0
