@@ -187,6 +187,13 @@ def test_a_stream_url_is_followed_live_and_answered_over_its_frames_so_far(serve
         feed.wait()
 
 
+def test_a_stream_url_that_cannot_be_read_is_a_400_naming_it(server):
+    url = f"http://127.0.0.1:{free_port()}/nothing.ts"  # nobody listens there
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).chat.completions.create(model="vidmini", messages=video_message(url, "What is shown?"))
+    assert url in info.value.message and "\n" not in info.value.message
+
+
 def test_stop_and_length_end_an_answer(server):
     c = client(server)
     q = reliable_questions(server["timeline"], seed=3, per_family=1)[0]
