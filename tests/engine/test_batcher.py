@@ -291,6 +291,56 @@ def test_a_question_that_joins_while_others_decode(tiny):
     no_question_in_flight(tiny)
 
 
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    done = threading.Event()
+    for _ in range(WAIT_S * 100):
+        if predicate():
+            return
+        done.wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_questions_asked_together_are_prefilled_first_and_decode_as_one_batch(tiny):
+    """Prefills first: while questions wait for the lock or are being prefilled, no decode step runs, so 8
+    questions asked at once decode in one batch of 8 from their second token on (nothing held by the test but
+    the lock that makes them arrive together)."""
+    jobs = [Job(key, q, greedy(12)) for key in ("a", "b", "c") for q in (Q1, Q2, Q3)][:8]
+    expected = alone(tiny, jobs)
+    assert all(len(e) == 12 for e in expected)
+    batcher = tiny.engine.batcher
+    batcher.max_prefill_stall_s = WAIT_S  # never cut short here
+    batcher.reset_stats()
+    try:
+        with tiny.lock:  # every question gets as far as waiting for the lock
+            runners = [Runner(job.ask(tiny)).start() for job in jobs]
+            wait_until(lambda: batcher._prefilling == len(jobs), "8 questions at the lock")
+        got = ids_of(runners)
+    finally:
+        batcher.max_prefill_stall_s = 0.5
+    assert got == expected
+    assert batcher.batch_sizes == Counter({8: 11}) and batcher.steps == 11
+    no_question_in_flight(tiny)
+
+
+def test_a_decoding_answer_is_not_starved_by_a_prefill_that_waits(tiny):
+    """The wait for prefills is bounded: an answer goes on decoding (one step per bound) while another question
+    is stuck waiting for the lock, and ends with its tokens unchanged."""
+    job = Job("a", Q1, greedy(6))
+    expected = alone(tiny, [job])
+    batcher = tiny.engine.batcher
+    batcher.max_prefill_stall_s = 0.05
+    try:
+        runner = Runner(job.ask(tiny)).start()
+        assert runner.first.wait(WAIT_S)
+        with batcher.prefilling():  # a question that never gets further than the lock (held by nobody here)
+            assert runner.done.wait(WAIT_S)
+            assert batcher.stall_s > 0  # it did wait for the prefill, up to the bound each time
+    finally:
+        batcher.max_prefill_stall_s = 0.5
+    assert runner.result().token_ids == expected[0]
+    no_question_in_flight(tiny)
+
+
 def test_a_grammar_constrained_answer_beside_plain_ones(tiny):
     engine = tiny.engine
 

@@ -265,7 +265,7 @@ def test_store_session_working_set_under_budget(engine, tmp_path):
         assert got.token_ids == whole.ask(QUESTION, policy="all", sampling=greedy(8)).result().token_ids
     assert ws.stats.loads == 6 and ws.stats.evictions == 4  # LRU over 3 chunks with room for 2 thrashes
     assert ws.resident_chunks == [1, 2] and ws.resident_bytes <= 2 * chunk_bytes
-    assert rel_err(small.first_logits(OTHER), whole.first_logits(OTHER)) < 1e-6
+    assert rel_err(small.first_logits(OTHER), whole.first_logits(OTHER)) < 1e-5  # float rounding: the two sum the frames in different batches
     # a range inside chunk 0 only touches chunk 0
     ws.clear()
     ws.stats.loads = 0

@@ -34,6 +34,7 @@ import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -44,6 +45,7 @@ from vidmini.engine.model import LlavaMiniModel
 __all__ = ["DecodeBatcher", "DecodeSequence"]
 
 DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_PREFILL_STALL_S = 0.5  # decoding waits for questions being prefilled at most this long at a time
 IDLE_EXIT_S = 2.0  # the decode thread ends after this long with nothing to do (a new answer starts it again)
 
 
@@ -63,7 +65,7 @@ def _after_fork_in_child() -> None:
     for batcher in list(_LIVE):
         batcher._cond = threading.Condition()
         batcher._waiting, batcher._active, batcher._thread, batcher._allowed = deque(), [], None, None
-        batcher._closing = False
+        batcher._closing, batcher._prefilling, batcher._stall_since = False, 0, None
 
 
 if hasattr(os, "register_at_fork"):
@@ -159,14 +161,26 @@ class DecodeBatcher:
     batch size → steps), `step_s` (seconds spent in steps); `reset_stats()` zeroes them. `in_flight` is the
     number of sequences active or waiting to join.
 
+    Prefills first. While a question is being fused and prefilled (`prefilling()`, entered before it waits for
+    the session lock), decoding waits, at most `max_prefill_stall_s` at a time: the questions asked together
+    then join one batch instead of each decoding alone while the next one prefills beside it, and a prefill has
+    the cores to itself. That is vLLM's default order; the bound keeps a steady stream of new questions from
+    starving the answers already decoding (after it, one step runs and a new wait may begin).
+
     `hold()` stops stepping at the next step boundary (sequences still join, as waiting), `allow(n)` lets n more
     steps run, `release()` lets it run freely again: to line up a batch exactly (tests, benchmarks). `close()`
     fails the answers in flight and stops the thread (at exit; a later answer starts it again)."""
 
-    def __init__(self, model: LlavaMiniModel, max_batch: int = DEFAULT_MAX_BATCH, idle_s: float = IDLE_EXIT_S) -> None:
+    def __init__(self, model: LlavaMiniModel, max_batch: int = DEFAULT_MAX_BATCH, idle_s: float = IDLE_EXIT_S,
+                 max_prefill_stall_s: float = DEFAULT_MAX_PREFILL_STALL_S) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_prefill_stall_s < 0:
+            raise ValueError("max_prefill_stall_s must be >= 0")
         self.model, self.max_batch, self.idle_s = model, max_batch, idle_s
+        self.max_prefill_stall_s = max_prefill_stall_s
+        self._prefilling = 0  # questions between `prefilling()` entry and exit
+        self._stall_since: float | None = None  # when decoding began to wait for them
         self._cond = threading.Condition()
         self._waiting: deque[DecodeSequence] = deque()
         self._active: list[DecodeSequence] = []
@@ -179,7 +193,19 @@ class DecodeBatcher:
     def reset_stats(self) -> None:
         self.steps = self.tokens = self.batched_steps = self.max_batch_seen = 0
         self.batch_sizes: Counter[int] = Counter()
-        self.step_s = 0.0
+        self.step_s = self.stall_s = 0.0
+
+    @contextmanager
+    def prefilling(self) -> Iterator[None]:
+        """Around a question's wait for its session lock, fusion and prefill: decoding gives way meanwhile."""
+        with self._cond:
+            self._prefilling += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._prefilling -= 1
+                self._cond.notify_all()
 
     @property
     def in_flight(self) -> int:
@@ -282,6 +308,9 @@ class DecodeBatcher:
                 while self._waiting and len(self._active) < self.max_batch:
                     self._active.append(self._waiting.popleft())
                 if leaving or (self._active and self._allowed != 0):
+                    if not leaving and self._stall_for_prefill():
+                        continue
+                    self._stall_since = None
                     return leaving
                 if not self._cond.wait(self.idle_s) and not self._active and not self._waiting:
                     self._thread = None
@@ -290,6 +319,20 @@ class DecodeBatcher:
         for seq in stranded:
             seq.end(RuntimeError("the decoder was closed"))
         return None
+
+    def _stall_for_prefill(self) -> bool:
+        """Under `_cond`: wait (a while) for the questions being prefilled; False when the step should run now."""
+        if not self._prefilling or self.max_prefill_stall_s == 0 or self._allowed is not None:
+            return False
+        now = time.perf_counter()
+        if self._stall_since is None:
+            self._stall_since = now
+        left = self._stall_since + self.max_prefill_stall_s - now
+        if left <= 0:
+            return False
+        self._cond.wait(left)
+        self.stall_s += time.perf_counter() - now
+        return True
 
     def _step(self, leaving: list[DecodeSequence]) -> None:
         for seq in leaving:

@@ -188,18 +188,47 @@ def question_pass(model: LlavaMiniModel, key_valid: torch.Tensor, next_position:
     return QuestionPass(question_ids, q_valid, text, cos, sin, mask)
 
 
+def attention_after_cached(q: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`attention(q, cat(cached_k, k), cat(cached_v, v), mask)` without the concatenation: one softmax over the
+    scores against both parts. (B, H, T, D) queries; (B, Hkv, S, D) cached and (B, Hkv, T, D) own keys/values;
+    `mask` (T, S + T), True = attend. Copying every frame's cached keys/values once per layer and question was
+    a fifth of a question's fusion time on the CPU."""
+    b, h, t, d = q.shape
+    groups = h // cached_k.shape[1]
+    s = cached_k.shape[2]
+    folded = q.reshape(b, h // groups, groups * t, d)  # head h reads kv head h // groups: its rows, in order
+    rows_mask = mask.repeat(groups, 1)
+    scores = torch.cat([folded @ cached_k.transpose(-1, -2), folded @ k.transpose(-1, -2)], dim=-1) * d**-0.5
+    probs = torch.softmax(scores.masked_fill(~rows_mask, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+    out = probs[..., :s] @ cached_v + probs[..., s:] @ v
+    return out.reshape(b, h, t, d)
+
+
 @torch.no_grad()
 def fused_question_frames(model: LlavaMiniModel, qp: QuestionPass, keys: list[torch.Tensor],
                           values: list[torch.Tensor]) -> torch.Tensor:
     """Q through the pre-fusion layers of a batch of frames (their cached keys/values, (B, Hkv, S, D) per layer):
-    each frame's fused question, (B, |Q|, d); positions at ids <= 0 keep their raw embeddings."""
+    each frame's fused question, (B, |Q|, d); positions at ids <= 0 keep their raw embeddings.
+
+    The first layer's input is Q's embeddings for every frame, so its projections run once and are shared. On
+    the CPU attention reads the cached keys/values in place (`attention_after_cached`); elsewhere they are
+    concatenated with Q's own for the configured kernel (SDPA, flash)."""
     b = keys[0].shape[0]
-    x = qp.text.unsqueeze(0).expand(b, -1, -1)
+    x = qp.text.unsqueeze(0)
+    in_place = model.device.type == "cpu" and model.attn_impl != "eager"
     for i, layer in enumerate(model.model.prefusion_layers):
         q, k, v = project_qkv(layer, x, qp.cos, qp.sin)
-        ks = torch.cat([keys[i].to(model.device, non_blocking=True), k], dim=2)
-        vs = torch.cat([values[i].to(model.device, non_blocking=True), v], dim=2)
-        x = finish_layer(layer, x, attention(q, ks, vs, qp.mask, causal=False, impl=model.attn_impl))
+        if i == 0:
+            q, k, v = (t.expand(b, -1, -1, -1) for t in (q, k, v))
+        cached_k = keys[i].to(model.device, non_blocking=True)
+        cached_v = values[i].to(model.device, non_blocking=True)
+        if in_place:
+            out = attention_after_cached(q, cached_k, cached_v, k, v, qp.mask)
+        else:
+            ks, vs = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+            out = attention(q, ks, vs, qp.mask, causal=False, impl=model.attn_impl)
+        x = finish_layer(layer, x, out)
     return torch.where(qp.valid[None, :, None], x, qp.text)
 
 

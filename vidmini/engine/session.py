@@ -192,12 +192,14 @@ class AnswerStream:
 
     def _run(self) -> Iterator[TokenEvent]:
         seq, handed = None, False
+        batcher = self._session.engine.batcher
         try:
-            with self._session.lock:
-                started = time.perf_counter()
-                self._info["queued_ms"] = (started - self._created) * 1000
-                seq, first = self._session._start(self._plan, self._cancel, self._info)
-            self._session.engine.batcher.start(seq, first)
+            with batcher.prefilling():  # until its first step is queued: decoding waits for it to join
+                with self._session.lock:
+                    started = time.perf_counter()
+                    self._info["queued_ms"] = (started - self._created) * 1000
+                    seq, first = self._session._start(self._plan, self._cancel, self._info)
+                batcher.start(seq, first)
             handed = True
             for ev in seq.events():
                 if not self._events:
@@ -467,21 +469,26 @@ class VideoSession:
             total = fused_question_sum_gathered(self.engine.model, qp, gathered)
             return (total / len(frames)).to(qp.text.dtype)
         total = torch.zeros(qp.text.shape, dtype=torch.float32, device=self.device)
-        for start in range(0, len(frames), self.fuse_batch_frames):
-            keys, values = self._gather(frames[start : start + self.fuse_batch_frames])
-            total += fused_question_sum(self.engine.model, qp, keys, values)
+        for chunk, local in src.group(list(frames)):  # chunk by chunk: a whole chunk is read in place, not copied
+            keys, values = self._chunk_states(chunk, local)
+            for start in range(0, len(local), self.fuse_batch_frames):
+                part = slice(start, start + self.fuse_batch_frames)
+                total += fused_question_sum(self.engine.model, qp, [k[part] for k in keys], [v[part] for v in values])
         return (total / len(frames)).to(qp.text.dtype)
+
+    def _chunk_states(self, chunk: int, local: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Chunk `chunk`'s pre-fusion keys/values of its frames `local`, through tier C (the resident tensors
+        themselves when every frame of the chunk is wanted)."""
+        keys, values = self.working_set.get(chunk)
+        if len(local) != keys[0].shape[0]:
+            idx = torch.tensor(local, device=keys[0].device)
+            keys, values = [k.index_select(0, idx) for k in keys], [v.index_select(0, idx) for v in values]
+        return keys, values
 
     def _gather(self, frames: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """These frames' pre-fusion keys/values, one (B, Hkv, S, D) tensor per layer, through tier C."""
         src = self.source
-        parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        for chunk, local in src.group(frames):
-            keys, values = self.working_set.get(chunk)
-            if len(local) != keys[0].shape[0]:
-                idx = torch.tensor(local, device=keys[0].device)
-                keys, values = [k.index_select(0, idx) for k in keys], [v.index_select(0, idx) for v in values]
-            parts.append((keys, values))
+        parts = [self._chunk_states(chunk, local) for chunk, local in src.group(frames)]
         if len(parts) == 1:
             return parts[0]
         return ([torch.cat([p[0][i] for p in parts]) for i in range(src.num_layers)],
