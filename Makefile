@@ -29,6 +29,9 @@ sysdeps:
 	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      chromium chromium-driver) >/dev/null || echo "warning: could not install chromium (the browser test will skip)"; }
+	@test -x /usr/sbin/mosquitto || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto) \
+	    >/dev/null || echo "warning: could not install mosquitto (the MQTT tests in tests/watch will skip)"; }
 
 install: $(STAMP) sysdeps
 

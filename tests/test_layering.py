@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vidmini"
-LAYERS = ["common", "engine", "store", "ingest", "index", "demo", "summaries", "service"]
+LAYERS = ["common", "engine", "store", "ingest", "index", "demo", "summaries", "watch", "service"]
 FACES = {"cli", "ui", "api"}
 FACE_MAY_IMPORT = {"service", "common"}
 # A face that starts another one: `vidmini serve` runs the HTTP face, and with `--app` the Streamlit face beside
