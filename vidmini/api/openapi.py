@@ -95,7 +95,14 @@ PATHS: dict[str, dict] = {
         "get": {"summary": "Summaries asked for this video", "parameters": [VIDEO_ID],
                 "responses": {"200": _ok("list of summaries"), **_errors(*AUTH, 404)}},
         "post": {"summary": "Start a summary (general, lecture, meeting, surveillance …)", "parameters": [VIDEO_ID],
-                 "requestBody": _json_body({"type": "object", "properties": {"mode": {"type": "string"}}}),
+                 "requestBody": _json_body({"type": "object", "properties": {
+                     "mode": {"enum": ["general", "lecture", "surveillance"]},
+                     "window": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                "description": "seconds per window (default: the mode's)"},
+                     "events": {"type": "array", "items": {"type": "string", "minLength": 1},
+                                "description": "the events to find (surveillance only, required there)"},
+                     "exact": {"type": "boolean",
+                               "description": "the record also carries unrounded numbers and event thumbnails"}}}),
                  "responses": {"202": _ok("the summary record", {"$ref": "#/components/schemas/Summary"}),
                                **_errors(400, *AUTH, 404, 503)}}},
     "/v1/summaries/{summary_id}": {"get": {
@@ -147,7 +154,9 @@ COMPONENTS = {
         "Summary": {"type": "object", "properties": {
             "id": {"type": "string"}, "video_id": {"type": "string"}, "mode": {"type": "string"},
             "status": {"enum": ["running", "ready", "failed"]}, "summary": {"type": ["object", "null"]},
-            "error": {"type": ["string", "null"]}}},
+            "error": {"type": ["string", "null"]},
+            "exact": {"type": ["object", "null"], "description": "GET /v1/summaries/{id} of an exact summary: "
+                      "{summary: unrounded fields, thumbnails: {name: base64 JPEG}}"}}},
     },
 }
 

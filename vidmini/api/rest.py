@@ -6,11 +6,13 @@ them all at `/openapi.json`."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,16 @@ class SummaryJob:
     result: dict | None = None
     error: str | None = None
     created: float = field(default_factory=time.time)
+    options: SummarizeOptions | None = None  # window and events beside the mode (None: the mode's defaults)
+    exact: bool = False  # also keep `exact_result`: every number unrounded, and the event thumbnails
+    exact_result: dict | None = None
 
-    def to_json(self) -> dict:
-        return {"id": self.summary_id, "object": "summary", "video_id": self.video_id, "mode": self.mode,
-                "status": self.status, "created": int(self.created), "error": self.error, "summary": self.result}
+    def to_json(self, exact: bool = False) -> dict:
+        out = {"id": self.summary_id, "object": "summary", "video_id": self.video_id, "mode": self.mode,
+               "status": self.status, "created": int(self.created), "error": self.error, "summary": self.result}
+        if exact and self.exact:
+            out["exact"] = self.exact_result
+        return out
 
 
 def job_json(job) -> dict:
@@ -197,14 +205,18 @@ class LibraryRoutes:
 
     # ---- summaries --------------------------------------------------------------------------------------------
     async def start_summary(self, request: Request) -> Response:
-        """POST /v1/videos/{id}/summaries {"mode"}: start a summary; read it at /v1/summaries/{summary id}."""
+        """POST /v1/videos/{id}/summaries {"mode", "window"?, "events"?, "exact"?}: start a summary; read it at
+        /v1/summaries/{summary id}. `window`: seconds per window (default: the mode's); `events`: what
+        surveillance looks for (needed there, refused elsewhere); `exact`: the record, once ready, also carries
+        `exact` = {"summary": every number unrounded, "thumbnails": event thumbnail name → base64 JPEG} (what
+        `vidmini summarize --server` renders its files from)."""
         video_id = self._store_id(request)
         body = await json_body(request)
-        mode = body.get("mode", "general")
-        if mode not in MODES:
-            raise ApiError(400, f"mode must be one of {', '.join(MODES)}", param="mode")
+        options, exact = summary_options(body), body.get("exact", False)
+        if not isinstance(exact, bool):
+            raise ApiError(400, "exact must be true or false", param="exact")
         self.api.need_model()
-        job = SummaryJob(f"sum-{uuid.uuid4().hex[:12]}", video_id, mode)
+        job = SummaryJob(f"sum-{uuid.uuid4().hex[:12]}", video_id, options.mode, options=options, exact=exact)
         with self._lock:
             self._summaries[job.summary_id] = job
         threading.Thread(target=self._summarize, args=(job,), name="vidmini-summary", daemon=True).start()
@@ -212,7 +224,11 @@ class LibraryRoutes:
 
     def _summarize(self, job: SummaryJob) -> None:
         try:
-            summary = self.library.summarize(job.video_id, SummarizeOptions(mode=job.mode))
+            summary = self.library.summarize(job.video_id, job.options or SummarizeOptions(mode=job.mode))
+            if job.exact:
+                job.exact_result = {
+                    "summary": {k: v for k, v in asdict(summary).items() if k != "thumbnails"},
+                    "thumbnails": {n: base64.b64encode(data).decode() for n, data in summary.thumbnails.items()}}
             job.result, job.status = summary.to_json(), "ready"
         except Exception as e:  # noqa: BLE001 - reported on the summary's record
             job.error, job.status = one_line(e), "failed"
@@ -222,13 +238,32 @@ class LibraryRoutes:
             job = self._summaries.get(request.path_params["summary_id"])
         if job is None:
             raise not_found(f"no summary {request.path_params['summary_id']}", "summary_not_found")
-        return JSONResponse(job.to_json())
+        return JSONResponse(job.to_json(exact=True))
 
     async def summaries(self, request: Request) -> Response:
         video_id = self._store_id(request)
         with self._lock:
             jobs = [j.to_json() for j in self._summaries.values() if j.video_id == video_id]
         return JSONResponse({"object": "list", "data": jobs})
+
+
+def summary_options(body: dict) -> SummarizeOptions:
+    """A summary request's mode, window and events, checked (a 400 naming the field otherwise)."""
+    mode = body.get("mode", "general")
+    if mode not in MODES:
+        raise ApiError(400, f"mode must be one of {', '.join(MODES)}", param="mode")
+    window = body.get("window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int | float)
+                               or not math.isfinite(window) or window <= 0):
+        raise ApiError(400, "window must be a number of seconds > 0 (or null: the mode's default)", param="window")
+    events = body.get("events", [])
+    if not isinstance(events, list) or not all(isinstance(e, str) and e.strip() for e in events):
+        raise ApiError(400, "events must be a list of non-empty event descriptions", param="events")
+    if mode == "surveillance" and not events:
+        raise ApiError(400, 'mode surveillance needs events, e.g. ["a person enters"]', param="events")
+    if events and mode != "surveillance":
+        raise ApiError(400, "events apply to mode surveillance", param="events")
+    return SummarizeOptions(mode, None if window is None else float(window), tuple(events))
 
 
 def allowed_under(roots: list[Path], path: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from vidmini.cli.remote import RemoteLibrary, RemoteService, server_url
 from vidmini.common.errors import UsageError
 from vidmini.service.options import BACKENDS, DTYPE_NAMES, IngestOptions, checked_ingest
 
@@ -31,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
     p.add_argument("--json", action="store_true", help="print the batch report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="ingest and summarize on a running `vidmini serve` (default: $VIDMINI_SERVER; its key: "
+                        "$VIDMINI_API_KEY); the same files are written here")
 
 
 def cmd_summarize(args: argparse.Namespace) -> int:
@@ -47,8 +51,18 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         raise UsageError("--workers must be >= 1")
     options = BatchOptions(summarize, tuple(dict.fromkeys(args.formats or ["md", "json"])), args.model,
                            args.device, args.dtype, args.fps, args.backend)
-    report = run_batch(args.paths, args.out, options, ray=args.ray, ray_address=args.ray_address,
-                       workers=args.workers, progress=not args.quiet)
+    server = server_url(args.server)
+    if server is not None:
+        if args.ray or args.ray_address or args.workers is not None:
+            raise UsageError("--ray, --ray-address and --workers run locally; drop --server (or $VIDMINI_SERVER)")
+        if args.model:
+            raise UsageError("--model: the server summarizes with its own model; drop --model or --server")
+        remote = RemoteService(server)
+        remote.check()  # a server that is down, or a wrong key, is one error before any input
+        report = run_batch(args.paths, args.out, options, library=RemoteLibrary(remote), progress=not args.quiet)
+    else:
+        report = run_batch(args.paths, args.out, options, ray=args.ray, ray_address=args.ray_address,
+                           workers=args.workers, progress=not args.quiet)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
