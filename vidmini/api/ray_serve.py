@@ -18,7 +18,8 @@
   to the ring owner (`vidmini/api/ray_router.py`), so a video's questions go to the replica that holds its warm
   session, and to the next one on the ring only once that one is dead; requests without a video are spread. Ingest
   jobs and summaries live in the replica that runs them: the ingress remembers which (for `/v1/jobs/{id}`,
-  `/v1/summaries/{id}`) and lists jobs from every replica that has some.
+  `/v1/summaries/{id}`) and lists jobs from every replica that has some (one replica at a time:
+  concurrent handle calls of one request are not routed reliably by Ray Serve, see `_gathered`).
 * **Failures.** A replica that dies (`ActorDiedError` and its kin) is dropped from the ring by Ray Serve's router.
   A question, or any GET, that had not been answered yet is sent once more, to the next replica on the ring;
   anything else (an add, a delete, a reply already streaming) gets 503 with `Retry-After` in OpenAI's error shape
@@ -460,13 +461,21 @@ class VidminiIngress:
 
     async def _gathered(self, request, path: str):
         """`GET /v1/jobs` and `GET /v1/videos` from every replica that holds jobs (jobs live in replica memory),
-        merged; stored videos are the same from every replica (one data root)."""
+        merged; stored videos are the same from every replica (one data root).
+
+        The replicas are asked one after another, never at once: a handle call made while serving a request
+        carries that request's `internal_request_id`, and Ray Serve's router keys the calls waiting for a replica
+        by it. A second call of one request waiting beside the first is not recorded (taken for a retry of it):
+        the replica chosen for either is handed to the first, and the second waits for a replica forever."""
         from starlette.responses import JSONResponse
 
         message = self._message(request, b"")
-        keys = list(dict.fromkeys(self._job_keys.values()))
-        answers = await asyncio.gather(*(self._exchange(message, k, True, whole=True) for k in keys),
-                                       return_exceptions=True)
+        answers: list = []
+        for key in dict.fromkeys(self._job_keys.values()):
+            try:
+                answers.append(await self._exchange(message, key, True, whole=True))
+            except Exception as e:  # noqa: BLE001 - that replica is left out; all failing is a 503 below
+                answers.append(e)
         if all(isinstance(a, BaseException) for a in answers):
             raise _unavailable()
         rows: dict[str, dict] = {}
