@@ -10,7 +10,8 @@ every video is asked once before timing). Answers are held to a JSON schema with
 after a word or two and the table would measure prefill). A round: every client asks one question at the same
 moment; the round's wall time covers all of them. Prints a table: per client count, aggregate completion
 tokens/s (tokens of all answers / wall time of the rounds), p50/p95 time to first token, and the speed-up of the
-aggregate over one client. A second table asks the same questions through the service in the bench's own process
+aggregate over one client. The in-process table adds the decoder's own rate: tokens decoded in batched steps per
+second spent in those steps (the batcher's counters), i.e. decoding without the questions' fusion and prefill. A second table asks the same questions through the service in the bench's own process
 (no HTTP, no server): the engine's share, with the decode batcher's step counts and batch sizes.
 """
 
@@ -120,10 +121,13 @@ def main() -> None:
     if engine_rows:
         one = next((r[1] for r in engine_rows if r[0] == 1), None)
         print("\nthe same questions in-process (`Library.ask` from N threads, no HTTP): the engine's own share")
-        print("| clients | aggregate tokens/s | decode steps | mean batch | max batch | vs 1 client |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for n, rate, steps, mean, most in engine_rows:
-            print(f"| {n} | {rate:.1f} | {steps} | {mean:.2f} | {most} | {rate / one:.2f}x |")
+        print("| clients | aggregate tokens/s | vs 1 client | decode steps | mean batch | max batch "
+              "| decode-step tokens/s | vs 1 client |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        one_step = next((r[5] for r in engine_rows if r[0] == 1), None)
+        for n, rate, steps, mean, most, step_rate in engine_rows:
+            print(f"| {n} | {rate:.1f} | {rate / one:.2f}x | {steps} | {mean:.2f} | {most} | {step_rate:.1f} "
+                  f"| {step_rate / one_step:.2f}x |")
 
 
 def in_process(home: Path, ids: list[str], args) -> list[tuple]:
@@ -150,7 +154,8 @@ def in_process(home: Path, ids: list[str], args) -> list[tuple]:
         sizes = batcher.batch_sizes
         steps = sum(sizes.values())
         mean = sum(k * v for k, v in sizes.items()) / steps if steps else 0.0
-        rows.append((n, sum(tokens) / wall, steps, mean, batcher.max_batch_seen))
+        rows.append((n, sum(tokens) / wall, steps, mean, batcher.max_batch_seen,
+                     batcher.tokens / batcher.step_s if batcher.step_s else 0.0))
     return rows
 
 
