@@ -138,8 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     mc.add_argument("--device", default="cpu")
 
     from vidmini.cli.summarize import add_parser as add_summarize_parser
+    from vidmini.cli.watch import add_parser as add_watch_parser
 
     add_summarize_parser(sub)
+    add_watch_parser(sub)
     return p
 
 
@@ -471,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
                 "demo": cmd_demo, "search": cmd_search, "scenes": cmd_scenes, "sample": cmd_sample,
                 "serve": cmd_serve, "mcp": cmd_mcp}
     from vidmini.cli.summarize import cmd_summarize
+    from vidmini.cli.watch import cmd_watch
 
-    commands["summarize"] = cmd_summarize
+    commands["summarize"], commands["watch"] = cmd_summarize, cmd_watch
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

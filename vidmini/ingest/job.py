@@ -156,12 +156,14 @@ def run_ingest(
     cancel: threading.Event | None = None,
     on_chunk: Callable[[VideoStore, int, torch.Tensor | None], None] | None = None,
     prefetched: PrefetchedFrames | None = None,
+    finished: Callable[[], bool] | None = None,
 ) -> IngestResult:
     """Ingest one file or stream; reuses a complete store, resumes an incomplete one.
 
     `on_chunk(store, first_frame, embeddings)` runs after each chunk is committed (the moment-search index
     adds a live source's frames as they arrive). `prefetched`: the same source's frames, already being decoded
-    under the same options (started before the model loaded); the caller closes it."""
+    under the same options (started before the model loaded); the caller closes it. `finished`: for a live file,
+    says when its writer is done with it (the ingest then ends without waiting out `idle_timeout`)."""
     from vidmini.ingest.live import FollowFile, is_stream_url
     from vidmini.ingest.probe import probe
     from vidmini.ingest.sampler import FrameSampler
@@ -170,9 +172,10 @@ def run_ingest(
     options = options or IngestOptions()
     t0 = time.perf_counter()
     url = is_stream_url(source)
-    # a stream can be opened once: it is probed by the sampler's own connection, not separately
-    info = None if url else probe(source, stream=options.stream)
     is_live = options.live or url
+    # a stream can be opened once: it is probed by the sampler's own connection, not separately; nor is a file
+    # still being written (its first bytes may not be there yet, and it has no duration)
+    info = None if is_live else probe(source, stream=options.stream)
     video_fp = fingerprint_url(source, time.strftime("%Y%m%dT%H%M%S")) if is_live else fingerprint(source)
     model_id, config_hash = model_fingerprint(engine)
     key = StoreKey(video_fp, model_id, config_hash, options.sampling_key())
@@ -201,7 +204,7 @@ def run_ingest(
     if prefetched is not None and prefetched.side in (None, engine.frame_side):
         sampler = prefetched
     else:
-        reader = FollowFile(source, options.idle_timeout) if options.live and not url else source
+        reader = FollowFile(source, options.idle_timeout, finished=finished) if options.live and not url else source
         sampler = FrameSampler(reader, fps=None if options.every_k else options.fps, every_k=options.every_k,
                                mode=options.mode, stream=options.stream, backend=options.backend,
                                hwaccel=options.hwaccel)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtp://", "udp://", "tcp://", "srt://", "http://", "https://")
@@ -21,13 +22,15 @@ def is_stream_url(source: str) -> bool:
 
 
 class FollowFile(io.RawIOBase):
-    """Reads a file that another process is still appending to; EOF only after `idle_timeout` s of no growth."""
+    """Reads a file that another process is still appending to; EOF only after `idle_timeout` s of no growth, or
+    at once when `finished()` says the writer is done with it (a recorder that moved on to its next segment)."""
 
-    def __init__(self, path: str | Path, idle_timeout: float = 5.0, poll: float = 0.05) -> None:
+    def __init__(self, path: str | Path, idle_timeout: float = 5.0, poll: float = 0.05,
+                 finished: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
-        self.idle_timeout, self.poll = idle_timeout, poll
+        self.idle_timeout, self.poll, self.finished = idle_timeout, poll, finished
         self.name = str(self.path)
 
     def readable(self) -> bool:
@@ -47,6 +50,10 @@ class FollowFile(io.RawIOBase):
             size = os.fstat(self._f.fileno()).st_size
             if size > self._f.tell():
                 continue
+            if self.finished is not None and self.finished():
+                if os.fstat(self._f.fileno()).st_size > self._f.tell():
+                    continue  # its last bytes came before it was done
+                return 0
             time.sleep(self.poll)
             waited += self.poll
 

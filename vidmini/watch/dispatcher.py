@@ -101,8 +101,6 @@ class Dispatcher:
     def __init__(self, folder: Path | str, sinks: Sequence[SinkConfig | Sink], policy: RetryPolicy | None = None,
                  *, idle_poll_s: float = 1.0, batch: int = 100, housekeeping_s: float = 60.0,
                  keep_done_s: float = 7 * 24 * 3600.0):
-        if not sinks:
-            raise ValueError("a dispatcher needs at least one sink")
         self.idle_poll_s, self.batch = idle_poll_s, batch
         self.housekeeping_s, self.keep_done_s = housekeeping_s, keep_done_s
         self.clock = time.time

@@ -116,7 +116,7 @@ class Outbox:
 
     def __init__(self, folder: Path | str, sinks: Sequence[str], policy: RetryPolicy | None = None,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None):
-        if not sinks or len(set(sinks)) != len(sinks):
+        if len(set(sinks)) != len(sinks):  # none: the alerts are only kept (a watch's log and feed)
             raise ValueError(f"the outbox needs distinct sink names, got {list(sinks)}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -162,6 +162,12 @@ class Outbox:
                            "VALUES (?, ?, ?, ?, 'pending', 0, ?, ?)",
                            [(alert.key, s, seq, alert.event, now, now) for s in (sinks or self.sinks)])
         return True
+
+    def alerts(self, after_seq: int = 0, limit: int | None = None) -> list[Alert]:
+        """The alerts kept here (delivered ones until `prune` forgets them), in the order they were put."""
+        rows = self._read("SELECT payload FROM alerts WHERE seq > ? ORDER BY seq" + (" LIMIT ?" if limit else ""),
+                          (after_seq, limit) if limit else (after_seq,))
+        return [Alert.from_dict(json.loads(p)) for (p,) in rows]
 
     def pending(self, sink: str, limit: int = 100, now: float | None = None) -> list[Delivery]:
         """Deliveries to `sink` that are due now, oldest first (an event's later alerts after its earlier ones)."""
