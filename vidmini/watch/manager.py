@@ -140,6 +140,10 @@ class WatchManager:
                         "status": status})
         return out
 
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
