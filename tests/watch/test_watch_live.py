@@ -169,6 +169,53 @@ def test_a_live_stream_watched_end_to_end_alerts_match_the_truth(demo_engine, tm
     mqtt_keys = {m.json()["key"] for m in sub.on("vidmini/door/events")}
     assert set(keys) <= mqtt_keys
 
+    # questions over live time: each showing's span, asked in wall-clock time, is answered with its word
+    from vidmini.demo.questions import TEXT_Q
+    from vidmini.service.library import Library
+    from vidmini.service.watches import ask_watch
+
+    lib = Library(tmp_path / "home", engine=demo_engine)
+    for word, spans in truth.items():
+        for a, b in spans:
+            if b - a < 2 or b > SECONDS - 4:
+                continue
+            since, until = t0 + timedelta(seconds=a + 0.6), t0 + timedelta(seconds=b - 0.4)
+            got_answer = ask_watch(lib, "door", TEXT_Q, since=since.isoformat(), until=until).result()
+            assert got_answer.frames >= 1
+            assert all(since <= datetime.fromisoformat(t) <= until for t in got_answer.times)
+            assert got_answer.text.upper().startswith(word), (word, got_answer.text)
+    across = ask_watch(lib, "door", TEXT_Q, since=t0 + timedelta(seconds=5.5), until=t0 + timedelta(seconds=25.5))
+    whole = across.result()
+    assert whole.frames == 20 and len(across.timeline.parts) == 3  # frames 6..25 from three segments' stores
+    assert [round((datetime.fromisoformat(t) - t0).total_seconds()) for t in whole.times][:3] == [6, 7, 8]
+
+    # the same from the command line, the span given in another time zone; and the report over every watch
+    import os
+    import sys
+    from datetime import timezone
+
+    kolkata = timezone(timedelta(hours=5, minutes=30))
+    red = truth["RED"][0]
+    env = {**os.environ, "VIDMINI_HOME": str(tmp_path / "home")}
+    env.pop("VIDMINI_MODEL", None)
+    cli = [sys.executable, "-m", "vidmini.cli.main", "watch"]
+    out = subprocess.run([*cli, "ask", "door", TEXT_Q, "--json",
+                          "--since", (t0 + timedelta(seconds=red[0] + 0.6)).astimezone(kolkata).isoformat(),
+                          "--until", (t0 + timedelta(seconds=red[1] - 0.4)).astimezone(kolkata).isoformat()],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    asked = json.loads(out.stdout)
+    assert asked["text"].upper().startswith("RED") and asked["frames"] == 5  # frames 13..17
+    out = subprocess.run([*cli, "report", "--since", t0.isoformat(), "--window", "10", "--json"], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    (door,) = report["watches"]
+    assert door["name"] == "door" and door["frames"] >= SECONDS - 2 and len(door["windows"]) >= 4
+    assert [(a["key"]) for a in report["alerts"]] == sorted(
+        keys, key=lambda k: next((b["start"], b["watch"], b["rule"], b["kind"]) for b in map(json.loads, (
+            r.body for r in hook.requests)) if b["key"] == k))
+
 
 def watch_run(home: Path) -> subprocess.Popen:
     """`vidmini watch run`: the watches of `home` in a process of their own, as a service runs them."""

@@ -15,7 +15,7 @@ import threading
 
 def add_parser(sub) -> None:
     p = sub.add_parser("watch", help="watch cameras and streams around the clock: rules, alerts (webhooks, MQTT)")
-    wsub = p.add_subparsers(dest="watch_command", required=True, metavar="{add,list,rm,pause,resume,run,alerts}")
+    wsub = p.add_subparsers(dest="watch_command", required=True, metavar="{add,list,rm,pause,resume,run,ask,report,alerts}")
 
     add = wsub.add_parser("add", help="watch a stream URL (RTSP, HTTP(S)/HLS, SRT, UDP, TCP) or a growing file")
     add.add_argument("source")
@@ -46,6 +46,21 @@ def add_parser(sub) -> None:
     run = wsub.add_parser("run", help="run the watches here in the foreground (what `vidmini serve` also does)")
     run.add_argument("--model", help="checkpoint directory or Hugging Face id")
     run.add_argument("--device", default="cpu")
+    ask = wsub.add_parser("ask", help="a question over a watch's recording in wall-clock time")
+    ask.add_argument("name")
+    ask.add_argument("question")
+    ask.add_argument("--since", default=None, help="from: a time (ISO 8601; no zone = local) or a duration back, "
+                                                   "e.g. 10m (default: the oldest frame kept)")
+    ask.add_argument("--until", default=None, help="to: a time or a duration back (default: now)")
+    ask.add_argument("--json", action="store_true")
+    ask.add_argument("--model", help="checkpoint directory or Hugging Face id")
+    rep = wsub.add_parser("report", help='"while you were away": each watch summarized over a span, and its alerts')
+    rep.add_argument("names", nargs="*", metavar="NAME", help="the watches (default: all)")
+    rep.add_argument("--since", default="8h", help="from (a time, or a duration back; default 8h)")
+    rep.add_argument("--until", default=None, help="to (default: now)")
+    rep.add_argument("--window", type=float, default=60.0, help="seconds per summary line (default 60)")
+    rep.add_argument("--json", action="store_true")
+    rep.add_argument("--model", help="checkpoint directory or Hugging Face id")
     al = wsub.add_parser("alerts", help="a watch's alerts, newest last")
     al.add_argument("name")
     al.add_argument("--json", action="store_true")
@@ -176,5 +191,56 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local(iso: str | None) -> str:
+    """An ISO time shown in this machine's time zone (with its offset)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).astimezone().isoformat(timespec="seconds") if iso else "-"
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from vidmini.common.paths import data_home
+    from vidmini.service.library import Library
+    from vidmini.service.watches import ask_watch
+
+    lib = Library(data_home(), model=args.model)
+    asking = ask_watch(lib, args.name, args.question, since=args.since, until=args.until)
+    if not args.json:
+        for piece in asking.text():
+            print(piece, end="", flush=True)
+        print()
+    answer = asking.result()
+    if args.json:
+        print(json.dumps(answer.to_json(), indent=1))
+    else:
+        print(f"({args.name}, {_local(answer.since)} to {_local(answer.until)}, {answer.frames} frames)",
+              file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vidmini.common.paths import data_home
+    from vidmini.service.library import Library
+    from vidmini.service.watches import watch_report
+
+    lib = Library(data_home(), model=args.model)
+    report = watch_report(lib, args.names or None, since=args.since, until=args.until, window_s=args.window)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"# While you were away: {_local(report['since'])} to {_local(report['until']) if report['until'] else 'now'}")
+    for w in report["watches"]:
+        print(f"\n## {w['name']}: {w['frames']} frames, {len(w['alerts'])} alerts\n\n{w['summary']}\n")
+        for line in w["windows"]:
+            print(f"- {_local(line['start'])} – {_local(line['end'])[11:]}: {line['text']}")
+    print("\n## Alerts in order\n")
+    for a in report["alerts"]:
+        print(f"- {_local(a['start'])}  {a['watch']}  {a['kind']}  {a['rule']}"
+              + (f" (until {_local(a['end'])[11:]})" if a.get("end") else ""))
+    if not report["alerts"]:
+        print("- none")
+    return 0
+
+
 _COMMANDS = {"add": _add, "list": _list, "rm": _rm, "pause": _pause, "resume": _resume, "run": _run,
-             "alerts": _alerts}
+             "alerts": _alerts, "ask": _ask, "report": _report}
