@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from watch_helpers import SECRET, free_port, wait_until
+from watch_helpers import SECRET, Camera, wait_until
 
 from vidmini.watch.alert import parse_time
 from vidmini.watch.recorder import Backoff, read_segments
@@ -37,30 +37,6 @@ def demo_engine():
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("VIDMINI_MODEL", raising=False)
         return open_engine(choose_model(None))
-
-
-class Camera:
-    """ffmpeg playing `video` in real time as H.264 in MPEG-TS (re-encoded as `write_video` encodes, crf 20, with a
-    keyframe every 4 frames; pts from 0): to one TCP
-    client (`tcp`), or pushed as UDP datagrams whether anyone listens or not, as many cameras do (`udp`)."""
-
-    def __init__(self, video: Path, protocol: str = "tcp") -> None:
-        self.port = free_port()
-        self.url = f"{protocol}://127.0.0.1:{self.port}"
-        out = f"{self.url}?listen=1" if protocol == "tcp" else f"{self.url}?pkt_size=1316"
-        self.proc = subprocess.Popen(
-            ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re", "-i", str(video),
-             "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-tune", "zerolatency", "-g", "4", "-muxdelay", "0",
-             "-muxpreload", "0", "-f", "mpegts", out],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def wait(self, timeout: float) -> None:
-        self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def world(tmp_path: Path, seed: int):

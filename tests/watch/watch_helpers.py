@@ -201,3 +201,36 @@ class Receiver:
         self.server.shutdown()
         self.server.server_close()
 
+
+class Camera:
+    """ffmpeg playing `video` in real time as H.264 in MPEG-TS (re-encoded as `write_video` encodes, crf 20, with a
+    keyframe every 4 frames; pts from 0): to one TCP
+    client (`tcp`), or pushed as UDP datagrams whether anyone listens or not, as many cameras do (`udp`)."""
+
+    ENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-tune", "zerolatency", "-g", "4"]
+
+    def __init__(self, video: Path, protocol: str = "tcp", copy: bool = False) -> None:
+        """`copy`: `video` is already what the camera sends (e.g. made by `Camera.encode`): sent as it is."""
+        self.port = free_port()
+        self.url = f"{protocol}://127.0.0.1:{self.port}"
+        out = f"{self.url}?listen=1" if protocol == "tcp" else f"{self.url}?pkt_size=1316"
+        codec = ["-c", "copy"] if copy else self.ENCODE
+        self.proc = subprocess.Popen(
+            ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re", "-i", str(video), *codec,
+             "-muxdelay", "0", "-muxpreload", "0", "-f", "mpegts", out],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    @classmethod
+    def encode(cls, video: Path, out: Path) -> Path:
+        """What the camera would send, as an MPEG-TS file (to know its size, or to send it with `copy`)."""
+        subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(video),
+                        *cls.ENCODE, "-muxdelay", "0", "-muxpreload", "0", "-f", "mpegts", str(out)], check=True)
+        return out
+
+    def wait(self, timeout: float) -> None:
+        self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -14,6 +14,7 @@ Retention removes whole segments past the watch's bounds together with their sto
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -57,12 +58,13 @@ class WatchRunner:
     thread-safe; the watch's sessions are its own)."""
 
     def __init__(self, spec: WatchSpec, folders: WatchFolders, engine, submit, *, chunk_frames: int = 1,
-                 stall_s: float = 10.0, recorder_options: dict | None = None) -> None:
+                 stall_s: float = 10.0, retain_every_s: float = RETAIN_EVERY_S,
+                 recorder_options: dict | None = None) -> None:
         from vidmini.watch.rules import RuleEvaluator, RuleSpec
 
         self.spec, self.folders, self.engine, self._submit = spec, folders, engine, submit
         self.folder = folders.folder(spec.name)
-        self.chunk_frames, self.stall_s = chunk_frames, stall_s
+        self.chunk_frames, self.stall_s, self.retain_every_s = chunk_frames, stall_s, retain_every_s
         state = folders.read_state(spec.name)
         self._stores: dict[str, str] = dict(state.get("stores", {}))  # segment file → store folder
         self._last_judged: datetime | None = (datetime.fromisoformat(state["last_frame"])
@@ -107,7 +109,7 @@ class WatchRunner:
                 self.spec.name, "failed" if self._error else self.recorder.state, self._frames,
                 self._last_judged.isoformat() if self._last_judged else None,
                 [t.rule for t in self.evaluator.trackers if t.open], self._alerts, len(segments),
-                sum(s.path.stat().st_size for s in segments if s.path.exists()) + _tree_bytes(self.folder / "videos"),
+                sum(_file_bytes(s.path) for s in segments) + _tree_bytes(self.folder / "videos"),
                 len(self.recorder.gaps()), self._error)
 
     # ---- the follower thread ------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ class WatchRunner:
 
     def _maybe_retain(self) -> None:
         now = time.monotonic()
-        if now - self._last_retain < RETAIN_EVERY_S:
+        if now - self._last_retain < self.retain_every_s:
             return
         self._last_retain = now
         self.retain()
@@ -276,7 +278,16 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text)[:40].strip("-") or "rule"
 
 
-def _tree_bytes(path: Path) -> int:
-    if not path.exists():
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # removed by retention meanwhile
         return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes under `path`; files that retention removes while this walks count as 0."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        total += sum(_file_bytes(Path(folder, f)) for f in files)
+    return total
