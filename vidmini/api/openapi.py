@@ -22,8 +22,9 @@ def _ok(description: str, schema: dict | None = None, media: str = "application/
 
 def _errors(*statuses: int) -> dict:
     why = {400: "bad input", 401: "missing or wrong API key", 403: "a path outside the media roots",
-           404: "no such video, job or summary", 413: "upload too large", 429: "rate limit or queue full",
-           500: "the model failed to load", 503: "the model is loading"}
+           404: "no such video, job, summary, watch or alert", 409: "a watch of that name exists, or (the alerts' "
+           "stream) this server runs no watches", 413: "upload too large", 429: "rate limit or queue full",
+           500: "the model failed to load", 503: "the model (or the watches) still starting"}
     return {str(s): _ok(why[s], ERROR) for s in statuses}
 
 
@@ -42,6 +43,10 @@ def _json_body(schema: dict) -> dict:
 
 VIDEO_ID = _path_param("video_id", "a stored video's id (or a unique prefix)")
 JOB_ID = _path_param("job_id", "an ingest job's id")
+WATCH_NAME = _path_param("name", "a watch's name")
+ALERT_KEY = _path_param("key", "an alert's key, URL-encoded (a '/' in it written %2F first); the alert's "
+                               "thumbnail_url and clip_url name it so")
+WATCH = {"$ref": "#/components/schemas/Watch"}
 AUTH = (401, 429)
 
 PATHS: dict[str, dict] = {
@@ -123,6 +128,43 @@ PATHS: dict[str, dict] = {
         "summary": "MCP over streamable HTTP (tools: list_videos, get_video, add_video, ask, search_moments, "
                    "summarize); use an MCP client, e.g. the `mcp` SDK's streamable_http_client",
         "responses": {"200": _ok("MCP messages"), **_errors(*AUTH)}}},
+    "/v1/watches": {
+        "get": {"summary": "Live watches: each one's spec (without secrets) and status",
+                "responses": {"200": _ok("list of watches"), **_errors(*AUTH)}},
+        "post": {"summary": "Watch a stream URL (or a growing server file under a media root) around the clock; "
+                            "started at once unless paused",
+                 "requestBody": _json_body({"$ref": "#/components/schemas/WatchRequest"}),
+                 "responses": {"201": _ok("the watch", WATCH), **_errors(400, *AUTH, 403, 404, 409)}}},
+    "/v1/watches/events": {"get": {
+        "summary": "New alerts of every watch as server-sent events (id: a sequence number, resumable with "
+                   "Last-Event-ID; data: the alert, thumbnail_url in place of its image)",
+        "parameters": [_query("watch", "only this watch's alerts")],
+        "responses": {"200": _ok("event stream", {"$ref": "#/components/schemas/Alert"}, "text/event-stream"),
+                      **_errors(*AUTH, 404, 409, 503)}}},
+    "/v1/watches/{name}": {
+        "get": {"summary": "One watch: spec (without secrets) and status", "parameters": [WATCH_NAME],
+                "responses": {"200": _ok("the watch", WATCH), **_errors(*AUTH, 404)}},
+        "delete": {"summary": "Stop a watch and delete it with its recording and alerts", "parameters": [WATCH_NAME],
+                   "responses": {"200": _ok("deleted"), **_errors(*AUTH, 404)}}},
+    "/v1/watches/{name}/pause": {"post": {
+        "summary": "Stop watching for now (the recording and alerts stay)", "parameters": [WATCH_NAME],
+        "responses": {"200": _ok("the watch", WATCH), **_errors(*AUTH, 404)}}},
+    "/v1/watches/{name}/resume": {"post": {
+        "summary": "Watch again (a failed watch is tried again)", "parameters": [WATCH_NAME],
+        "responses": {"200": _ok("the watch", WATCH), **_errors(*AUTH, 404)}}},
+    "/v1/watches/{name}/alerts": {"get": {
+        "summary": "A watch's alerts (new, update, end), oldest first",
+        "parameters": [WATCH_NAME, _query("since", "only events that started or ended at or after this time "
+                                                   "(ISO 8601 with a time zone)")],
+        "responses": {"200": _ok("list of alerts"), **_errors(400, *AUTH, 404)}}},
+    "/v1/watches/{name}/alerts/{key}/thumbnail": {"get": {
+        "summary": "An alert's thumbnail: its event's first frame (new alerts)", "parameters": [WATCH_NAME, ALERT_KEY],
+        "responses": {"200": _ok("JPEG", media="image/jpeg"), **_errors(*AUTH, 404)}}},
+    "/v1/watches/{name}/alerts/{key}/clip": {"get": {
+        "summary": "An alert's clip of its event (end alerts); HTTP range requests supported",
+        "parameters": [WATCH_NAME, ALERT_KEY],
+        "responses": {"200": _ok("MP4", media="video/mp4"), "206": _ok("a range of it", media="video/mp4"),
+                      **_errors(*AUTH, 404)}}},
     "/v1/search": {"get": {
         "summary": "Moments matching a description, best first",
         "parameters": [_query("q", "what to look for", required=True), _query("video_id", "only this video"),
@@ -151,6 +193,45 @@ COMPONENTS = {
             "video_id": {"type": ["string", "null"]}, "frames_done": {"type": "integer"},
             "total": {"type": ["integer", "null"]}, "fraction": {"type": ["number", "null"]},
             "error": {"type": ["string", "null"]}}},
+        "WatchRequest": {"type": "object", "required": ["source", "name"], "properties": {
+            "source": {"type": "string", "description": "a stream URL (rtsp, rtmp, http(s)/HLS, srt, udp, tcp, rtp) "
+                                                        "or a growing server file under a media root"},
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"},
+            "fps": {"type": "number", "default": 1.0, "minimum": 0.05, "maximum": 30},
+            "retain": {"type": ["string", "number"], "description": "recording kept: 24h, 90m, 2d or seconds "
+                                                                    "(default 24h unless retain_gb)"},
+            "retain_gb": {"type": "number", "exclusiveMinimum": 0},
+            "rules": {"type": "array", "items": {"oneOf": [
+                {"type": "string", "description": "an event, e.g. a person enters"},
+                {"type": "object", "required": ["event"], "properties": {
+                    "event": {"type": "string"}, "on_frames": {"type": "integer", "minimum": 1, "default": 2},
+                    "off_frames": {"type": "integer", "minimum": 1, "default": 3},
+                    "cooldown_s": {"type": ["number", "string"], "default": 0},
+                    "threshold": {"type": ["number", "null"]}, "update_every_s": {"type": ["number", "null"]},
+                    "name": {"type": ["string", "null"]}}}]}},
+            "webhooks": {"type": "array", "items": {"type": "object", "required": ["url", "secret"], "properties": {
+                "url": {"type": "string"}, "secret": {"type": "string", "description": "HMAC key of the "
+                                                                                         "X-Vidmini-Signature"}}}},
+            "mqtt": {"type": "array", "items": {"type": "object", "required": ["host"], "properties": {
+                "host": {"type": "string"}, "port": {"type": "integer", "default": 1883},
+                "topic_prefix": {"type": "string", "default": "vidmini"}}}},
+            "segment_s": {"type": ["number", "string"], "default": 60},
+            "paused": {"type": "boolean", "default": False}}},
+        "Watch": {"type": "object", "properties": {
+            "name": {"type": "string"}, "source": {"type": "string", "description": "a URL's password shown as ***"},
+            "fps": {"type": "number"}, "retain_s": {"type": ["number", "null"]},
+            "retain_bytes": {"type": ["integer", "null"]}, "rules": {"type": "array", "items": {"type": "object"}},
+            "sinks": {"type": "array", "items": {"type": "object"}, "description": "without their secrets"},
+            "segment_s": {"type": "number"}, "paused": {"type": "boolean"}, "created": {"type": "string"},
+            "status": {"type": "object", "properties": {
+                "state": {"enum": ["connecting", "recording", "backoff", "paused", "stopped", "failed"]},
+                "frames": {"type": "integer"}, "alerts": {"type": "integer"},
+                "last_frame": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]}}}}},
+        "Alert": {"type": "object", "properties": {
+            "watch": {"type": "string"}, "rule": {"type": "string"}, "kind": {"enum": ["new", "update", "end"]},
+            "start": {"type": "string"}, "end": {"type": ["string", "null"]}, "confidence": {"type": "number"},
+            "key": {"type": "string", "description": "the idempotency key, the same at every sink"},
+            "thumbnail_url": {"type": ["string", "null"]}, "clip_url": {"type": ["string", "null"]}}},
         "Summary": {"type": "object", "properties": {
             "id": {"type": "string"}, "video_id": {"type": "string"}, "mode": {"type": "string"},
             "status": {"enum": ["running", "ready", "failed"]}, "summary": {"type": ["object", "null"]},

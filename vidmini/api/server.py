@@ -6,6 +6,7 @@ Routes (every one but `/health` needs `Authorization: Bearer <key>` when keys ar
   POST /v1/chat/completions         a question about a stored video (`video_url` part `vidmini://<id>`, or a file
                                     under a media root, ingested first), plain or streamed as server-sent events
   GET  /v1/videos, /v1/videos/{id}  the library
+  …/v1/watches                      live watches: add, list, pause, resume, delete, alerts, a stream of new ones
 Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the status that says why.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import tempfile
 import threading
 import time
@@ -30,11 +32,13 @@ from starlette.routing import Route
 
 from vidmini.api.errors import ApiError
 from vidmini.api.limits import PendingBound, RateLimiter
-from vidmini.api.rest import STREAM_SCHEMES, LibraryRoutes, allowed_under
+from vidmini.api.rest import STREAM_SCHEMES, LibraryRoutes, WatchRoutes, allowed_under
 from vidmini.common.errors import UsageError
 from vidmini.common.keys import ApiKeys, digest, is_loopback
 from vidmini.service.library import Library, LibraryError
 from vidmini.service.options import LIVE_CHUNK_FRAMES, AskOptions, IngestOptions
+
+log = logging.getLogger(__name__)
 
 VIDEO_SCHEME = "vidmini://"
 STREAM_FIRST_FRAMES_S = 30.0  # how long a question on a new stream waits for its first frames
@@ -53,6 +57,10 @@ class ServeConfig:
     # a Ray Serve replica (vidmini/api/ray_serve.py): no port of its own; the ingress in front of it checks the keys
     # and the rate limit, once for every replica, and this app checks none
     behind_ingress: bool = False
+    # run the data home's watches (`run_watches`) from start-up to shutdown: `vidmini serve` does unless
+    # --no-watches; off by default, so an app made for a test, or a Ray replica (one of several), runs none
+    watches: bool = False
+    watch_options: dict = field(default_factory=dict)  # `run_watches`' options (poll_s, runner_options)
 
     def check(self) -> ServeConfig:
         """Refuse to serve a network without keys: anyone who can reach the port could read every video."""
@@ -153,6 +161,10 @@ class VidminiApi:
         self.limiter = RateLimiter(config.rate_per_minute) if config.rate_per_minute else None
         self.pending = PendingBound(config.max_pending)
         self._streams_lock = threading.Lock()
+        self.watches = None  # the running WatchManager (config.watches), from start-up on
+        self.stopping = threading.Event()  # set when the server begins to stop: endless event streams end
+        self._watches_lock = threading.Lock()
+        self._watches_closed = False
         threading.Thread(target=self._load, name="vidmini-model-load", daemon=True).start()
 
     def _load(self) -> None:
@@ -163,6 +175,36 @@ class VidminiApi:
             import sys
 
             print(f"vidmini: error: the model failed to load: {self.load_error}", file=sys.stderr, flush=True)
+
+    def start_watches(self) -> None:
+        """The data home's watches, started on a thread of their own: the first one waits for the model, and
+        the server answers meanwhile."""
+        if self.config.watches:
+            with self._watches_lock:
+                self._watches_closed = False
+            threading.Thread(target=self._run_watches, name="vidmini-watches-start", daemon=True).start()
+
+    def _run_watches(self) -> None:
+        from vidmini.service.watches import run_watches
+
+        try:
+            manager = run_watches(self.library, **self.config.watch_options)
+        except Exception:  # noqa: BLE001 - the API serves on; the watches are reported by the log
+            log.exception("the watches did not start")
+            return
+        with self._watches_lock:
+            if not self._watches_closed:
+                self.watches = manager
+                return
+        manager.close()  # the server stopped while they started
+
+    def close_watches(self) -> None:
+        """Stop the watches (each finishes its segment and judges what it recorded)."""
+        with self._watches_lock:
+            self._watches_closed = True
+            manager, self.watches = self.watches, None
+        if manager is not None:
+            manager.close()
 
     def need_model(self) -> None:
         if self.load_error:
@@ -209,7 +251,7 @@ class VidminiApi:
 
         from vidmini.api.openapi import docs_page, openapi_document
 
-        rest, guarded = LibraryRoutes(self), self.guarded
+        rest, watches, guarded = LibraryRoutes(self), WatchRoutes(self), self.guarded
         routes = [
             Route("/health", guarded(self.health, needs_key=False)),
             Route("/openapi.json", guarded(openapi_document, needs_key=False)),
@@ -231,6 +273,16 @@ class VidminiApi:
             Route("/v1/jobs/{job_id}", guarded(rest.cancel_job), methods=["DELETE"]),
             Route("/v1/jobs/{job_id}/events", guarded(rest.job_events)),
             Route("/v1/search", guarded(rest.search)),
+            Route("/v1/watches", guarded(watches.index)),
+            Route("/v1/watches", guarded(watches.add), methods=["POST"]),
+            Route("/v1/watches/events", guarded(watches.events)),  # before /v1/watches/{name}
+            Route("/v1/watches/{name}", guarded(watches.get)),
+            Route("/v1/watches/{name}", guarded(watches.remove), methods=["DELETE"]),
+            Route("/v1/watches/{name}/pause", guarded(watches.pause), methods=["POST"]),
+            Route("/v1/watches/{name}/resume", guarded(watches.resume), methods=["POST"]),
+            Route("/v1/watches/{name}/alerts", guarded(watches.alerts)),
+            Route("/v1/watches/{name}/alerts/{key}/thumbnail", guarded(watches.thumbnail)),
+            Route("/v1/watches/{name}/alerts/{key}/clip", guarded(watches.clip)),
         ]
         from starlette.routing import Mount
 
@@ -256,7 +308,7 @@ class VidminiApi:
                                          allow_methods=["GET", "POST", "DELETE"],
                                          allow_headers=["Authorization", "Content-Type"]))
         # a mounted app's lifespan does not run by itself: the MCP session manager's (and the app's Streamlit
-        # runtime, when there is one) run as this app's
+        # runtime, when there is one) run as this app's; so do the watches (config.watches)
         lifespans = [mcp_app.router.lifespan_context]
         if ui is not None:
             lifespans.append(ui.lifespan())
@@ -264,12 +316,19 @@ class VidminiApi:
 
         @asynccontextmanager
         async def lifespan(app):
-            async with lifespans[0](app):
-                if len(lifespans) == 1:
+            from contextlib import AsyncExitStack
+
+            from starlette.concurrency import run_in_threadpool
+
+            async with AsyncExitStack() as stack:
+                for context in lifespans:
+                    await stack.enter_async_context(context(app))
+                self.start_watches()
+                try:
                     yield
-                    return
-                async with lifespans[1](app):
-                    yield
+                finally:
+                    self.stopping.set()
+                    await run_in_threadpool(self.close_watches)
 
         return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
@@ -565,7 +624,22 @@ def _row_json(row) -> dict:
 
 
 def serve(library: Library, config: ServeConfig, ui=None) -> None:
-    """Serve the API (and, given `ui`, the Streamlit app at `/`) until interrupted."""
+    """Serve the API (and, given `ui`, the Streamlit app at `/`) until interrupted. On SIGINT/SIGTERM the
+    endless event streams (`/v1/watches/events`) end first: uvicorn waits for every open response before the
+    app's shutdown (which stops the watches) runs."""
     import uvicorn
 
-    uvicorn.run(VidminiApi(library, config).app(ui), host=config.host, port=config.port, log_level="warning")
+    api = VidminiApi(library, config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            api.stopping.set()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(api.app(ui), host=config.host, port=config.port, log_level="warning"))
+    try:  # as uvicorn.run does
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE (the port taken, the app's start-up failed)

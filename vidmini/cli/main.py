@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--replica-cpus", type=float, default=1.0, metavar="N", help="CPUs per replica (default 1)")
     sv.add_argument("--replica-gpus", type=float, default=0.0, metavar="N",
                     help="GPUs per replica (default 0; > 0 runs the replica's model on its GPU)")
+    sv.add_argument("--no-watches", action="store_true",
+                    help="do not run the data home's live watches (`vidmini watch`) here; by default the server "
+                         "runs them and serves their alerts at /v1/watches")
     mc = sub.add_parser("mcp", help="the MCP server over stdio (Model Context Protocol): the library as tools")
     mc.add_argument("--media-root", action="append", default=[], metavar="DIR",
                     help="a folder whose files add_video may name by path (repeat for several; default: none)")
@@ -392,6 +395,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from vidmini.api.server import ServeConfig, serve
     from vidmini.common.keys import ApiKeys
 
@@ -402,11 +407,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--media-root {root} is not a folder")
     config = ServeConfig(args.host, args.port, keys, roots, max_upload_bytes=args.max_upload_mb << 20,
                          max_pending=args.max_pending, rate_per_minute=args.rate_limit,
-                         cors_origins=args.cors_origin).check()
+                         cors_origins=args.cors_origin, watches=not args.no_watches).check()
     lib = _library(args.model, dtype=args.dtype, device=args.device)
     _say_if_random(lib)
     if args.ray_address is not None or args.replicas is not None:
-        return _serve_on_ray(args, lib, config)
+        from vidmini.service.watches import WatchFolders
+
+        if not args.no_watches and WatchFolders(lib.root).names():
+            print("vidmini: the watches do not run on Ray Serve's replicas; run `vidmini watch run` beside it",
+                  file=sys.stderr, flush=True)
+        return _serve_on_ray(args, lib, dataclasses.replace(config, watches=False))
     ui = _app_for(lib, args.api_key_file) if args.app else None
     print(f"vidmini serving on http://{args.host}:{args.port} (OpenAI base URL: http://{args.host}:{args.port}/v1)"
           + (f"; the app at http://{args.host}:{args.port}/" if ui is not None else ""), file=sys.stderr, flush=True)
