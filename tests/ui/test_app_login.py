@@ -69,7 +69,9 @@ def test_the_app_asks_for_a_key_and_shares_the_apis_library(served, browser):  #
     wait_for(d, "the refusal", lambda: "not one of this server's keys" in body())
     assert "Library" not in body()
 
-    field = d.find_element(By.CSS_SELECTOR, "input[type='password']")
+    # the refusal re-renders the form: its field is there again once the page has settled
+    field = wait_for(d, "the key field again",
+                     lambda: d.find_elements(By.CSS_SELECTOR, "input[type='password']"))[0]
     field.send_keys(Keys.CONTROL, "a")  # as a person replaces what they typed
     field.send_keys(KEY)
     click(d, "Log in", lambda: form_button(d, "Log in"))

@@ -449,10 +449,12 @@ def _app_for(lib, key_file: str | None):
     has keys."""
     from vidmini.service.library import share_library
     from vidmini.ui.app import KEY_FILE_ENV, make_app
+    from vidmini.ui.watches import IN_SERVE_ENV
 
     share_library(lib)
     if key_file:
         os.environ[KEY_FILE_ENV] = str(Path(key_file).resolve())
+    os.environ[IN_SERVE_ENV] = "1"  # serve runs the watches (or not, with --no-watches); the page does not
     return make_app()
 
 

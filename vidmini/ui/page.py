@@ -21,6 +21,7 @@ from vidmini.common.timefmt import clock, span
 from vidmini.service.asking import times_in_question
 from vidmini.service.library import Library, LibraryError, SearchResult, VideoRow, shared_library
 from vidmini.service.options import AskOptions, IngestOptions
+from vidmini.ui import watches
 from vidmini.ui.app import KEY_FILE_ENV
 from vidmini.ui.routes import MEDIA_PATH, UPLOAD_PATH
 
@@ -42,7 +43,7 @@ def get_library(root: str) -> Library:
 class TabState:
     """What one browser tab is looking at."""
 
-    page: str = "library"
+    page: str = "library"  # library | video | watches
     video_id: str | None = None
     chats: dict[str, list[dict]] = field(default_factory=dict)
     seek: dict[str, float] = field(default_factory=dict)
@@ -82,6 +83,20 @@ def _open(video_id: str) -> None:
 
 def _back() -> None:
     tab_state().page = "library"
+
+
+def _go(page: str) -> None:
+    tab_state().page = page
+
+
+def nav(state: TabState) -> None:
+    """The app's two pages, in the sidebar: the library (and its videos) and the live watches."""
+    here = "watches" if state.page == "watches" else "library"
+    a, b = st.columns(2)
+    a.button("Library", key="nav-library", width="stretch", type="primary" if here == "library" else "secondary",
+             on_click=_go, args=("library",))
+    b.button("Watches", key="nav-watches", width="stretch", type="primary" if here == "watches" else "secondary",
+             on_click=_go, args=("watches",))
 
 
 def _delete(lib: Library, row: VideoRow) -> None:
@@ -532,13 +547,19 @@ def main() -> None:
         return
     lib = get_library(str(data_home()))
     state = tab_state()
+    problem = watches.start_watches(lib)  # once per process: the data home's watches run beside the app
+    if problem:
+        state.flash.append(("error", problem))
     for kind, text in state.flash:
         getattr(st, kind)(text)
     state.flash.clear()
     with st.sidebar:
+        nav(state)
         model_panel(lib)
     if state.page == "video" and state.video_id:
         video_page(lib, state)
+    elif state.page == "watches":
+        watches.watches_page(lib)
     else:
         library_page(lib)
 

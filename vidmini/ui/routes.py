@@ -3,8 +3,9 @@
 Streamlit's own uploader keeps every uploaded file in memory (1.67 reads the whole body into an
 `UploadedFileRec`), and `st.video(path)` loads the whole file into its media store: neither works for videos of
 several GB. So uploads go to `PUT /vidmini/upload`, which streams the request body to disk piece by piece, and
-the player reads `GET /vidmini/media/<video_id>`, served from the file with HTTP range requests (seeking).
-Both need the process's token (embedded in the page), so another site in the same browser cannot use them.
+the player reads `GET /vidmini/media/<video_id>`, served from the file with HTTP range requests (seeking); an
+alert's clip is `GET /vidmini/clip/<watch>/<file>` (only files in that watch's clips folder, through the service).
+All need the process's token (embedded in the page), so another site in the same browser cannot use them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from vidmini.service.library import Library, LibraryError, shared_library
+from vidmini.service.watch_view import clip_file
 
 UPLOAD_PATH = "/vidmini/upload"
 MEDIA_PATH = "/vidmini/media"
+CLIP_PATH = "/vidmini/clip"
 TOKEN_HEADER = "x-vidmini-token"
 
 
@@ -83,5 +86,15 @@ def make_routes(get_library=shared_library) -> list[Route]:
         kind = mimetypes.guess_type(path.name)[0] or "video/mp4"
         return FileResponse(path, media_type=kind)  # answers Range requests: the player can seek
 
+    async def clip(request: Request) -> Response:
+        library = get_library()
+        if not _authorized(request, library):
+            return Response("not allowed", status_code=403)
+        path = clip_file(library, request.path_params["watch"], request.path_params["file"])
+        if path is None:
+            return Response("no such clip (removed by retention, or with its watch)", status_code=404)
+        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "video/mp4")
+
     return [Route(UPLOAD_PATH, upload, methods=["PUT", "POST"]),
-            Route(MEDIA_PATH + "/{video_id}", media, methods=["GET", "HEAD"])]
+            Route(MEDIA_PATH + "/{video_id}", media, methods=["GET", "HEAD"]),
+            Route(CLIP_PATH + "/{watch}/{file}", clip, methods=["GET", "HEAD"])]

@@ -1,0 +1,355 @@
+"""The Watches page: the live watches of the data home (their state, pause/resume/remove), a form to add one, the
+latest frames of a chosen watch, and the alert feed of all of them — everything through the service
+(`vidmini.service.watch_view`, `vidmini.service.watches`).
+
+The watches run in this process on the app's Library. Standalone (`streamlit run`, `make run`) the app runs them:
+`start_watches` (every run of the page; or `watches_lifespan` from the server's start) starts the manager once
+(`run_watches`). Inside `vidmini serve --app` ($VIDMINI_APP_IN_SERVE set) the serve command runs them, or not with
+`--no-watches`: the page only shows the manager it started on the same Library (`running_watches`).
+Two fragments redraw themselves: the list every `LIST_POLL_S` and the live frames every `LIVE_POLL_S` (their
+buttons rerun only their fragment); the alert feed is drawn again, with the page, only when the alerts changed
+(`alert_watch`). Times are shown in the browser's time zone (`st.context.timezone`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone, tzinfo
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import streamlit as st
+
+from vidmini.service.library import Library, shared_library
+from vidmini.service.watch_view import (
+    ALERTS_SHOWN,
+    LIVE_FRAMES,
+    WatchRow,
+    add_watch,
+    alerts_version,
+    clip_name,
+    latest_frames,
+    new_watch_spec,
+    pause_watch,
+    recent_alerts,
+    remove_watch,
+    watch_names,
+    watch_rows,
+)
+from vidmini.service.watches import WatchError, run_watches, running_watches
+from vidmini.ui.routes import CLIP_PATH
+
+LIST_POLL_S = 3.0
+LIVE_POLL_S = 2.0
+STATE_COLOUR = {"recording": "green", "starting": "blue", "connecting": "blue", "backoff": "orange", "paused": "gray",
+                "pausing": "gray", "stopped": "gray", "failed": "red"}
+FORM_KEYS = ("wf-name", "wf-source", "wf-rules", "wf-retain", "wf-fps", "wf-hook", "wf-secret", "wf-mqtt")
+FORM_DEFAULTS = {"wf-retain": "24h", "wf-fps": 1.0}
+IN_SERVE_ENV = "VIDMINI_APP_IN_SERVE"  # set by `vidmini serve --app`: the serve command decides whether watches run
+
+
+def _md(text: str) -> str:
+    """Text shown in markdown as it is (as `page._md`; this module may not import the page: no import cycles)."""
+    return "".join("\\" + c if c in "\\`*_{}[]<>|~:$" else c for c in text)
+
+
+def human_bytes(n: int | None) -> str:
+    if not n:
+        return "0 B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def runs_watches() -> bool:
+    """Whether the app starts the watches itself (standalone), not `vidmini serve --app`'s command."""
+    return not os.environ.get(IN_SERVE_ENV)
+
+
+def start_watches(lib: Library) -> str | None:
+    """The Library's watches running (once per process and Library), when the app runs them; an error message
+    when they cannot be started."""
+    if not runs_watches():
+        return None
+    try:
+        run_watches(lib)
+    except (OSError, ValueError) as e:
+        return f"the watches could not be started: {e}"
+    return None
+
+
+@asynccontextmanager
+async def watches_lifespan(app):
+    """For `st.App(..., lifespan=watches_lifespan)`: the watches run from the server's start (not only once a
+    page is opened), and the ones started here stop cleanly with the server."""
+    lib = shared_library()
+    started = runs_watches() and running_watches(lib) is None
+    manager = run_watches(lib) if started else None
+    try:
+        yield None
+    finally:
+        if manager is not None:
+            manager.close()
+
+
+# ---- times in the browser's zone ------------------------------------------------------------------------------
+def browser_zone() -> tzinfo | None:
+    """The browser's time zone (its IANA name, else its UTC offset); None: the server's."""
+    name = getattr(st.context, "timezone", None)
+    if name:
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    offset = getattr(st.context, "timezone_offset", None)
+    if isinstance(offset, (int, float)):
+        return timezone(-timedelta(minutes=offset))
+    return None
+
+
+def zone_label() -> str:
+    zone = browser_zone()
+    return getattr(st.context, "timezone", None) or (str(zone) if zone is not None else "the server's time zone")
+
+
+def local_time(iso: str | None, with_date: bool = True) -> str:
+    """An ISO 8601 time (with its zone) as a person reads it in the browser's zone; '-' for none."""
+    if not iso:
+        return "-"
+    try:
+        t = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    t = t.astimezone(browser_zone())
+    return t.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
+
+
+# ---- the list ---------------------------------------------------------------------------------------------------
+def _messages() -> list[tuple[str, str]]:
+    return st.session_state.setdefault("vm_watch_messages", [])
+
+
+def _pause(lib: Library, name: str, paused: bool) -> None:
+    try:
+        pause_watch(lib, name, paused)
+    except (WatchError, OSError) as e:
+        _messages().append(("error", f"{name}: {e}"))
+
+
+def _ask_remove(name: str | None) -> None:
+    st.session_state["vm_watch_remove"] = name
+
+
+def _remove(lib: Library, name: str) -> None:
+    st.session_state["vm_watch_remove"] = None
+    try:
+        remove_watch(lib, name)
+        _messages().append(("success", f"removed watch {name} and its recordings"))
+    except (WatchError, OSError) as e:
+        _messages().append(("error", f"could not remove {name}: {e}"))
+
+
+def _retention(row: WatchRow) -> str:
+    bits = []
+    if row.retain_s:
+        h = row.retain_s / 3600
+        bits.append(f"{h:g} h" if h >= 1 else f"{row.retain_s / 60:g} min")
+    if row.retain_bytes:  # in the decimal units it was given in (5GB: 5·10⁹ bytes)
+        bits.append(f"{row.retain_bytes / 1e9:g} GB" if row.retain_bytes >= 10**9 else f"{row.retain_bytes / 1e6:g} MB")
+    return " / ".join(bits) or "-"
+
+
+def watch_row(lib: Library, row: WatchRow) -> None:
+    """One watch: its buttons at the top right (drawn first, so they stay put while its numbers change)."""
+    confirm = st.session_state.get("vm_watch_remove") == row.name
+    with st.container(border=True, key=f"watch-{row.name}"):
+        left, mid, right = st.columns([6, 2, 2], vertical_alignment="top")
+        with mid:
+            if row.paused:
+                st.button("Resume", key=f"resume-{row.name}", width="stretch", on_click=_pause,
+                          args=(lib, row.name, False))
+            else:
+                st.button("Pause", key=f"pause-{row.name}", width="stretch", on_click=_pause,
+                          args=(lib, row.name, True))
+        with right:
+            if confirm:
+                st.button("Yes, remove", key=f"rm-yes-{row.name}", type="primary", width="stretch",
+                          on_click=_remove, args=(lib, row.name))
+                st.button("Cancel", key=f"rm-no-{row.name}", width="stretch", on_click=_ask_remove, args=(None,))
+            else:
+                st.button("Remove", key=f"rm-{row.name}", width="stretch", on_click=_ask_remove, args=(row.name,))
+        with left:
+            colour = STATE_COLOUR.get(row.state, "gray")
+            opened = " ".join(f":orange-badge[open · {_md(e)}]" for e in row.open_events)
+            st.markdown(f"**{_md(row.name)}** :{colour}-badge[{row.state}] {opened}")
+            st.caption(f"{_md(row.source)} · {row.fps:g} fps · keeps {_retention(row)}"
+                       + (f" · alerts to {_md(', '.join(row.sinks))}" if row.sinks else ""))
+            st.caption(f"{row.frames} frames judged · last frame {local_time(row.last_frame)} · {row.alerts} alerts"
+                       f" · {human_bytes(row.disk_bytes)} on disk"
+                       + (f" · {row.segments} segments" if row.segments else "")
+                       + (f" · {row.gaps} outages" if row.gaps else ""))
+            st.caption("rules: " + ("; ".join(_md(r) for r in row.rules) if row.rules else "none (recording only)"))
+            if confirm:
+                st.warning(f"Remove {_md(row.name)} and everything it recorded (segments, clips, alerts)?")
+            if row.error:
+                st.error(f"{_md(row.name)}: {_md(row.error)}")
+
+
+def watch_list(lib: Library) -> None:
+    messages = _messages()
+    for kind, text in messages:
+        getattr(st, kind)(text)
+    messages.clear()
+    rows = watch_rows(lib)
+    if not rows:
+        st.info("No watches yet: add a camera or stream below.")
+    for row in rows:
+        watch_row(lib, row)
+    if rows and running_watches(lib) is None:
+        st.warning("The watches are not running in this server (`vidmini serve --no-watches`?): changes made here "
+                   "are saved, and `vidmini watch run` (or a `vidmini serve`) runs them." if not runs_watches() else
+                   "The watches are not running: see the server's log.")
+
+
+# ---- adding one -----------------------------------------------------------------------------------------------
+def _add(lib: Library) -> None:
+    """The form's submit callback: the watch is saved, or one line says why not (and nothing is saved)."""
+    s = st.session_state
+    try:
+        spec = new_watch_spec(s.get("wf-name", ""), s.get("wf-source", ""), s.get("wf-rules", ""),
+                              s.get("wf-retain", ""), s.get("wf-fps", 1.0), s.get("wf-hook", ""),
+                              s.get("wf-secret", ""), s.get("wf-mqtt", ""))
+        add_watch(lib, spec)
+    except (WatchError, OSError) as e:
+        s["vm_watch_form"] = ("error", " ".join(str(e).split()))
+        return
+    s["vm_watch_form"] = ("success", f"watch {spec.name} added: it starts within a few seconds")
+    for key in FORM_KEYS:  # a fresh form for the next one
+        s[key] = FORM_DEFAULTS.get(key, "")
+
+
+def add_form(lib: Library) -> None:
+    for key, value in FORM_DEFAULTS.items():
+        st.session_state.setdefault(key, value)
+    with st.form("add-watch", border=True):
+        st.markdown("**Add a watch**")
+        a, b = st.columns([1, 2])
+        a.text_input("Name", key="wf-name", placeholder="front-door", help="letters, digits, - and _")
+        b.text_input("Source URL", key="wf-source", placeholder="rtsp://camera.local/stream",
+                     help="RTSP, HTTP(S)/HLS, SRT, UDP, TCP, RTMP, or a file being written")
+        st.text_area("Rules, one per line", key="wf-rules", height=80,
+                     placeholder="a person at the door\na car in the driveway",
+                     help="each line an event to alert on; none: recording only")
+        c, d = st.columns(2)
+        c.text_input("Keep the recording for", key="wf-retain", help="a duration (24h, 90m, 2d), a size (5GB) or "
+                     "both (24h / 5GB)")
+        d.number_input("Frames judged per second", key="wf-fps", min_value=0.05, max_value=30.0, step=0.5)
+        e, f, g = st.columns(3)
+        e.text_input("Webhook URL (optional)", key="wf-hook", placeholder="https://example.com/hook")
+        f.text_input("Webhook secret", key="wf-secret", type="password", help="the HMAC key the alerts are signed with")
+        g.text_input("MQTT broker (optional)", key="wf-mqtt", placeholder="broker.local:1883")
+        st.form_submit_button("Add watch", on_click=_add, args=(lib,))
+    got = st.session_state.get("vm_watch_form")
+    if got:  # an error stays until the next submit (the page is redrawn when alerts come); a success shows once
+        getattr(st, got[0])(got[1])
+        if got[0] == "success":
+            del st.session_state["vm_watch_form"]
+
+
+# ---- live frames ------------------------------------------------------------------------------------------------
+def live_view(lib: Library) -> None:
+    names = watch_names(lib)
+    if not names:
+        st.caption("the latest frames of a watch show here")
+        return
+    name = st.selectbox("Watch", names, key="vm-live-watch")
+    if name not in names:
+        return
+    try:
+        frames = latest_frames(lib, name, LIVE_FRAMES)
+    except (WatchError, OSError) as e:
+        st.caption(str(e))
+        return
+    if not frames:
+        st.caption(f"no frames from {_md(name)} yet (they show once it records and its first frames are ingested)")
+        return
+    cells = "".join(
+        f'<figure class="vm-live-frame" data-time="{html.escape(f.time)}" style="flex:1;min-width:0;margin:0;'
+        f'text-align:center"><img src="data:image/jpeg;base64,{base64.b64encode(f.jpeg).decode()}" '
+        f'style="width:100%;display:block"/><figcaption style="font-size:0.75em">{local_time(f.time, False)}'
+        '</figcaption></figure>' for f in frames)
+    st.html(f'<div class="vm-live" data-watch="{html.escape(name)}" style="display:flex;gap:4px">{cells}</div>')
+    st.caption(f"newest {local_time(frames[-1].time)} ({_md(zone_label())})")
+
+
+# ---- the alert feed ---------------------------------------------------------------------------------------------
+def alert_html(lib: Library, alert) -> str:
+    kind_colour = {"new": "#d33", "update": "#e80", "end": "#2a2"}.get(alert.kind, "#888")
+    when = local_time(alert.start)
+    if alert.kind == "end" and alert.end:
+        when += f" → {local_time(alert.end, with_date=False)}"
+    thumb = (f'<img class="vm-alert-thumb" src="data:image/jpeg;base64,{base64.b64encode(alert.thumbnail).decode()}"'
+             ' style="width:120px;flex:none;border-radius:4px"/>' if alert.thumbnail else
+             '<div style="width:120px;flex:none"></div>')
+    clip = ""
+    name = clip_name(lib, alert)
+    if name:
+        src = f"{CLIP_PATH}/{quote(alert.watch)}/{quote(name)}?token={quote(lib.upload_token)}"
+        clip = (f'<video class="vm-alert-clip" controls preload="metadata" src="{html.escape(src)}" '
+                'style="display:block;width:100%;max-width:400px;margin-top:6px;border-radius:4px"></video>')
+    elif alert.clip_path:
+        clip = f'<div style="font-size:0.8em">clip {html.escape(alert.clip_path)} (not found)</div>'
+    return (f'<div class="vm-alert" data-key="{html.escape(alert.key)}" data-kind="{alert.kind}" '
+            f'data-start="{html.escape(alert.start)}" style="padding:6px 0;'
+            'border-bottom:1px solid rgba(128,128,128,0.3)">'
+            f'<div style="display:flex;gap:10px;align-items:flex-start">{thumb}<div style="flex:1;min-width:0">'
+            f'<div><span class="vm-alert-time" style="font-weight:600">{html.escape(when)}</span> '
+            f'<span class="vm-alert-kind" style="color:#fff;background:{kind_colour};border-radius:4px;'
+            f'padding:0 6px;font-size:0.85em">{alert.kind}</span></div>'
+            f'<div><span class="vm-alert-watch">{html.escape(alert.watch)}</span> · '
+            f'<span class="vm-alert-rule">{html.escape(alert.rule)}</span> · '
+            f'confidence <span class="vm-alert-confidence">{alert.confidence:.2f}</span></div></div></div>'
+            f'{clip}</div>')
+
+
+def alert_feed(lib: Library) -> None:
+    """Drawn with the page (not every few seconds: its thumbnails are not sent again and again); `alert_watch`
+    asks for the page again when the alerts changed."""
+    st.session_state["vm_alerts_drawn"] = alerts_version(lib)  # before reading: a change in between shows next time
+    alerts = recent_alerts(lib, ALERTS_SHOWN)
+    if not alerts:
+        st.caption("no alerts yet")
+        return
+    st.caption(f"newest first · times in {_md(zone_label())}")
+    for alert in alerts:
+        st.html(alert_html(lib, alert))
+
+
+@st.fragment(run_every=LIVE_POLL_S)
+def alert_watch(lib: Library) -> None:
+    """Draws nothing; the whole page again when the alerts changed since the feed was drawn."""
+    if alerts_version(lib) != st.session_state.get("vm_alerts_drawn"):
+        st.rerun(scope="app")
+
+
+# ---- the page ---------------------------------------------------------------------------------------------------
+def watches_page(lib: Library) -> None:
+    st.title("Watches")
+    st.caption("Cameras and streams watched around the clock: every frame judged against the watch's rules, "
+               "alerts with a thumbnail and a clip, delivered to webhooks and MQTT.")
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        st.subheader("Watches")
+        st.fragment(watch_list, run_every=LIST_POLL_S)(lib)
+        add_form(lib)
+    with right:
+        st.subheader("Live")
+        st.fragment(live_view, run_every=LIVE_POLL_S)(lib)
+        st.subheader("Alerts")
+        alert_feed(lib)
+        alert_watch(lib)
