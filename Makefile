@@ -50,7 +50,7 @@ run-sample: install
 	$(BIN)/vidmini ask "$(SAMPLE)" "$(QUESTION)"
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .
