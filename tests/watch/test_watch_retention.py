@@ -4,6 +4,8 @@ and the watch's disk use stops growing once the ring is full (long runs: researc
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from watch_helpers import Camera, wait_until
 
@@ -34,6 +36,11 @@ def test_old_segments_and_their_stores_are_removed_and_disk_use_stays_bounded(de
     folders = WatchFolders(tmp_path / "home")
     spec = folders.add(WatchSpec("ring", camera.url, retain_s=None, retain_bytes=int(3.5 * per_segment),
                                  segment_s=2, rules=({"event": 'the word "RED" appears'},)))
+    clips = folders.folder("ring") / "clips"
+    clips.mkdir()
+    now_ms = int(time.time() * 1000)
+    (clips / f"{now_ms - 3_600_000}-old-event.mp4").write_bytes(b"an event an hour before the recording kept")
+    (clips / f"{now_ms + 3_600_000}-new-event.mp4").write_bytes(b"an event after it")
     alerts = []
     runner = WatchRunner(spec, folders, demo_engine, alerts.append, stall_s=2.0, retain_every_s=0.0).start()
     folder = folders.folder("ring")
@@ -57,3 +64,4 @@ def test_old_segments_and_their_stores_are_removed_and_disk_use_stays_bounded(de
     on_disk = sorted(p.name for p in (folder / "videos").iterdir())
     assert len(on_disk) == len(stores) and all(any(s.endswith(n) for s in stores.values()) for n in on_disk)
     assert max(disk) <= 6 * per_segment  # never more than the budget and the segments in flight
+    assert sorted(p.name.split("-", 1)[1] for p in clips.iterdir()) == ["new-event.mp4"]  # its footage is gone

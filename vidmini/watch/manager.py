@@ -105,7 +105,9 @@ class WatchManager:
 
         folder = self.folders.folder(spec.name)
         try:
-            dispatcher = Dispatcher(folder / "alerts", sink_configs(spec)).start()
+            # delivered alerts are kept as long as the recording they point at (a week when kept by size only)
+            keep = spec.retain_s if spec.retain_s is not None else 7 * 24 * 3600.0
+            dispatcher = Dispatcher(folder / "alerts", sink_configs(spec), keep_done_s=keep).start()
 
             def submit(alert: Alert, dispatcher=dispatcher) -> None:
                 if dispatcher.submit(alert):  # on disk first; a repeat (same key) is not shown twice

@@ -109,7 +109,7 @@ class WatchRunner:
                 self.spec.name, "failed" if self._error else self.recorder.state, self._frames,
                 self._last_judged.isoformat() if self._last_judged else None,
                 [t.rule for t in self.evaluator.trackers if t.open], self._alerts, len(segments),
-                sum(_file_bytes(s.path) for s in segments) + _tree_bytes(self.folder / "videos"),
+                _tree_bytes(self.folder),
                 len(self.recorder.gaps()), self._error)
 
     # ---- the follower thread ------------------------------------------------------------------------------
@@ -262,7 +262,8 @@ class WatchRunner:
         self.retain()
 
     def retain(self) -> list[str]:
-        """Segments past the retention removed, with their stores (never the one being written)."""
+        """Segments past the retention removed, with their stores (never the one being written), and the clips of
+        events that started before the oldest segment kept (their footage is gone with it)."""
         removed = self.recorder.retain(max_age_s=self.spec.retain_s, max_bytes=self.spec.retain_bytes)
         files = [s.file if isinstance(s, Segment) else str(s) for s in removed]
         for f in files:
@@ -271,6 +272,13 @@ class WatchRunner:
                 shutil.rmtree(store, ignore_errors=True)
         if files:
             self._save_state()
+            kept = self.recorder.segments()
+            if kept:
+                oldest_ms = (kept[0].start.timestamp() - CLIP_PAD_S) * 1000
+                for clip in (self.folder / "clips").glob("*.mp4"):
+                    started = clip.name.split("-", 1)[0]
+                    if started.isdigit() and int(started) < oldest_ms:
+                        clip.unlink(missing_ok=True)
         return files
 
 
