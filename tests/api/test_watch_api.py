@@ -312,6 +312,17 @@ def test_a_live_udp_camera_alerts_over_server_sent_events(server):
         assert [a["kind"] for a in later] == ["end"]
         status = call(base, "GET", "/v1/watches/live").json()["status"]
         assert status["alerts"] == 2 and status["frames"] >= 8 and status["error"] is None
+        # a question over the event's own wall-clock span is answered with its word
+        asked = call(base, "POST", "/v1/watches/live/ask",
+                     {"question": "What word is shown?", "since": new["start"], "until": end["end"]})
+        assert asked.status == 200, asked.body
+        answer = asked.json()
+        assert answer["object"] == "watch.answer" and answer["text"].upper().startswith(WORD), answer
+        assert answer["frames"] >= 3 and all(new["start"] <= t <= end["end"] for t in answer["times"])
+        for bad, field in (({"question": ""}, "question"), ({"question": "x", "since": 5}, "since"),
+                           ({"question": "x", "until": "whenever"}, None), ({"question": "x", "foo": 1}, "foo")):
+            refused = call(base, "POST", "/v1/watches/live/ask", bad)
+            assert refused.status == 400 and (field is None or refused.json()["error"]["param"] == field), bad
         end_at = time.monotonic() - began
         camera.kill()
         deleted = call(base, "DELETE", "/v1/watches/live")

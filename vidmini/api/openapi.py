@@ -152,6 +152,16 @@ PATHS: dict[str, dict] = {
     "/v1/watches/{name}/resume": {"post": {
         "summary": "Watch again (a failed watch is tried again)", "parameters": [WATCH_NAME],
         "responses": {"200": _ok("the watch", WATCH), **_errors(*AUTH, 404)}}},
+    "/v1/watches/{name}/ask": {"post": {
+        "summary": "A question over the watch's recording between two wall-clock times, answered as one video",
+        "parameters": [WATCH_NAME],
+        "requestBody": _json_body({"type": "object", "required": ["question"], "properties": {
+            "question": {"type": "string"},
+            "since": {"type": "string", "description": "ISO 8601 with a zone, or a duration back from now (10m)"},
+            "until": {"type": "string", "description": "as since; default now"},
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096}}}),
+        "responses": {"200": _ok("the answer: text, since, until, frames, times (wall clock)"),
+                      **_errors(400, *AUTH, 404, 503)}}},
     "/v1/watches/{name}/alerts": {"get": {
         "summary": "A watch's alerts (new, update, end), oldest first",
         "parameters": [WATCH_NAME, _query("since", "only events that started or ended at or after this time "

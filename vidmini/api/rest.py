@@ -673,6 +673,41 @@ class WatchRoutes:
                       or (a.end is not None and datetime.fromisoformat(a.end) >= since)]
         return JSONResponse({"object": "list", "watch": name, "data": [alert_json(a) for a in alerts]})
 
+    async def ask(self, request: Request) -> Response:
+        """POST /v1/watches/{name}/ask {"question", "since"?, "until"?, "max_tokens"?}: a question over the watch's
+        recording between two wall-clock times (ISO 8601 with a zone, or a duration back from now such as "10m";
+        either open), answered as one video; the span and the frames' times come back in wall-clock time."""
+        from vidmini.service.options import AskOptions
+        from vidmini.service.watches import WatchError, ask_watch
+
+        name, body = self._name(request), await json_body(request)
+        unknown = set(body) - {"question", "since", "until", "max_tokens"}
+        if unknown:
+            raise ApiError(400, f"unknown field {sorted(unknown)[0]!r} (question, since, until, max_tokens)",
+                           param=sorted(unknown)[0])
+        question = body.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ApiError(400, "question must be a non-empty string", param="question")
+        max_tokens = body.get("max_tokens", 64)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 4096:
+            raise ApiError(400, "max_tokens must be an integer from 1 to 4096", param="max_tokens")
+        for field_name in ("since", "until"):
+            if body.get(field_name) is not None and not isinstance(body[field_name], str):
+                raise ApiError(400, f"{field_name} must be a string: an ISO 8601 time or a duration such as 10m",
+                               param=field_name)
+        self.api.need_model()
+
+        def answer() -> dict:
+            asking = ask_watch(self.library, name, question, since=body.get("since"), until=body.get("until"),
+                               options=AskOptions(max_new_tokens=max_tokens), folders=self.folders)
+            return asking.result().to_json()
+
+        try:
+            got = await run_in_threadpool(answer)
+        except WatchError as e:
+            raise ApiError(400, " ".join(str(e).split())) from None
+        return JSONResponse({"object": "watch.answer", **got})
+
     async def thumbnail(self, request: Request) -> Response:
         """GET /v1/watches/{name}/alerts/{key}/thumbnail: the event's first frame (a `new` alert's)."""
         alert = await run_in_threadpool(self._alert, request)

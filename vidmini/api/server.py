@@ -280,6 +280,7 @@ class VidminiApi:
             Route("/v1/watches/{name}", guarded(watches.remove), methods=["DELETE"]),
             Route("/v1/watches/{name}/pause", guarded(watches.pause), methods=["POST"]),
             Route("/v1/watches/{name}/resume", guarded(watches.resume), methods=["POST"]),
+            Route("/v1/watches/{name}/ask", guarded(watches.ask), methods=["POST"]),
             Route("/v1/watches/{name}/alerts", guarded(watches.alerts)),
             Route("/v1/watches/{name}/alerts/{key}/thumbnail", guarded(watches.thumbnail)),
             Route("/v1/watches/{name}/alerts/{key}/clip", guarded(watches.clip)),
