@@ -4,8 +4,9 @@ so a time shown in UTC or the server's zone would not match).
 
 A live camera: ffmpeg pushes a test pattern as MPEG-TS over UDP to a loopback port, whether anyone listens or not.
 One flow: add a watch of it through the form, see it listed and recording, see its latest frames in the live view
-(times in the browser's zone); a bad retention is one line of error and adds nothing; an alert put in the watch's
-outbox (as its runner puts one: thumbnail, clip in its clips folder) shows in the feed with its local time, watch,
+(times in the browser's zone); ask about it over the last minute (the answer streamed, its span in the browser's
+zone and its frame count; a span that is not a time is one line of error); a bad retention is one line of error
+and adds nothing; an alert put in the watch's outbox (as its runner puts one: thumbnail, clip in its clips folder) shows in the feed with its local time, watch,
 rule, kind and confidence, its clip playable; pause the watch, see it paused; remove it, see it gone.
 Screenshots go to $VIDMINI_TEST_ARTIFACTS (default tests/artifacts/, gitignored).
 
@@ -219,6 +220,17 @@ def submit(driver) -> None:
         None))
 
 
+def ask(driver) -> None:
+    """The Ask about a watch form's Ask button."""
+    click(driver, "the Ask button", lambda: next(
+        (b for f in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stForm']") if (b := button(f, "Ask"))), None))
+
+
+def answer_box(driver):
+    found = driver.find_elements(By.CSS_SELECTOR, ".st-key-watch-answer")
+    return found[0] if found else None
+
+
 def jpeg(colour: tuple[int, int, int]) -> bytes:
     from PIL import Image
 
@@ -291,6 +303,29 @@ def test_add_a_watch_see_it_live_an_alert_in_the_feed_pause_and_remove(server, b
     assert abs((datetime.now(UTC) - last).total_seconds()) < 60, shown  # in the browser's zone, not UTC
     shot(d, "1-live")
 
+    # ask about the watch over the last minute: the answer streams in, then its span (browser's zone) and frames
+    asked = time.monotonic()
+    type_into(d, "Question", "What word is shown?")
+    type_into(d, "Since", "1m")
+    ask(d)
+    span = wait_for(d, "the answer's span and frames", lambda: (a := answer_box(d)) is not None and re.search(
+        r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) → (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \(Asia/(?:Kolkata|Calcutta)\) · (\d+) frames",
+        a.text), timeout=60)
+    text = answer_box(d).text.replace(span.group(0), "").strip()
+    assert text, "no answer text"  # the default test model's words are meaningless: that there is one
+    since, until = (datetime.strptime(t, "%Y-%m-%d %H:%M:%S").replace(tzinfo=ZoneInfo(ZONE)) for t in span.groups()[:2])
+    now = datetime.now(UTC)
+    assert int(span.group(3)) > 0 and since <= until, span.group(0)
+    assert -5 < (now - until).total_seconds() < 60 and (now - since).total_seconds() < 120, span.group(0)  # IST
+    # a span that is not a time: one line of error, and the page keeps working
+    type_into(d, "Since", "soon")
+    ask(d)
+    error = wait_for(d, "the span error", lambda: (a := answer_box(d)) is not None and [
+        e for e in a.find_elements(By.CSS_SELECTOR, "[data-testid='stAlert']") if "soon" in e.text])
+    assert "not a time" in error[0].text and "\n" not in error[0].text.strip(), error[0].text
+    assert time.monotonic() - asked < 30
+    shot(d, "1b-asked")
+
     # an alert as the watch's runner leaves it in its outbox: in the feed, newest first, clip playable
     clip = make_clip(home / "watches" / "door" / "clips" / "1767323045000-a-person-enters.mp4")
     start = "2026-01-02T03:04:05.250+00:00"
@@ -335,6 +370,18 @@ def test_add_a_watch_see_it_live_an_alert_in_the_feed_pause_and_remove(server, b
 
 
 # ---- what the page asks of the service (vidmini/service/watch_view.py), without a browser or a model ------------
+def test_a_span_end_as_typed_a_date_time_without_a_zone_in_the_browsers():
+    from vidmini.ui.watches import span_end
+
+    kolkata = ZoneInfo(ZONE)
+    assert span_end("", kolkata) is None and span_end("  ", kolkata) is None
+    assert span_end(" 10m ", kolkata) == "10m" and span_end("2h ago", kolkata) == "2h ago"
+    assert span_end("soon", kolkata) == "soon"  # the service says what is wrong with it
+    got = span_end("2026-12-04 09:30", kolkata)
+    assert got == datetime(2026, 12, 4, 4, 0, tzinfo=UTC) and got.utcoffset() is not None
+    got = span_end("2026-12-04T09:30:00+01:00", kolkata)  # its own zone kept
+    assert got == datetime(2026, 12, 4, 8, 30, tzinfo=UTC)
+
 @pytest.fixture
 def lib(tmp_path):
     from vidmini.service.library import Library

@@ -9,6 +9,8 @@ The watches run in this process on the app's Library. Standalone (`streamlit run
 Two fragments redraw themselves: the list every `LIST_POLL_S` and the live frames every `LIVE_POLL_S` (their
 buttons rerun only their fragment); the alert feed is drawn again, with the page, only when the alerts changed
 (`alert_watch`). Times are shown in the browser's time zone (`st.context.timezone`).
+"Ask about a watch" asks a question over a span of a watch's recording (`ask_watch`): the span's ends typed as
+durations back from now ('10m', '2h ago') or date-times, one without a zone read in the browser's zone.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from vidmini.service.watch_view import (
     pause_watch,
     recent_alerts,
     remove_watch,
+    watch_folders,
     watch_names,
     watch_rows,
 )
-from vidmini.service.watches import WatchError, run_watches, running_watches
+from vidmini.service.watches import WatchError, ask_watch, run_watches, running_watches
 from vidmini.ui.routes import CLIP_PATH
 
 LIST_POLL_S = 3.0
@@ -261,6 +264,97 @@ def add_form(lib: Library) -> None:
             del st.session_state["vm_watch_form"]
 
 
+# ---- asking about a watch -----------------------------------------------------------------------------------
+def span_end(text: str | None, zone: tzinfo | None = None) -> str | datetime | None:
+    """One end of a span as typed, for the service: empty → None (open); a date-time without a zone → that time
+    in the browser's zone (`zone`, else `browser_zone()`; the server's when the browser's is unknown); anything
+    else (a duration back from now, 'now', a date-time with its zone, or a mistake the service names) as it is."""
+    s = (text or "").strip()
+    if not s:
+        return None
+    try:
+        t = datetime.fromisoformat(s)
+    except ValueError:
+        return s
+    if t.tzinfo is None or t.utcoffset() is None:
+        zone = zone or browser_zone()
+        t = t.replace(tzinfo=zone) if zone is not None else t.astimezone()
+    return t
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def span_text(answer) -> str:
+    return (f"{local_time(answer.since)} → {local_time(answer.until)} ({_md(zone_label())}) · "
+            f"{answer.frames} frames")
+
+
+def _show_answer(got: dict) -> None:
+    if got.get("error"):
+        st.error(got["error"])
+        return
+    st.markdown(_md(got["text"]) if got["text"].strip() else "_(empty answer)_")
+    st.caption(got["span"])
+
+
+def _ask(lib: Library, name: str | None, question: str, since: str | None, until: str | None) -> dict:
+    """Asks with the answer streamed into the page; the answer's record, or its error in one line."""
+    got: dict = {"question": question}
+    asking = None
+    try:
+        if not name:
+            raise WatchError("no watch to ask about")
+        asking = ask_watch(lib, name, question, since=span_end(since), until=span_end(until),
+                           folders=watch_folders(lib))
+        st.write_stream(asking.text())
+        answer = asking.result()
+        asking = None
+        if not answer.text.strip():
+            st.markdown("_(empty answer)_")
+    except (WatchError, RuntimeError, ValueError, OSError) as e:
+        got["error"] = _one_line(e)
+        return got
+    finally:
+        if asking is not None:  # failed, or the page was rerun while it streamed: the model stops on it
+            try:
+                asking.cancel()
+            except Exception:  # noqa: BLE001 - only tidying up
+                pass
+    got.update(text=answer.text, span=span_text(answer))
+    return got
+
+
+def ask_form(lib: Library) -> None:
+    """Pick a watch, a question and a span; the answer streams in below, then the span and the frames it saw."""
+    names = watch_names(lib)
+    if st.session_state.get("aw-watch") not in names:  # none yet, or it was removed: the first one
+        st.session_state["aw-watch"] = names[0] if names else None
+    with st.form("ask-watch", border=True):
+        st.markdown("**Ask about a watch**")
+        st.selectbox("Watch to ask about", names, key="aw-watch", placeholder="no watches yet")
+        st.text_input("Question", key="aw-question", placeholder="What happened at the door?")
+        a, b = st.columns(2)
+        a.text_input("Since", key="aw-since", placeholder="10m", help="a duration back from now (10m, 2h ago) or "
+                     f"a date-time (2026-12-04 09:30, in {zone_label()} unless it has its zone); empty: the start")
+        b.text_input("Until", key="aw-until", placeholder="now", help="as Since; empty: the newest frame")
+        asked = st.form_submit_button("Ask")
+    s = st.session_state
+    if asked:
+        s.pop("vm_watch_answer", None)
+        with st.container(key="watch-answer"):
+            got = _ask(lib, s.get("aw-watch"), s.get("aw-question", ""), s.get("aw-since"), s.get("aw-until"))
+            if got.get("error"):
+                st.error(got["error"])
+            else:
+                st.caption(got["span"])
+        s["vm_watch_answer"] = got
+    elif "vm_watch_answer" in s:  # the last answer stays while the page is redrawn
+        with st.container(key="watch-answer"):
+            _show_answer(s["vm_watch_answer"])
+
+
 # ---- live frames ------------------------------------------------------------------------------------------------
 def live_view(lib: Library) -> None:
     names = watch_names(lib)
@@ -347,6 +441,7 @@ def watches_page(lib: Library) -> None:
         st.subheader("Watches")
         st.fragment(watch_list, run_every=LIST_POLL_S)(lib)
         add_form(lib)
+        ask_form(lib)
     with right:
         st.subheader("Live")
         st.fragment(live_view, run_every=LIVE_POLL_S)(lib)
