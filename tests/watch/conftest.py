@@ -9,6 +9,18 @@ import pytest
 from watch_helpers import Broker, Receiver, Subscriber, free_port, mosquitto_binary
 
 
+@pytest.fixture(scope="module")
+def demo_engine():
+    """The shipped demo model, loaded once per module (whatever $VIDMINI_MODEL says)."""
+    from vidmini.engine.load import SHIPPED_MODEL_DIR, choose_model, open_engine
+
+    if not (SHIPPED_MODEL_DIR / "config.json").exists():
+        pytest.skip("no shipped demo model")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VIDMINI_MODEL", raising=False)
+        return open_engine(choose_model(None))
+
+
 @pytest.fixture
 def make_broker(tmp_path) -> Iterator[Callable[..., Broker]]:
     binary = mosquitto_binary()

@@ -11,8 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-from watch_helpers import SECRET, Camera, wait_until
+from watch_helpers import SECRET, Camera, iou, wait_until
 
 from vidmini.watch.alert import parse_time
 from vidmini.watch.recorder import Backoff, read_segments
@@ -21,22 +20,6 @@ from vidmini.watch.spec import WatchFolders, WatchSpec
 
 SECONDS = 48
 DECOY = "ZEBRA"  # a word the world never shows: its rule must stay quiet
-
-
-def iou(a: tuple[float, float], b: tuple[float, float]) -> float:
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
-
-
-@pytest.fixture(scope="module")
-def demo_engine():
-    from vidmini.engine.load import SHIPPED_MODEL_DIR, choose_model, open_engine
-
-    if not (SHIPPED_MODEL_DIR / "config.json").exists():
-        pytest.skip("no shipped demo model")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("VIDMINI_MODEL", raising=False)
-        return open_engine(choose_model(None))
 
 
 def world(tmp_path: Path, seed: int):

@@ -6,22 +6,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from watch_helpers import Camera, wait_until
 
 from vidmini.watch.recorder import read_segments
 from vidmini.watch.spec import WatchFolders, WatchSpec
-
-
-@pytest.fixture(scope="module")
-def demo_engine():
-    from vidmini.engine.load import SHIPPED_MODEL_DIR, choose_model, open_engine
-
-    if not (SHIPPED_MODEL_DIR / "config.json").exists():
-        pytest.skip("no shipped demo model")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("VIDMINI_MODEL", raising=False)
-        return open_engine(choose_model(None))
 
 
 def test_old_segments_and_their_stores_are_removed_and_disk_use_stays_bounded(demo_engine, tmp_path):

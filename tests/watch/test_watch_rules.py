@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from watch_helpers import iou
 
 from vidmini.watch.alert import Alert, parse_time
 from vidmini.watch.rules import RuleEvaluator, RuleSpec, RuleTracker
@@ -186,22 +187,6 @@ def test_times_keep_their_zone_and_come_in_order():
 SEEDS = ((2701, 50), (2702, 50), (2703, 60))  # held out: not used to choose k, m or the threshold
 DECOYS = ("CAT", "7")  # words none of these videos shows: their rules must stay quiet
 BATCH = 4  # frames appended (and evaluated) at a time
-
-
-def iou(a: tuple[float, float], b: tuple[float, float]) -> float:
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
-
-
-@pytest.fixture(scope="module")
-def demo_engine():
-    from vidmini.engine.load import SHIPPED_MODEL_DIR, choose_model, open_engine
-
-    if not (SHIPPED_MODEL_DIR / "config.json").exists():
-        pytest.skip("no shipped demo model")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("VIDMINI_MODEL", raising=False)
-        return open_engine(choose_model(None))
 
 
 @pytest.fixture

@@ -234,3 +234,9 @@ class Camera:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def iou(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Intersection over union of two time spans (seconds)."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
