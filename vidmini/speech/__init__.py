@@ -1,0 +1,1 @@
+"""Speech beside the frames: the audio track's voice-activity segments and transcript, on the video's clock."""
