@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vidmini.demo.tiny import build_tiny_checkpoint
-from vidmini.engine.batcher import DecodeBatcher
+from vidmini.engine.batcher import DecodeBatcher, DecodeSequence, default_step_threads
 from vidmini.engine.checkpoint import load_checkpoint
 from vidmini.engine.constrained import JsonConstraint
 from vidmini.engine.generate import SamplingConfig, allocate_cache, decode_step, prefill
@@ -590,3 +590,46 @@ def test_demo_model_cancel_join_and_grammar_beside_plain_answers(demo):
     assert runners[3].result().token_ids == expected[3][:3] and runners[3].result().cancelled
     assert ids_of([*runners[:3], joiner]) == [*expected[:3], expected[4]]
     no_question_in_flight(manager)
+
+
+class ThreadsSeen:
+    """A grammar allowing every token that records, on each call, how many intra-op threads the calling thread
+    has: `mask` runs on the decode thread for every token after the first."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+        self.done = False
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        self.threads.append(torch.get_num_threads())
+        return logits
+
+    def advance(self, token: int) -> None:
+        pass
+
+
+def test_decode_steps_use_their_own_thread_count_and_never_run_beside_a_prefill(tiny):
+    """A small CPU model decodes with one intra-op thread (the asking thread keeps its own count), and no step
+    runs while a question holds `compute` for its fusion and prefill."""
+    model = tiny.engine.model
+    assert default_step_threads(model) == 1
+    batcher = DecodeBatcher(model, step_threads=1)
+    asking_threads = torch.get_num_threads()
+    seen = ThreadsSeen()
+    cache = allocate_cache(model, 16)
+    prefill(model, model.embed(torch.tensor([[1, 2, 3]])), cache)
+    seq = DecodeSequence(cache, SamplingConfig(max_new_tokens=6, grammar=seen))
+    with batcher.compute:  # as a question's prefill holds it
+        batcher.hold()
+        batcher.start(seq, torch.zeros(model.config.llama.vocab_size))
+        with pytest.raises(TimeoutError):
+            batcher.allow(1, timeout=1.0)
+        assert batcher.steps == 0
+    batcher.release()
+    assert len(list(seq.events())) == 6  # the first chosen on this thread, 5 more after a step each
+    assert batcher.steps == 5
+    assert seen.threads[0] == asking_threads and set(seen.threads[1:]) == {1}
+    assert torch.get_num_threads() == asking_threads
+    with pytest.raises(ValueError, match="step_threads"):
+        DecodeBatcher(model, step_threads=0)
+    batcher.close()

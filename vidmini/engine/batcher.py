@@ -20,7 +20,8 @@ of a float (the kernels block differently), so a greedy answer equals its lone a
 to ~1e-6; tests/engine/test_batcher.py checks that they match.
 
 Thread-safety. This thread is the only one running decode steps; prefills of new questions run on request
-threads at the same time. That is safe: a forward pass reads the model's parameters and writes only the cache it
+threads, one at a time with the steps (each holds `compute`: two forwards side by side would share the cores
+and their OpenMP teams would wait on each other). Even side by side it would be safe: a forward pass reads the model's parameters and writes only the cache it
 is given (no module keeps state between calls; the rotary tables are computed per call), and a cache is used by
 one thread at a time — the asking thread until it hands the sequence over, then this one until the answer ends.
 """
@@ -46,6 +47,7 @@ __all__ = ["DecodeBatcher", "DecodeSequence"]
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_PREFILL_STALL_S = 0.5  # decoding waits for questions being prefilled at most this long at a time
+SMALL_LLM_BYTES = 256 << 20  # a CPU decode step over an LLM this small is op-dispatch bound: one intra-op thread
 IDLE_EXIT_S = 2.0  # the decode thread ends after this long with nothing to do (a new answer starts it again)
 
 
@@ -66,10 +68,23 @@ def _after_fork_in_child() -> None:
         batcher._cond = threading.Condition()
         batcher._waiting, batcher._active, batcher._thread, batcher._allowed = deque(), [], None, None
         batcher._closing, batcher._prefilling, batcher._stall_since = False, 0, None
+        batcher.compute = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def default_step_threads(model: LlavaMiniModel) -> int | None:
+    """Intra-op threads for the decode thread's steps: None (torch's default) on an accelerator or for an LLM
+    of SMALL_LLM_BYTES or more; 1 for a small LLM on the CPU. There a step is a few hundred tiny ops, and an
+    OpenMP team only adds a barrier to each: on the 2-core machine a step of the demo model at batch 8 took
+    4.3-5.5 ms with one thread, 89-114 ms with two while another process used a core (`bench/RESULTS.md`)."""
+    if model.device.type != "cpu":
+        return None
+    parts = (model.model.layers, model.lm_head)
+    size = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    return 1 if size < SMALL_LLM_BYTES else None
 
 
 class _Ended:
@@ -172,9 +187,12 @@ class DecodeBatcher:
     fails the answers in flight and stops the thread (at exit; a later answer starts it again)."""
 
     def __init__(self, model: LlavaMiniModel, max_batch: int = DEFAULT_MAX_BATCH, idle_s: float = IDLE_EXIT_S,
-                 max_prefill_stall_s: float = DEFAULT_MAX_PREFILL_STALL_S) -> None:
+                 max_prefill_stall_s: float = DEFAULT_MAX_PREFILL_STALL_S, step_threads: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if step_threads is not None and step_threads < 1:
+            raise ValueError("step_threads must be >= 1")
+        self.step_threads = step_threads if step_threads is not None else default_step_threads(model)
         if max_prefill_stall_s < 0:
             raise ValueError("max_prefill_stall_s must be >= 0")
         self.model, self.max_batch, self.idle_s = model, max_batch, idle_s
@@ -187,6 +205,10 @@ class DecodeBatcher:
         self._thread: threading.Thread | None = None
         self._allowed: int | None = None  # steps it may still run while held; None: not held
         self._closing = False
+        # Held around every forward pass on the model: a decode step here, a question's fusion and prefill on its
+        # thread (`AnswerStream`). One runs at a time, each with all the intra-op threads: two running together
+        # would each get half the cores and their thread teams would spin against each other.
+        self.compute = threading.Lock()
         self.reset_stats()
         _LIVE.add(self)
 
@@ -276,6 +298,8 @@ class DecodeBatcher:
 
     # ---- the decode thread --------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.step_threads:
+            torch.set_num_threads(self.step_threads)  # the calling thread's own OpenMP team; others keep theirs
         try:
             with torch.no_grad():  # grad mode is per thread
                 while True:
@@ -347,11 +371,13 @@ class DecodeBatcher:
         t0 = time.perf_counter()
         model = self.model
         try:
-            if len(batch) == 1:  # exactly the lone path
-                seq = batch[0]
-                rows = [prefill(model, model.embed(torch.tensor([[seq.token]], device=model.device)), seq.cache)]
-            else:
-                rows = list(decode_step(model, [s.token for s in batch], [s.cache for s in batch]))
+            with self.compute:
+                if len(batch) == 1:  # exactly the lone path
+                    seq = batch[0]
+                    ids = torch.tensor([[seq.token]], device=model.device)
+                    rows = [prefill(model, model.embed(ids), seq.cache)]
+                else:
+                    rows = list(decode_step(model, [s.token for s in batch], [s.cache for s in batch]))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: these answers fail, the thread goes on
             for seq in batch:
                 seq.end(e)

@@ -195,7 +195,7 @@ class AnswerStream:
         batcher = self._session.engine.batcher
         try:
             with batcher.prefilling():  # until its first step is queued: decoding waits for it to join
-                with self._session.lock:
+                with self._session.lock, batcher.compute:  # compute: never beside a decode step
                     started = time.perf_counter()
                     self._info["queued_ms"] = (started - self._created) * 1000
                     seq, first = self._session._start(self._plan, self._cancel, self._info)
