@@ -3,6 +3,7 @@ concurrent clients, each on its own stored video.
 
   python -m research.bench.concurrency                   # 8 synthetic-world videos of 120 s, 3 rounds
   python -m research.bench.concurrency --clients 1 4 8 16 --seconds 300
+  python -m research.bench.concurrency --max-tokens 48 160 320   # one table per answer length
 
 Each client is a thread with the official openai client, streaming answers about its own video (warm sessions:
 every video is asked once before timing). Answers are held to a JSON schema with one free string field and
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--seconds", type=int, default=120, help="length of each client's video")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, nargs="+", default=[48])
     ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the same questions through the service in this process (no HTTP)")
     args = ap.parse_args()
@@ -82,11 +83,11 @@ def main() -> None:
         try:
             client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
-            def ask(video_id: str, out: list) -> None:
+            def ask(video_id: str, out: list, max_tokens: int) -> None:
                 t = time.perf_counter()
                 first, tokens = None, 0
                 stream = client.chat.completions.create(
-                    model="vidmini", stream=True, max_tokens=args.max_tokens, stream_options={"include_usage": True},
+                    model="vidmini", stream=True, max_tokens=max_tokens, stream_options={"include_usage": True},
                     response_format={"type": "json_schema", "json_schema": {"name": "note", "schema": SCHEMA}},
                     messages=[{"role": "user", "content": [
                         {"type": "video_url", "video_url": {"url": f"vidmini://{video_id}"}},
@@ -99,35 +100,38 @@ def main() -> None:
                 out.append(((first or 0.0) * 1000, tokens))
 
             for video_id in ids:  # every session opened and its prefix cache built: warm from here on
-                ask(video_id, [])
-            for n in args.clients:
-                results: list = []
-                wall = timed_rounds(args.rounds, [(ids[i], results) for i in range(n)], ask)
-                ttfts = [r[0] for r in results]
-                tokens = sum(r[1] for r in results)
-                rows.append((n, tokens / wall, statistics.median(ttfts), percentile(ttfts, 0.95), tokens, wall))
+                ask(video_id, [], args.max_tokens[0])
+            for max_tokens in args.max_tokens:
+                for n in args.clients:
+                    results: list = []
+                    wall = timed_rounds(args.rounds, [(ids[i], results, max_tokens) for i in range(n)], ask)
+                    ttfts = [r[0] for r in results]
+                    tokens = sum(r[1] for r in results)
+                    rows.append((max_tokens, n, tokens / wall, statistics.median(ttfts), percentile(ttfts, 0.95),
+                                 tokens, wall))
         finally:
             server.terminate()
             server.wait(timeout=30)
         engine_rows = in_process(Path(tmp, "home"), ids, args) if args.in_process else []
-    one = next((r[1] for r in rows if r[0] == 1), None)
-    print(f"{videos_needed} videos of {args.seconds} s (1 fps), {args.rounds} rounds, {args.max_tokens} tokens an "
-          "answer (JSON schema)")
-    print("| clients | aggregate tokens/s | p50 first token ms | p95 first token ms | tokens | wall s | vs 1 client |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for n, rate, p50, p95, tokens, wall in rows:
+    print(f"{videos_needed} videos of {args.seconds} s (1 fps), {args.rounds} rounds, answers held to a JSON schema")
+    print("| answer tokens | clients | aggregate tokens/s | vs 1 client | p50 first token ms | p95 first token ms "
+          "| tokens | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for max_tokens, n, rate, p50, p95, tokens, wall in rows:
+        one = next((r[2] for r in rows if r[0] == max_tokens and r[1] == 1), None)
         speed = f"{rate / one:.2f}x" if one else "-"
-        print(f"| {n} | {rate:.1f} | {p50:.1f} | {p95:.1f} | {tokens} | {wall:.2f} | {speed} |")
+        print(f"| {max_tokens} | {n} | {rate:.1f} | {speed} | {p50:.1f} | {p95:.1f} | {tokens} | {wall:.2f} |")
     if engine_rows:
-        one = next((r[1] for r in engine_rows if r[0] == 1), None)
-        print("\nthe same questions in-process (`Library.ask` from N threads, no HTTP): the engine's own share")
-        print("| clients | aggregate tokens/s | vs 1 client | decode steps | mean batch | max batch "
+        print("\nthe same questions in-process (`Library.answer` from N threads, no HTTP): the engine's own share")
+        print("| answer tokens | clients | aggregate tokens/s | vs 1 client | decode steps | mean batch | max batch "
               "| decode-step tokens/s | vs 1 client |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        one_step = next((r[5] for r in engine_rows if r[0] == 1), None)
-        for n, rate, steps, mean, most, step_rate in engine_rows:
-            print(f"| {n} | {rate:.1f} | {rate / one:.2f}x | {steps} | {mean:.2f} | {most} | {step_rate:.1f} "
-                  f"| {step_rate / one_step:.2f}x |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for max_tokens, n, rate, steps, mean, most, step_rate in engine_rows:
+            one = next((r for r in engine_rows if r[0] == max_tokens and r[1] == 1), None)
+            vs = f"{rate / one[2]:.2f}x" if one else "-"
+            vs_step = f"{step_rate / one[6]:.2f}x" if one and one[6] else "-"
+            print(f"| {max_tokens} | {n} | {rate:.1f} | {vs} | {steps} | {mean:.2f} | {most} | {step_rate:.1f} "
+                  f"| {vs_step} |")
 
 
 def in_process(home: Path, ids: list[str], args) -> list[tuple]:
@@ -137,25 +141,26 @@ def in_process(home: Path, ids: list[str], args) -> list[tuple]:
     from vidmini.service.options import AskOptions
 
     lib = Library(home)
-    options = AskOptions(max_new_tokens=args.max_tokens, json_schema=SCHEMA)
     question = "Describe what happens in this video."
     for video_id in ids:
-        lib.answer(video_id, question, options)
+        lib.answer(video_id, question, AskOptions(max_new_tokens=args.max_tokens[0], json_schema=SCHEMA))
     batcher = lib.engine.batcher
     rows = []
-    for n in args.clients:
-        batcher.reset_stats()
-        tokens: list[int] = []
+    for max_tokens in args.max_tokens:
+        options = AskOptions(max_new_tokens=max_tokens, json_schema=SCHEMA)
+        for n in args.clients:
+            batcher.reset_stats()
+            tokens: list[int] = []
 
-        def one_answer(video_id: str, out: list[int] = tokens) -> None:
-            out.append(len(lib.answer(video_id, question, options).answer.token_ids))
+            def one_answer(video_id: str, out: list[int] = tokens, options: AskOptions = options) -> None:
+                out.append(len(lib.answer(video_id, question, options).answer.token_ids))
 
-        wall = timed_rounds(args.rounds, [(ids[i],) for i in range(n)], one_answer)
-        sizes = batcher.batch_sizes
-        steps = sum(sizes.values())
-        mean = sum(k * v for k, v in sizes.items()) / steps if steps else 0.0
-        rows.append((n, sum(tokens) / wall, steps, mean, batcher.max_batch_seen,
-                     batcher.tokens / batcher.step_s if batcher.step_s else 0.0))
+            wall = timed_rounds(args.rounds, [(ids[i],) for i in range(n)], one_answer)
+            sizes = batcher.batch_sizes
+            steps = sum(sizes.values())
+            mean = sum(k * v for k, v in sizes.items()) / steps if steps else 0.0
+            rows.append((max_tokens, n, sum(tokens) / wall, steps, mean, batcher.max_batch_seen,
+                         batcher.tokens / batcher.step_s if batcher.step_s else 0.0))
     return rows
 
 
