@@ -29,6 +29,10 @@ TIMELINE_THUMBS = 16
 SEARCH_K = 8
 FRAMES_SHOWN = 8  # timestamp links under an answer, out of the frames it used
 POLL_S = 1.0  # while an ingest runs, the library list redraws this often; with none running it stays still
+MOMENT_COLOUR = {"seen": ("rgba(255,140,0,0.45)", "#ff8c00"), "heard": ("rgba(30,144,255,0.40)", "#1e90ff"),
+                 "both": ("rgba(148,0,211,0.40)", "#9400d3")}  # timeline marks: fill, border
+TRANSCRIPT_NOTE = {"running": "transcribing the audio…", "no_audio": "this video has no audio track",
+                   "failed": "the audio could not be transcribed", "none": "no transcript (ingested with --no-audio?)"}
 STATUS_COLOUR = {"ready": "green", "ingesting": "blue", "queued": "gray", "failed": "red", "incomplete": "orange",
                  "cancelled": "gray"}
 
@@ -367,14 +371,86 @@ def timeline(lib: Library, row: VideoRow, state: TabState) -> None:
         for m in result.moments:
             left = 100 * m.start / duration
             width = max(100 * (m.end - m.start) / duration, 0.8)
+            source = getattr(m, "source", "seen")
+            fill, border = MOMENT_COLOUR.get(source, MOMENT_COLOUR["seen"])
+            said = f" · heard “{m.text}”" if getattr(m, "text", None) else ""
             marks += (f'<div class="vm-moment" data-start="{m.start:.2f}" data-end="{m.end:.2f}" '
-                      f'title="{html.escape(result.query)}: {span(m.start, m.end)} ({m.score:.2f})" '
+                      f'data-source="{source}" '
+                      f'title="{html.escape(result.query)}: {span(m.start, m.end)} ({m.score:.2f}, {source})'
+                      f'{html.escape(said)}" '
                       f'style="position:absolute;top:0;height:100%;left:{left:.2f}%;width:{width:.2f}%;'
-                      f'background:rgba(255,140,0,0.45);border:2px solid #ff8c00;box-sizing:border-box"></div>')
+                      f'background:{fill};border:2px solid {border};box-sizing:border-box"></div>')
     pos = 100 * state.seek.get(row.video_id, 0.0) / duration
     marks += (f'<div class="vm-position" style="position:absolute;top:0;height:100%;left:{pos:.2f}%;'
               'width:2px;background:#e00"></div>')
     st.html(f'<div class="vm-timeline" style="position:relative;display:flex;gap:2px">{cells}{marks}</div>')
+
+
+def transcript_pane(lib: Library, row: VideoRow) -> None:
+    """The transcript beside the player: the line being said follows playback (highlighted, scrolled into view),
+    and a click on a line seeks the player to it. Both happen in the browser, without a rerun."""
+    try:
+        segments = lib.transcript(row.video_id)
+    except LibraryError as e:
+        st.caption(str(e))
+        return
+    st.markdown("**Transcript**")
+    if not segments:
+        st.caption(TRANSCRIPT_NOTE.get(row.transcript, "no speech heard"))
+        return
+    lines = "".join(
+        f'<div class="vm-line" data-start="{seg.start:.3f}" data-end="{seg.end:.3f}" title="seek to {clock(seg.start)}"'
+        f' style="cursor:pointer;padding:2px 4px;border-radius:4px">'
+        f'<span style="color:#888;font-size:0.8em;margin-right:0.4em">{clock(seg.start)}</span>'
+        f'{html.escape(seg.text)}</div>' for seg in segments)
+    if row.transcript == "running":
+        lines += f'<div style="color:#888;font-size:0.8em">{TRANSCRIPT_NOTE["running"]}</div>'
+    st.html(f"""<div class="vm-transcript" style="max-height:340px;overflow-y:auto;font-size:0.9em">{lines}</div>
+<script>(function(){{
+  const pane = Array.from(document.querySelectorAll('.vm-transcript')).pop();
+  if (!pane || pane.vmBound) return;
+  pane.vmBound = true;
+  const lines = Array.from(pane.querySelectorAll('.vm-line'));
+  const player = () => document.querySelector('[data-testid="stVideo"]');
+  function follow() {{
+    const video = player();
+    if (!video || !document.contains(pane)) return;
+    const t = video.currentTime;
+    let now = null;
+    for (const line of lines) {{ if (parseFloat(line.dataset.start) <= t + 0.05) now = line; }}
+    if (now && t > parseFloat(now.dataset.end) + 2.0) now = null;
+    for (const line of lines) {{
+      const on = line === now;
+      line.classList.toggle('vm-now', on);
+      line.style.background = on ? 'rgba(30,144,255,0.18)' : '';
+    }}
+    if (now) {{
+      const top = now.offsetTop - pane.offsetTop;
+      if (top < pane.scrollTop || top > pane.scrollTop + pane.clientHeight - now.offsetHeight)
+        pane.scrollTop = Math.max(0, top - pane.clientHeight / 3);
+    }}
+  }}
+  pane.addEventListener('click', (event) => {{
+    const line = event.target.closest('.vm-line');
+    const video = player();
+    if (line && video) {{ video.currentTime = parseFloat(line.dataset.start); follow(); }}
+  }});
+  window.vmFollowTranscript = follow;
+  function bind() {{  // the player may be drawn after this pane
+    const video = player();
+    if (!video) return false;
+    if (!video.vmFollowing) {{
+      for (const kind of ['timeupdate', 'seeked'])
+        video.addEventListener(kind, () => window.vmFollowTranscript && window.vmFollowTranscript());
+      video.vmFollowing = true;
+    }}
+    follow();
+    return true;
+  }}
+  if (!bind()) {{
+    const timer = setInterval(() => {{ if (bind() || !document.contains(pane)) clearInterval(timer); }}, 200);
+  }}
+}})();</script>""", unsafe_allow_javascript=True)
 
 
 def answer_details(row: VideoRow, msg: dict, key: str) -> None:
@@ -473,8 +549,11 @@ def search_tab(lib: Library, row: VideoRow, state: TabState) -> None:
             if m.thumbnail:
                 st.image(m.thumbnail, width=120)
         with c2:
+            source = getattr(m, "source", "seen")
             timestamp_button(row.video_id, m.start, f"moment-{row.video_id[:8]}-{j}",
-                             f"▶ {span(m.start, m.end)} · score {m.score:.3f}")
+                             f"▶ {span(m.start, m.end)} · {source} · score {m.score:.3f}")
+            if getattr(m, "text", None):
+                st.caption(f"heard: “{m.text}”")
     if result.times is not None and len(result.times):
         import pandas as pd
 
@@ -507,7 +586,16 @@ def video_page(lib: Library, state: TabState) -> None:
         return
     st.header(_md(row.name))
     st.caption(f"{clock(row.duration or 0)} · {row.frames} frames · id {row.video_id}")
-    player(lib, row, state)
+    if row.transcript in ("none", "no_audio"):  # nothing to show beside the player
+        player(lib, row, state)
+        if row.transcript == "no_audio":
+            st.caption(TRANSCRIPT_NOTE["no_audio"])
+    else:
+        left, right = st.columns([3, 2], vertical_alignment="top")
+        with left:
+            player(lib, row, state)
+        with right:
+            transcript_pane(lib, row)
     timeline(lib, row, state)
     chat, search, summary = st.tabs(["Chat", "Search", "Summary"])
     with chat:
