@@ -32,6 +32,9 @@ sysdeps:
 	@test -x /usr/sbin/mosquitto || \
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto) \
 	    >/dev/null || echo "warning: could not install mosquitto (the MQTT tests in tests/watch will skip)"; }
+	@command -v espeak-ng >/dev/null 2>&1 || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng) \
+	    >/dev/null || echo "warning: could not install espeak-ng (the speech tests in tests/speech will skip)"; }
 
 install: $(STAMP) sysdeps
 

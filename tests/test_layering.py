@@ -1,6 +1,6 @@
 """The package's import rules, read from the source (every import, module level or inside a function).
 
-Layers, lowest first: common → engine → store → ingest → index → demo → summaries → service → the faces (cli, ui, api; `vidmini serve` in cli/ may start api/).
+Layers, lowest first: common → engine → store → ingest → speech → index → demo → summaries → service → the faces (cli, ui, api; `vidmini serve` in cli/ may start api/).
 `summaries` sits under the service: it is the summarizing work, given its question-answering (an asker) and the
 service's Library passed in, and the service offers it to every face (CLI, app, the HTTP API to come).
 A package imports only packages below it (and itself); the faces import only `vidmini.service` and
@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vidmini"
-LAYERS = ["common", "engine", "store", "ingest", "index", "demo", "summaries", "watch", "service"]
+LAYERS = ["common", "engine", "store", "ingest", "speech", "index", "demo", "summaries", "watch", "service"]
 FACES = {"cli", "ui", "api"}
 FACE_MAY_IMPORT = {"service", "common"}
 # A face that starts another one: `vidmini serve` runs the HTTP face, and with `--app` the Streamlit face beside

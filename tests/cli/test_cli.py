@@ -41,11 +41,12 @@ def vidmini(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_ask_video_json_matches_the_engine(ckpt):
     video = FIXTURES / "safari.mp4"
+    # --no-speech: the file's audio is transcribed, and its heard speech would join the question's text
     res = vidmini("ask", str(video), QUESTION, "--model", str(ckpt), "--json", "--max-new-tokens", "6",
-                  "--logprobs", "2")
+                  "--logprobs", "2", "--no-speech")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["frames"] == 11  # 10.51 s of video at 1 fps: t = 0 … 10
+    assert out["speech"] == [] and out["frames"] == 11  # 10.51 s of video at 1 fps: t = 0 … 10
     assert out["timestamps"] == [float(t) for t in range(11)]
     assert set(out) >= {"answer", "token_ids", "frames", "ttft_ms", "tokens_per_s", "logprobs"}
     assert out["ttft_ms"] > 0

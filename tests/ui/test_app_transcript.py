@@ -24,6 +24,7 @@ from browser_helpers import (
     tab,
     wait_for,
 )
+from selenium.webdriver.common.keys import Keys
 
 sys.path.insert(0, str(REPO / "tests" / "speech"))
 from speech_media import have_tools, make_speech_video  # noqa: E402
@@ -105,6 +106,19 @@ def test_transcript_pane_seeks_follows_playback_and_marks_heard_moments(spoken_v
         assert start - 1.0 <= said.start and said.end <= end + 1.0, (start, end, said)
         assert "heard: “" in d.find_element(By.TAG_NAME, "body").text
         shot(d, "transcript-3-search")
+
+        # a question about the speech: the transcript lines that answer it under the answer, each a seek link
+        click(d, "the Chat tab", lambda: tab(d, "Chat"))
+        box = wait_for(d, "the chat box", lambda: d.find_elements(By.CSS_SELECTOR,
+                                                                  "textarea[data-testid='stChatInputTextArea']"))
+        box[0].send_keys("When is restaurant said?")
+        box[0].send_keys(Keys.ENTER)
+        heard = wait_for(d, "a heard line under the answer", lambda: [
+            b for b in d.find_elements(By.TAG_NAME, "button") if "heard:" in b.text and "restaurant" in b.text])
+        click(d, "the heard line's button", lambda: heard[0])
+        wait_for(d, "the player at the restaurant line", lambda: abs(d.execute_script(POSITION) - restaurant[1]) < 1.0,
+                 timeout=20)
+        shot(d, "transcript-4-heard-answer")
 
 
 def test_a_video_without_audio_says_so_and_has_no_pane(tmp_path):

@@ -57,6 +57,8 @@ class Video(BaseModel):
     fraction: float | None = Field(None, description="ingest progress, 0..1")
     error: str | None = None
     model_id: str = ""
+    transcript: str = Field("none", description="the audio's transcript: none | running | incomplete | complete | "
+                                                "no_audio | failed")
 
 
 class VideoDetail(Video):
@@ -76,8 +78,10 @@ class Moment(BaseModel):
     video_id: str
     start: float
     end: float
-    time: float = Field(description="the best frame's time (seconds)")
+    time: float = Field(description="the best frame's time (seconds); heard, both: when the words were said")
     score: float
+    source: str = Field("seen", description="seen (the frames match), heard (the words were said) or both")
+    text: str | None = Field(None, description="heard, both: what was said")
 
 
 class Answer(BaseModel):
@@ -140,12 +144,13 @@ def _ref(video_id: str) -> str:
 
 def _video(row: VideoRow) -> Video:
     return Video(id=row.video_id, name=row.name, source=row.source, status=row.status, frames=row.frames,
-                 duration=row.duration, fraction=row.fraction, error=row.error, model_id=row.model_id)
+                 duration=row.duration, fraction=row.fraction, error=row.error, model_id=row.model_id,
+                 transcript=row.transcript)
 
 
 def _moment(m) -> Moment:
     return Moment(video_id=m.video_id, start=float(m.start), end=float(m.end), time=float(m.time),
-                  score=round(float(m.score), 4))
+                  score=round(float(m.score), 4), source=getattr(m, "source", "seen"), text=getattr(m, "text", None))
 
 
 def allowed_path(roots: list[Path], source: str) -> Path:
@@ -275,7 +280,8 @@ def build_mcp(library: Library, media_roots: list[Path] | list[str] | None = Non
         video_id: Annotated[str | None, Field(description="one video's id; None: the whole library")] = None,
         k: Annotated[int, Field(ge=1, le=100)] = 5,
     ) -> Moments:
-        """Moments (time ranges) whose frames match a description, best first."""
+        """Moments (time ranges) whose frames match a description or where its words are said, best first; each
+        says whether it was seen, heard or both (heard ones carry what was said)."""
         with _tool_errors():
             found = library.search(query, None if video_id is None else _ref(video_id), k, curve=False)
             return Moments(query=query, video_id=found.video_id, moments=[_moment(m) for m in found.moments])

@@ -61,8 +61,10 @@ PATHS: dict[str, dict] = {
         "summary": "Ask about a video (OpenAI chat completions; stream: true gives server-sent events)",
         "description": "The last user message holds the question (text parts) and one video_url part: "
                        "vidmini://<video id> or a server path under a media root. vidmini's own start, end "
-                       "(seconds or HH:MM:SS) and policy (all, uniform:K, retrieved:K, auto) ride in the body; the "
-                       "answer's range, frames and timestamps come back in the `vidmini` field.",
+                       "(seconds or HH:MM:SS), policy (all, uniform:K, retrieved:K, auto), speech and speech_tokens "
+                       "ride in the body; the answer's range, frames, timestamps, the heard speech its prompt "
+                       "carried (`speech`) and, for a question about the speech, the transcript lines that "
+                       "answer it (`heard`) come back in the `vidmini` field.",
         "requestBody": _json_body({"$ref": "#/components/schemas/ChatRequest"}),
         "responses": {"200": _ok("a chat.completion, or chat.completion.chunk events"),
                       **_errors(400, *AUTH, 403, 404, 500, 503)}}},
@@ -73,7 +75,13 @@ PATHS: dict[str, dict] = {
                  "requestBody": _json_body({"type": "object", "required": ["source"], "properties": {
                      "source": {"type": "string", "description": "server path under a media root, or rtsp/http "
                                                                  "stream URL"},
-                     "live": {"type": "boolean", "default": False}, "fps": {"type": "number", "default": 1.0}}}),
+                     "live": {"type": "boolean", "default": False}, "fps": {"type": "number", "default": 1.0},
+                     "asr": {"enum": ["pocketsphinx", "whisper", "none"], "default": "pocketsphinx",
+                             "description": "the recognizer that transcribes a file's audio beside its frames"},
+                     "asr_model": {"type": "string", "description": "whisper: a model folder under a media root, "
+                                                                    "or a Hugging Face id in the server's cache"},
+                     "language": {"type": "string", "description": "the spoken language, e.g. en"},
+                     "no_audio": {"type": "boolean", "default": False, "description": "no transcript"}}}),
                  "responses": {"202": _ok("the ingest job", {"$ref": "#/components/schemas/Job"}),
                                **_errors(400, *AUTH, 403, 404, 503)}}},
     "/v1/videos/upload": {"post": {
@@ -176,7 +184,8 @@ PATHS: dict[str, dict] = {
         "responses": {"200": _ok("MP4", media="video/mp4"), "206": _ok("a range of it", media="video/mp4"),
                       **_errors(*AUTH, 404)}}},
     "/v1/search": {"get": {
-        "summary": "Moments matching a description, best first",
+        "summary": "Moments matching a description, best first: seen in the frames, heard in the speech, or both "
+                   "(each says its `source`; heard ones carry the spoken `text`)",
         "parameters": [_query("q", "what to look for", required=True), _query("video_id", "only this video"),
                        _query("k", "how many moments (default 10)", "integer")],
         "responses": {"200": _ok("moments"), **_errors(400, *AUTH, 404, 503)}}},
@@ -197,7 +206,10 @@ COMPONENTS = {
             "stop": {"type": ["string", "array"]}, "logprobs": {"type": "boolean"},
             "top_logprobs": {"type": "integer"}, "response_format": {"type": "object"},
             "start": {"type": ["number", "string"]}, "end": {"type": ["number", "string"]},
-            "policy": {"type": "string"}}},
+            "policy": {"type": "string"},
+            "speech": {"type": "boolean", "description": "false: no heard speech (transcript lines) in the prompt"},
+            "speech_tokens": {"type": "integer", "minimum": 0,
+                              "description": "at most this many prompt tokens of heard speech"}}},
         "Job": {"type": "object", "properties": {
             "id": {"type": "string"}, "status": {"enum": ["queued", "ingesting", "ready", "failed", "cancelled"]},
             "video_id": {"type": ["string", "null"]}, "frames_done": {"type": "integer"},

@@ -23,7 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from vidmini.api.errors import ApiError, not_found
 from vidmini.common.errors import UsageError, one_line
 from vidmini.service.library import LibraryError
-from vidmini.service.options import LIVE_CHUNK_FRAMES, IngestOptions
+from vidmini.service.options import ASR_BACKENDS, DEFAULT_ASR, LIVE_CHUNK_FRAMES, IngestOptions
 from vidmini.service.summaries import MODES, SummarizeOptions
 
 STREAM_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "srt://", "udp://")
@@ -81,7 +81,8 @@ class LibraryRoutes:
 
     # ---- adding -----------------------------------------------------------------------------------------------
     async def add(self, request: Request) -> Response:
-        """POST /v1/videos {"source", "live"?, "fps"?}: queue a server file (under a media root) or a stream."""
+        """POST /v1/videos {"source", "live"?, "fps"?, "asr"?, "asr_model"?, "language"?, "no_audio"?}: queue a
+        server file (under a media root) or a stream; a file's audio is transcribed beside its frames."""
         body = await json_body(request)
         source = body.get("source")
         if not isinstance(source, str) or not source.strip():
@@ -97,14 +98,44 @@ class LibraryRoutes:
         return JSONResponse(job_json(job), status_code=202)
 
     def _ingest_options(self, body: dict) -> IngestOptions:
+        speech = self._speech_options(body)
         try:
             source = str(body.get("source", ""))
             options = IngestOptions(fps=float(body.get("fps", IngestOptions.fps)), live=bool(body.get("live", False)),
                                     chunk_frames=LIVE_CHUNK_FRAMES if source.startswith(STREAM_SCHEMES)
-                                    else IngestOptions.chunk_frames)
-            return options.check()
+                                    else IngestOptions.chunk_frames, **speech)
         except (TypeError, ValueError) as e:
             raise ApiError(400, one_line(e), param="fps") from None
+        try:
+            return options.check()
+        except ValueError as e:
+            message = one_line(e)
+            param = next((name for word, name in (("language", "language"), ("english", "language"),
+                                                  ("asr", "asr"), ("fps", "fps")) if word in message.lower()), None)
+            raise ApiError(400, message, param=param) from None
+
+    def _speech_options(self, body: dict) -> dict:
+        """`asr`, `asr_model` and `language` from a body's "asr", "asr_model", "language" and "no_audio"."""
+        asr, model, language = body.get("asr"), body.get("asr_model"), body.get("language")
+        no_audio = body.get("no_audio", False)
+        if not isinstance(no_audio, bool):
+            raise ApiError(400, "no_audio must be true or false", param="no_audio")
+        if asr is not None and asr not in ASR_BACKENDS:
+            raise ApiError(400, f"asr must be one of {', '.join(ASR_BACKENDS)}", param="asr")
+        if no_audio and asr not in (None, "none"):
+            raise ApiError(400, f"no_audio and asr {asr} contradict each other", param="no_audio")
+        if language is not None and not isinstance(language, str):
+            raise ApiError(400, "language must be a language code such as en", param="language")
+        if model is not None:
+            if not isinstance(model, str) or not model.strip():
+                raise ApiError(400, "asr_model must be a model folder on the server or a Hugging Face id",
+                               param="asr_model")
+            if asr not in (None, "whisper"):
+                raise ApiError(400, "asr_model is a Whisper model: use it with asr whisper", param="asr_model")
+            asr = "whisper"
+            if model.startswith(("/", "~", ".")):  # a server folder: only under a media root, like the videos
+                model = str(self.api.allowed_path(model))
+        return {"asr": "none" if no_audio else (asr or DEFAULT_ASR), "asr_model": model, "language": language}
 
     async def upload(self, request: Request) -> Response:
         """POST /v1/videos/upload?filename=NAME, the file as the raw body: streamed to disk, then queued."""

@@ -86,8 +86,8 @@ class ChatRequest:
 
 def parse_chat(body: Any) -> ChatRequest:
     """OpenAI's chat body → what vidmini asks. The last user message holds the question (its text parts) and the
-    video (its `video_url` part); vidmini's own `start`, `end` and `policy` ride in the body (the official client's
-    `extra_body`)."""
+    video (its `video_url` part); vidmini's own `start`, `end`, `policy`, `speech` (false: no heard speech in the
+    prompt) and `speech_tokens` (its budget) ride in the body (the official client's `extra_body`)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     messages = body.get("messages")
@@ -142,7 +142,8 @@ def parse_chat(body: Any) -> ChatRequest:
             top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"),
             logprobs=int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0,
             policy=str(body.get("policy", AskOptions.policy)), start=body.get("start"), end=body.get("end"),
-            json_schema=json_schema,
+            json_schema=json_schema, speech=body.get("speech", AskOptions.speech),
+            speech_tokens=body.get("speech_tokens", AskOptions.speech_tokens),
         ).check()
     except (TypeError, ValueError) as e:
         raise ApiError(400, str(e)) from None
@@ -593,8 +594,10 @@ def _finish(answer, options: AskOptions, stopped: bool) -> str:
 
 
 def _usage(answer, question: str, library: Library) -> dict:
-    """Prompt tokens: one per frame the answer saw, plus the question's own tokens (what the LLM read)."""
-    prompt = len(answer.frames) + len(library.engine.tokenizer(question, add_special_tokens=False)["input_ids"])
+    """Prompt tokens: one per frame the answer saw, plus the question's own tokens and its heard speech (what the
+    LLM read)."""
+    prompt = len(answer.frames) + len(library.engine.tokenizer(question, add_special_tokens=False)["input_ids"]) \
+        + answer.speech_tokens
     return {"prompt_tokens": prompt, "completion_tokens": len(answer.token_ids),
             "total_tokens": prompt + len(answer.token_ids)}
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vidmini.cli.remote import RemoteService, chat_body, server_url
+from vidmini.cli.speech import add_asr_options, asr_fields
 from vidmini.common.errors import UsageError
 from vidmini.common.timefmt import clock, span
 from vidmini.service.options import (
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="device memory for pre-fusion states (tier C); auto uses all frames when they fit")
     ask.add_argument("--no-cache", action="store_true",
                      help="answer the reference's way: decode the frames again and recompute everything")
+    ask.add_argument("--no-speech", action="store_true",
+                     help="leave the transcript's lines out of the prompt (they go in as heard speech by default)")
+    ask.add_argument("--speech-tokens", type=int, default=AskOptions.speech_tokens, metavar="N",
+                     help="at most N prompt tokens of heard speech, nearest the question's times first")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("--logprobs", type=int, default=0, metavar="K", help="with --json: top-K log-probs per token")
     ask.add_argument("--json-schema", default=None, metavar="FILE",
@@ -83,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="delete a stored video")
     rm.add_argument("video_id")
 
-    se = sub.add_parser("search", help="find moments by describing them (text → frames)")
+    se = sub.add_parser("search", help="find moments by describing them (text → frames) or by words said in them")
     se.add_argument("query")
     se.add_argument("--video", default=None, help="one stored video (id or prefix); default: the whole library")
     se.add_argument("-k", type=int, default=10, help="how many moments")
@@ -158,11 +163,12 @@ def _ingest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=IngestOptions.backend)
     p.add_argument("--hwaccel", choices=HWACCELS, default=None,
                    help="decode on the GPU (NVDEC, pyav backend); falls back to software when unavailable")
+    add_asr_options(p)
 
 
 def _options(args: argparse.Namespace) -> IngestOptions:
     return checked_ingest(IngestOptions(fps=args.fps, every_k=args.every_k, mode=args.mode, stream=args.stream,
-                                        backend=args.backend, hwaccel=args.hwaccel))
+                                        backend=args.backend, hwaccel=args.hwaccel, **asr_fields(args)))
 
 
 def _progress_bar(label: str):
@@ -213,8 +219,9 @@ def _say_if_random(lib) -> None:
 
 
 def _ingest_one(lib, source: str, options: IngestOptions | None):
+    """Frames and, beside them, the audio's transcript (waited for: the command ends when both are stored)."""
     with _LazyBar(Path(source).name or source) as bar:
-        return lib.ingest(source, options, on_progress=bar.update)
+        return lib.ingest(source, options, on_progress=bar.update, wait_transcript=True)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -223,7 +230,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     options = AskOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed, logprobs=args.logprobs, policy=args.policy, start=args.start, end=args.end,
                          prefusion_budget_gb=args.prefusion_budget_gb, no_cache=args.no_cache, no_store=args.no_store,
-                         max_frames=args.max_frames, json_schema=_json_schema(args.json_schema)).check()
+                         max_frames=args.max_frames, json_schema=_json_schema(args.json_schema),
+                         speech=not args.no_speech, speech_tokens=args.speech_tokens).check()
     ingest = _options(args)
     server = server_url(args.server)
     if server is not None:
@@ -241,6 +249,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print(reply["answer"])
     if reply.get("moments"):
         print("moments: " + ", ".join(f"{span(m['start'], m['end'])} ({m['score']:.2f})" for m in reply["moments"]))
+    for line in reply.get("heard") or ():
+        print(f"heard: [{clock(line['start'])}] {line['text']}")
     where = "" if reply["range"] is None else f" from {reply['range']['start']:g}s to {reply['range']['end']:g}s"
     print(f"[{reply['model']}; {reply['frames']} frame(s){where}; policy {reply['policy']}; "
           f"first token {reply['ttft_ms']:.1f} ms; {reply['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
@@ -281,23 +291,30 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(json.dumps({"id": result.video_id, "source": source, "frames": result.frames,
                               "duration": result.duration_s, "gaps": result.gaps, "store": result.store_path,
                               "seconds": round(result.seconds, 3), "reused": result.reused,
-                              "resumed_from": result.resumed_from}), flush=True)
+                              "resumed_from": result.resumed_from,
+                              "transcript": result.extra.get("transcript", {"state": "none"})}), flush=True)
         else:
             state = "reused" if result.reused else f"{result.frames} frames in {result.seconds:.1f}s"
             gaps = f", gaps {result.gaps}" if result.gaps else ""
-            print(f"{result.video_id}  {source}  ({state}{gaps})", flush=True)
+            heard = result.extra.get("transcript", {}).get("state")
+            heard = f", transcript {heard.replace('_', ' ')}" if heard and heard != "none" else ""
+            print(f"{result.video_id}  {source}  ({state}{gaps}{heard})", flush=True)
     return 2 if failures else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    infos = _library().stored()
+    from vidmini.service.library import video_fp_of
+
+    lib = _library()
+    infos = lib.stored()
+    rows = [_info_dict(i) | {"transcript": lib.transcript_state(video_fp_of(i.video_id))["state"]} for i in infos]
     if args.json:
-        print(json.dumps([_info_dict(i) for i in infos]))
+        print(json.dumps(rows))
         return 0
-    for i in infos:
-        d = _info_dict(i)
+    for d in rows:
         status = "complete" if d.get("complete") else "incomplete"
-        print(f"{d.get('video_id')}  {d.get('frames')} frames  {status}  {d.get('source')}")
+        heard = "" if d["transcript"] == "none" else f"  transcript {d['transcript'].replace('_', ' ')}"
+        print(f"{d.get('video_id')}  {d.get('frames')} frames  {status}{heard}  {d.get('source')}")
     return 0
 
 
@@ -343,8 +360,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not found["moments"]:
         print("no matching moments")
     for m in found["moments"]:
-        print(f"{m['score']:.3f}  {m['video_id'][:16]}  {span(m['start'], m['end'])}  (best frame at "
-              f"{clock(m['time'])})")
+        source = m.get("source", "seen")
+        where = f"best frame at {clock(m['time'])}" if source != "heard" else f"said at {clock(m['time'])}"
+        said = f'  "{m["text"]}"' if m.get("text") else ""
+        print(f"{m['score']:.3f}  {m['video_id'][:16]}  {span(m['start'], m['end'])}  {source:5}  ({where}){said}")
     return 0
 
 

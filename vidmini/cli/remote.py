@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from vidmini.common.errors import UsageError, one_line
-from vidmini.service.options import IngestOptions
+from vidmini.service.options import AskOptions, IngestOptions
 
 SERVER_ENV = "VIDMINI_SERVER"
 KEY_ENV = "VIDMINI_API_KEY"
@@ -102,6 +102,8 @@ def chat_body(options) -> dict[str, Any]:
             body[name] = getattr(options, name)
     if options.logprobs:
         body |= {"logprobs": True, "top_logprobs": options.logprobs}
+    if not options.speech or options.speech_tokens != AskOptions.speech_tokens:
+        body |= {"speech": options.speech, "speech_tokens": options.speech_tokens}
     if options.json_schema is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer",
                                                                           "schema": options.json_schema}}
@@ -171,7 +173,10 @@ class RemoteLibrary:
     def _add(self, source: str, options) -> dict[str, Any]:
         path = Path(source)
         try:
-            return self.service._call("POST", "/v1/videos", {"source": source, "fps": options.fps})
+            body = {"source": source, "fps": options.fps, "asr": options.asr, "language": options.language}
+            if options.asr_model is not None:
+                body["asr_model"] = options.asr_model  # a path on the server
+            return self.service._call("POST", "/v1/videos", body)
         except ServerError as e:
             if e.status not in (403, 404):  # 403: not under a media root; 404: not on the server's disk
                 raise

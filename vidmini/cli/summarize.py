@@ -6,12 +6,13 @@ import argparse
 import json
 
 from vidmini.cli.remote import RemoteLibrary, RemoteService, server_url
+from vidmini.cli.speech import add_asr_options, asr_fields
 from vidmini.common.errors import UsageError
 from vidmini.service.options import BACKENDS, DTYPE_NAMES, IngestOptions, checked_ingest
 
 
 def add_parser(sub) -> None:
-    from vidmini.service.summaries import FORMATS, MODES
+    from vidmini.service.summaries import FORMATS, MODES, SUBTITLES
 
     p = sub.add_parser("summarize", help="summarize files and folders of video: chapters, event logs, timelines")
     p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders (searched recursively)")
@@ -24,6 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--events", nargs="+", default=[], metavar="EVENT", help='surveillance: e.g. "a person enters"')
     p.add_argument("--fps", type=float, default=IngestOptions.fps, help="ingest sampling rate")
     p.add_argument("--backend", choices=BACKENDS, default=IngestOptions.backend, help="ingest decoder")
+    add_asr_options(p)
+    p.add_argument("--subtitles", choices=SUBTITLES, default="auto",
+                   help="what srt/vtt hold: the speech (the transcript, one cue per line spoken) or the summary's "
+                        "chapters/events/timeline; auto: the speech when the video has any")
     p.add_argument("--model", help="checkpoint directory or Hugging Face id")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
@@ -40,7 +45,8 @@ def add_parser(sub) -> None:
 def cmd_summarize(args: argparse.Namespace) -> int:
     from vidmini.service.summaries import BatchOptions, SummarizeOptions, run_batch
 
-    checked_ingest(IngestOptions(fps=args.fps, backend=args.backend))
+    speech = asr_fields(args)
+    checked_ingest(IngestOptions(fps=args.fps, backend=args.backend, **speech))
     try:
         summarize = SummarizeOptions(args.mode, args.window, tuple(args.events))
     except ValueError as e:
@@ -50,7 +56,7 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be >= 1")
     options = BatchOptions(summarize, tuple(dict.fromkeys(args.formats or ["md", "json"])), args.model,
-                           args.device, args.dtype, args.fps, args.backend)
+                           args.device, args.dtype, args.fps, args.backend, subtitles=args.subtitles, **speech)
     server = server_url(args.server)
     if server is not None:
         if args.ray or args.ray_address or args.workers is not None:

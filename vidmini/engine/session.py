@@ -50,6 +50,7 @@ from vidmini.engine.fusion import (
 from vidmini.engine.generate import SamplingConfig, TokenEvent, allocate_cache, prefill
 from vidmini.engine.inference import Engine
 from vidmini.engine.llama import KVCache
+from vidmini.engine.speech_prompt import HeardLine, SpeechContext, lines_for, with_speech
 from vidmini.engine.tiers import ChunkedStates, PrefusionWorkingSet
 from vidmini.engine.timerange import TimeRange, choose_range
 
@@ -141,6 +142,8 @@ class SessionAnswer:
     packed_from: int | None = None
     cancelled: bool = False
     logprobs: list[list[dict]] = field(default_factory=list)
+    speech: list[HeardLine] = field(default_factory=list)  # the transcript lines the prompt carried
+    speech_tokens: int = 0  # the tokens they added to the prompt
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -162,6 +165,8 @@ class _Plan:
     packed_from: int | None
     sampling: SamplingConfig
     question_ids: torch.Tensor  # the prompt's ids after the image placeholder, tokenized once per question
+    speech: list[HeardLine] = field(default_factory=list)  # heard speech written before the question
+    speech_tokens: int = 0
 
 
 class AnswerStream:
@@ -236,6 +241,7 @@ class AnswerStream:
             ttft_ms=(first - start) * 1000, tokens_per_s=rate, queued_ms=info["queued_ms"],
             prefix_cache_hit=info["hit"], exact_prefix=info["exact"], prefix_cosine=info["cosine"],
             packed_from=plan.packed_from, cancelled=self._cancel.is_set(), logprobs=logprobs,
+            speech=list(plan.speech), speech_tokens=plan.speech_tokens,
         )
 
 
@@ -347,13 +353,21 @@ class VideoSession:
         step = math.ceil(len(frames) * per_frame / max(room, per_frame))
         return frames[::step], len(frames)
 
+    def heard_lines(self, question: str, time_range: TimeRange | None, speech: SpeechContext,
+                    question_times: bool = True) -> list[HeardLine]:
+        """The transcript lines a question's prompt carries (`engine.speech_prompt`): those of its range (the whole
+        video without one), nearest the times it names first, within `speech.budget` tokens."""
+        return lines_for(self.engine.tokenizer, question, time_range, speech, question_times, self.engine.prompt_style)
+
     def plan(self, question: str, start=None, end=None, policy: str | Policy = "auto",
-             sampling: SamplingConfig | None = None, question_times: bool = True) -> _Plan:
+             sampling: SamplingConfig | None = None, question_times: bool = True,
+             speech: SpeechContext | None = None) -> _Plan:
         self._check_open()
         requested = Policy.parse(policy)
         sampling = sampling or SamplingConfig(stop_ids=self.engine.eos_ids)
         frames, time_range = self.frames_for(question, start, end, question_times)
-        question_ids = self.engine.prompt(question).question
+        heard = self.heard_lines(question, time_range, speech, question_times) if speech is not None else []
+        question_ids = self.engine.prompt(with_speech(question, heard)).question
         frames, packed_from = self._pack(frames, len(question_ids), sampling.max_new_tokens)
         resolved = requested
         if requested.kind == "auto":
@@ -368,14 +382,18 @@ class VideoSession:
             fuse = uniform_pick(frames, resolved.k)
         if resolved.kind == "retrieved" and self.picker is None:
             resolved = Policy("uniform", resolved.k)  # reported as what it was
-        return _Plan(question, frames, fuse, resolved, requested, time_range, packed_from, sampling, question_ids)
+        cost = len(question_ids) - len(self.engine.prompt(question).question) if heard else 0
+        return _Plan(question, frames, fuse, resolved, requested, time_range, packed_from, sampling, question_ids,
+                     heard, cost)
 
     def ask(self, question: str, start: str | float | None = None, end: str | float | None = None,
             policy: str | Policy = "auto", sampling: SamplingConfig | None = None,
-            cancel: threading.Event | None = None, question_times: bool = True) -> AnswerStream:
+            cancel: threading.Event | None = None, question_times: bool = True,
+            speech: SpeechContext | None = None) -> AnswerStream:
         """Plan now (bad ranges/policies raise here), compute when the stream is iterated. `question_times`:
-        whether a time named in the question ("what happens at 1:05:00?") picks the range when none is given."""
-        return AnswerStream(self, self.plan(question, start, end, policy, sampling, question_times), cancel)
+        whether a time named in the question ("what happens at 1:05:00?") picks the range when none is given;
+        `speech`: the video's transcript, whose lines of the range go into the prompt (None: none)."""
+        return AnswerStream(self, self.plan(question, start, end, policy, sampling, question_times, speech), cancel)
 
     def _check_open(self) -> None:
         if self.closed:

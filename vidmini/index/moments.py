@@ -1,4 +1,5 @@
-"""From matching frames to moments: merge neighbours into segments, collapse near-duplicates, find scene cuts."""
+"""From matching frames to moments: merge neighbours into segments, collapse near-duplicates, find scene cuts; and
+the seen moments merged with the heard ones (spoken words) into one ranked list."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DUPLICATE_COSINE = 0.97  # frames this similar show the same thing (a static scene, a repeated shot)
+RRF_K = 10  # reciprocal-rank fusion: a moment ranked r in a list adds weight / (RRF_K + r)
+OVERLAP_S = 1.0  # a seen and a heard moment this close (a frame's sampling interval) are one moment, "both"
 
 
 @dataclass
@@ -29,10 +32,18 @@ class Moment:
     time: float
     frames: list[int] = field(default_factory=list)
     thumbnail: bytes | None = None
+    source: str = "seen"  # seen (in the frames) | heard (in the speech) | both
+    text: str | None = None  # heard, both: what was said
+    seen_score: float | None = None  # the best frame's similarity to the query
+    heard_score: float | None = None  # the share of the query's words said in it
+    rank_score: float | None = None  # the fused rank the merged list is ordered by
 
     def to_json(self) -> dict:
-        return {"video_id": self.video_id, "start": self.start, "end": self.end, "score": round(self.score, 4),
-                "frame": self.frame, "time": self.time, "frames": len(self.frames)}
+        out = {"video_id": self.video_id, "start": self.start, "end": self.end, "score": round(self.score, 4),
+               "frame": self.frame, "time": self.time, "frames": len(self.frames), "source": self.source}
+        if self.text is not None:
+            out["text"] = self.text
+        return out
 
 
 def merge_hits(hits: list[Hit], max_gap_s: float) -> list[Moment]:
@@ -99,3 +110,38 @@ def scene_boundaries(vectors: np.ndarray, times: np.ndarray, min_change: float =
         if all(abs(t - float(times[j + 1])) >= min_scene_s for j in cuts):
             cuts.append(int(i))
     return sorted(float(times[i + 1]) for i in cuts)
+
+
+def fuse_moments(seen: list[Moment], heard: list[Moment], k: int, overlap_s: float = OVERLAP_S) -> list[Moment]:
+    """One ranked list from the seen moments (best first) and the heard ones (best first), by reciprocal-rank
+    fusion: a seen moment adds 1 / (RRF_K + rank), a heard one its share of the query's words / (RRF_K + rank).
+    A heard moment within `overlap_s` of a seen one of the same video joins it (the best-ranked one it touches) as
+    "both": the span of the two, the spoken text, its `time` and frame those of the words (where a player seeks:
+    the frames there are in the seen span too), the two weights added. On a tie a heard moment comes first (every
+    word of the query said there). `score` stays each source's own: the best frame's similarity (seen, both) or
+    the share of the words said (heard)."""
+    fused: list[Moment] = []
+    for r, m in enumerate(seen):
+        m.seen_score = m.score if m.seen_score is None else m.seen_score
+        m.rank_score = 1.0 / (RRF_K + r + 1)
+        fused.append(m)
+    order = {id(m): 1 for m in fused}
+    for r, h in enumerate(heard):
+        weight = (h.heard_score if h.heard_score is not None else h.score) / (RRF_K + r + 1)
+        partner = next((m for m in fused if m.source == "seen" and m.video_id == h.video_id
+                        and h.start - overlap_s <= m.end and m.start <= h.end + overlap_s), None)
+        if partner is None:
+            h.heard_score = h.score if h.heard_score is None else h.heard_score
+            h.rank_score = weight
+            fused.append(h)
+            order[id(h)] = 0
+            continue
+        partner.source, partner.text = "both", h.text
+        partner.time, partner.frame = h.time, h.frame
+        partner.thumbnail = h.thumbnail if h.thumbnail is not None else partner.thumbnail
+        partner.frames = sorted({*partner.frames, *h.frames})
+        partner.heard_score = h.heard_score if h.heard_score is not None else h.score
+        partner.start, partner.end = min(partner.start, h.start), max(partner.end, h.end)
+        partner.rank_score = (partner.rank_score or 0.0) + weight
+    fused.sort(key=lambda m: (-(m.rank_score or 0.0), order[id(m)], m.start))
+    return fused[:k]

@@ -4,6 +4,7 @@ Importable without numpy or torch, so that a parser can show them."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 MIN_FPS, MAX_FPS = 0.05, 30.0
@@ -11,6 +12,10 @@ MODES = ("exact", "fast")  # exact: the frame displayed at each sampling time; f
 BACKENDS = ("pyav", "ffmpeg", "decord")
 HWACCELS = ("cuda",)
 LIVE_CHUNK_FRAMES = 4  # a stream's frames become askable and searchable this many at a time (a file's: 32)
+ASR_BACKENDS = ("pocketsphinx", "whisper", "none")  # none: no transcript (--no-audio)
+DEFAULT_ASR = "pocketsphinx"  # its wheel ships an English model: works offline on a fresh CPU machine
+ASR_WINDOW_S = 30.0  # seconds of audio transcribed and committed at a time
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 
 
 @dataclass
@@ -25,6 +30,9 @@ class IngestOptions:
     queue_chunks: int = 2
     live: bool = False  # a file still being written: follow it until it stops growing
     idle_timeout: float = 5.0
+    asr: str = DEFAULT_ASR  # the audio track's transcript, beside the frames: pocketsphinx | whisper | none
+    asr_model: str | None = None  # whisper: a local folder or a Hugging Face id in the local cache
+    language: str | None = None  # the spoken language (e.g. "en"); None: the recognizer's default or detection
 
     def check(self) -> IngestOptions:
         """Raise ValueError (one line, for a person) on options no ingest can run with; return self."""
@@ -41,6 +49,15 @@ class IngestOptions:
             raise ValueError(f"hwaccel must be one of {', '.join(HWACCELS)}, got {self.hwaccel!r}")
         if self.chunk_frames < 1 or self.queue_chunks < 1:
             raise ValueError("chunk_frames and queue_chunks must be >= 1")
+        if self.asr not in ASR_BACKENDS:
+            raise ValueError(f"asr must be one of {', '.join(ASR_BACKENDS)}, got {self.asr!r}")
+        if self.asr_model is not None and self.asr != "whisper":
+            raise ValueError(f"an ASR model is for the whisper backend, not {self.asr}")
+        if self.language is not None:
+            if not isinstance(self.language, str) or not _LANGUAGE.fullmatch(self.language):
+                raise ValueError(f"language must be a language code such as en or de, got {self.language!r}")
+            if self.asr == "pocketsphinx" and self.language.lower().split("-")[0].split("_")[0] != "en":
+                raise ValueError(f"pocketsphinx has an English model only; for {self.language!r} use whisper")
         return self
 
     def sampling_key(self) -> str:

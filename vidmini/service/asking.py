@@ -2,7 +2,8 @@
 
 The face parses its input into `AskOptions` (and the ingest's `IngestOptions`), makes this one call and prints
 the `AskReply`; everything in between — deciding image, stored video or new file, ingesting it (resumable, into
-the same stores the app uses), opening a session, the reference one-pass path, the "when" moments — is here.
+the same stores the app uses), opening a session, the reference one-pass path, the heard speech in the prompt,
+the "when" moments and the transcript lines that answer a question about the speech — is here.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class AskReply:
     logprobs: list | None = None
     moments: list | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    heard: list | None = None  # a question about the speech: the transcript lines that answer it (best first)
 
     def to_json(self) -> dict[str, Any]:
         r = self.result
@@ -66,6 +68,10 @@ class AskReply:
             out["logprobs"] = self.logprobs
         if self.moments is not None:
             out["moments"] = [m.to_json() for m in self.moments]
+        out["speech"] = [dict(line) for line in r.get("speech", [])]  # the heard speech the prompt carried
+        out["speech_tokens"] = r.get("speech_tokens", 0)
+        if self.heard is not None:
+            out["heard"] = self.heard
         return out
 
 
@@ -85,8 +91,10 @@ def ask_media(library: Library, media: str, question: str, options: AskOptions, 
     `no_store`) or a stored video's id. Bad input raises UsageError (or the decoder's error) before the model
     loads where it can; `before_load()` runs just before the model loads (not at all when it is loaded)."""
     from vidmini.engine.session import Policy, VideoSession
+    from vidmini.engine.speech_prompt import lines_for, speech_cost, with_speech
     from vidmini.engine.timerange import choose_range
     from vidmini.ingest.simple_decode import media_kind
+    from vidmini.service.heard import heard_answer, speech_context
 
     options.check()
     checked_ingest(ingest)
@@ -132,14 +140,20 @@ def ask_media(library: Library, media: str, question: str, options: AskOptions, 
         except ValueError as e:
             raise UsageError(str(e)) from None
         encode_ms = 0.0  # the reference encodes inside every question: counted in ttft_ms
-        answer = engine.collect(engine.forward_full(pixels, question, sampling), frames=len(timestamps))
+        speech = None if is_image else speech_context(library, video_id, options, source=media)
+        spoken = [] if speech is None else lines_for(engine.tokenizer, question, explicit, speech,
+                                                     style=engine.prompt_style)
+        answer = engine.collect(engine.forward_full(pixels, with_speech(question, spoken), sampling),
+                                frames=len(timestamps))
         frames = list(range(len(timestamps)))
         result = {"answer": answer.text, "token_ids": answer.token_ids, "policy": "reference",
                   "policy_requested": options.policy, "frame_indices": frames, "fused_frames": frames,
                   "range": None if explicit is None else {"start": explicit.start, "end": explicit.end,
                                                           "source": explicit.source},
                   "ttft_ms": answer.ttft_ms, "tokens_per_s": answer.tokens_per_s, "logprobs": answer.logprobs,
-                  "exact_prefix": True, "prefix_cosine": 1.0, "packed_from": None}
+                  "exact_prefix": True, "prefix_cosine": 1.0, "packed_from": None,
+                  "speech": [line.to_json() for line in spoken],
+                  "speech_tokens": speech_cost(engine.tokenizer, question, spoken, engine.prompt_style)}
     else:
         budget = int(options.prefusion_budget_gb * 2**30)
         if stored is None and (kind == "image" or options.no_store):
@@ -151,26 +165,31 @@ def ask_media(library: Library, media: str, question: str, options: AskOptions, 
             from vidmini.store.session import open_store_session
 
             if stored is None:
-                stored = library.stores.get(library.ingest(media, ingest, on_progress=on_progress).video_id)
+                # with speech on, the transcript is waited for: the prompt carries the whole range's speech
+                stored = library.stores.get(library.ingest(media, ingest, on_progress=on_progress,
+                                                           wait_transcript=options.speech).video_id)
                 video_id = stored.video_id
             session = open_store_session(engine, stored, prefusion_budget_bytes=budget,
                                          picker=frame_picker(library.searcher, stored.video_id))
         encode_ms = (time.perf_counter() - t0) * 1000
+        speech = None if is_image else speech_context(library, video_id, options, source=media)
         try:
             got = session.ask(question, options.start, options.end, options.policy, sampling,
-                              question_times=not is_image).result()
+                              question_times=not is_image, speech=speech).result()
         except ValueError as e:
             raise UsageError(str(e)) from None
         timestamps = got.timestamps
         result = got.to_json()
         result["answer"] = result.pop("text")
         result["frame_indices"] = result.pop("frames")
-    moments = None
+    moments, heard_lines = None, None
     if video_id is not None:
         moments = library.when_moments(question, video_id, result["range"], 5) or None
+        heard_lines = heard_answer(library, question, video_id, result["range"]) or None
     choice = library.model_choice
     return AskReply(result["answer"], result["token_ids"], list(timestamps), result, encode_ms, engine.name, video_id,
-                    bool(choice and choice.is_random), result["logprobs"] if options.logprobs else None, moments)
+                    bool(choice and choice.is_random), result["logprobs"] if options.logprobs else None, moments,
+                    heard=heard_lines)
 
 
 def _read_media(engine, path: str, fps: float, max_frames: int | None):
@@ -221,4 +240,4 @@ def reply_of(library: Library, result: AskResult, logprobs: bool = False, encode
     choice = library.model_choice
     return AskReply(r["answer"], r["token_ids"], [float(t) for t in result.answer.timestamps], r, encode_ms,
                     library.engine.name, result.video_id, bool(choice and choice.is_random),
-                    r["logprobs"] if logprobs else None, result.moments or None)
+                    r["logprobs"] if logprobs else None, result.moments or None, heard=result.heard or None)

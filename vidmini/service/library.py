@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import threading
 import time
 import unicodedata
@@ -40,6 +41,7 @@ UPLOADS = "uploads"
 SUMMARIES = "summaries"
 SAMPLE_SECONDS, SAMPLE_SEED = 120, 7
 DEFAULT_SESSION_BUDGET = 2 << 30
+HEARD_PER_RESULT = 3  # heard moments fetched per moment asked for, before the merge with the seen ones
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -132,6 +134,7 @@ class VideoRow:
     model_id: str = ""
     job_id: str | None = None
     bytes_on_disk: int = 0
+    transcript: str = "none"  # the audio's transcript: none | running | incomplete | complete | no_audio | failed
 
     @property
     def usable(self) -> bool:
@@ -160,6 +163,7 @@ class AskResult:
     answer: SessionAnswer
     video_id: str
     moments: list = field(default_factory=list)  # for "when …" questions: the top matching moments
+    heard: list = field(default_factory=list)  # for questions about the speech: the transcript lines that answer
 
     @property
     def text(self) -> str:
@@ -191,8 +195,11 @@ class Asking:
     def result(self) -> AskResult:
         if self._result is None:
             answer = self._stream.result()
+            from vidmini.service.heard import heard_answer
+
             moments = self._library.when_moments(self.question, self.video_id, answer.range)
-            self._result = AskResult(answer, self.video_id, moments)
+            heard = heard_answer(self._library, self.question, self.video_id, answer.range)
+            self._result = AskResult(answer, self.video_id, moments, heard)
         return self._result
 
 
@@ -230,6 +237,9 @@ class Library:
         self._queue: list[tuple[IngestJob, IngestOptions]] = []
         self._wake = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
+        self._transcribing: dict[str, _Transcription] = {}  # video fingerprint → its transcription running now
+        self._heard = None  # the transcripts' text search
+        self._asr_turn = threading.Lock()  # one transcription at a time
 
     # ---- the model ----------------------------------------------------------------------------------------
     @property
@@ -332,6 +342,16 @@ class Library:
             jobs = sorted(self._jobs.values(), key=lambda j: -j.created)
         stored = {i.video_id: i for i in self.stored()}  # one listing per call: the page polls this
         rows: list[VideoRow] = []
+        heard: dict[str, str] = {}
+
+        def transcript(video_id: str | None) -> str:
+            if not video_id:
+                return "none"
+            fp = video_fp_of(video_id)
+            if fp not in heard:
+                heard[fp] = self.transcript_state(fp)["state"]
+            return heard[fp]
+
         seen: set[str] = set()
         sources: set[str] = set()
         for j in jobs:  # newest first: the latest attempt at a source speaks for it
@@ -345,7 +365,7 @@ class Library:
                                  frames=info.frames if info else j.frames_done,
                                  duration=info.duration if info else None, fraction=j.fraction, error=j.error,
                                  model_id=info.model_id if info else "", job_id=j.job_id,
-                                 bytes_on_disk=info.bytes_on_disk if info else 0))
+                                 bytes_on_disk=info.bytes_on_disk if info else 0, transcript=transcript(j.video_id)))
             if j.video_id:
                 seen.add(j.video_id)
         active = {j.source for j in jobs if j.active}
@@ -356,7 +376,7 @@ class Library:
             name = Path(info.source).name if info.source else info.video_id
             rows.append(VideoRow(info.video_id, _display_name(name), info.source, status, info.frames,
                                  info.duration, 1.0 if info.complete else None, info.failed, info.model_id,
-                                 bytes_on_disk=info.bytes_on_disk))
+                                 bytes_on_disk=info.bytes_on_disk, transcript=transcript(info.video_id)))
         return rows
 
     def video(self, video_id: str) -> VideoRow:
@@ -376,22 +396,132 @@ class Library:
     # ---- adding -------------------------------------------------------------------------------------------
     def ingest(self, source: str, options: IngestOptions | None = None,
                on_progress: Callable[[Progress], None] | None = None, cancel: threading.Event | None = None,
-               on_store: Callable[[str], None] | None = None) -> IngestResult:
+               on_store: Callable[[str], None] | None = None, wait_transcript: bool = False) -> IngestResult:
         """Ingest one file or stream now (the CLI's path, and the background worker's): store, then index.
         When the model is not loaded yet, a local file's decoding starts first, in a child process, so that it
-        overlaps the model's loading (`vidmini.ingest.prefetch`)."""
+        overlaps the model's loading (`vidmini.ingest.prefetch`). A file's audio track is transcribed beside the
+        frames, on its own thread (`options.asr`); the frames never wait for it: this returns when they are
+        stored, unless `wait_transcript` (then `result.extra["transcript"]` says how the transcript ended)."""
         options = checked_ingest(options or IngestOptions())
         prefetched = None
+        heard = self._start_transcription(source, options, cancel)  # the video's fingerprint, or None
         if not self.model_loaded and not options.live and Path(source).is_file():
             from vidmini.engine.load import frame_side_hint
             from vidmini.ingest.prefetch import PrefetchedFrames
 
             prefetched = PrefetchedFrames(source, options, side=frame_side_hint(self.model_choice))
-        try:
-            return self._ingest(source, options, on_progress, cancel, on_store, prefetched)
+        try:  # a failed frames' ingest does not stop the transcript: it is the video's, not the model's
+            result = self._ingest(source, options, on_progress, cancel, on_store, prefetched)
         finally:
             if prefetched is not None:
                 prefetched.close()
+        if heard is not None:
+            if wait_transcript:
+                self.wait_transcript(heard)
+            result.extra["transcript"] = self.transcript_state(heard)
+        return result
+
+    # ---- the audio's transcript -----------------------------------------------------------------------------
+    def _start_transcription(self, source: str, options: IngestOptions, cancel: threading.Event | None
+                             ) -> str | None:
+        """Transcribe a local file's audio on a thread of its own, unless it is transcribed already or being
+        transcribed now; returns the video's fingerprint (None: no transcript for a stream, a growing file, or
+        `asr` none)."""
+        from vidmini.common.fingerprint import fingerprint
+        from vidmini.ingest.live import is_stream_url
+
+        if options.asr == "none" or options.live or is_stream_url(source) or not Path(source).is_file():
+            return None
+        try:
+            fp = fingerprint(source)
+        except OSError:
+            return None  # the frames' ingest reports the unreadable file
+        if _transcribed(self.root, fp, options):
+            return fp  # nothing to do: no recognizer loaded, no thread
+        with self._lock:
+            running = self._transcribing.get(fp)
+            if running is not None and running.thread.is_alive():
+                return fp
+            job = _Transcription(fp, str(source), options, cancel or threading.Event())
+            job.thread = threading.Thread(target=self._transcribe, args=(job,), name="vidmini-asr", daemon=True)
+            self._transcribing[fp] = job
+            job.thread.start()
+        return fp
+
+    def _transcribe(self, job: _Transcription) -> None:
+        """One video's transcription, watched from its own thread: the recognizer runs in a child process at a
+        lower priority (it holds the interpreter lock while it decodes; here it would stall the frames).
+        Transcriptions run one at a time: the cores are the frames' first."""
+        o = job.options
+        try:
+            from vidmini.ingest.errors import IngestError
+            from vidmini.ingest.options import ASR_WINDOW_S
+            from vidmini.speech.audio import probe_audio
+            from vidmini.speech.ingest import start_child
+            from vidmini.speech.store import NO_AUDIO, TranscriptStore
+
+            while not self._asr_turn.acquire(timeout=0.2):
+                if job.cancel.is_set():
+                    return
+            try:
+                try:
+                    info = probe_audio(job.source)
+                except IngestError:
+                    return  # not a readable file: the frames' ingest says so, once
+                if info is None:  # recorded without starting a recognizer
+                    TranscriptStore.open(self.root, job.video_fp, NO_AUDIO, source=job.source).mark_no_audio()
+                    return
+                child = start_child(self.root, job.video_fp, job.source, o.asr, o.asr_model, o.language,
+                                    self.device if o.asr == "whisper" else "cpu", ASR_WINDOW_S)
+                while child.poll() is None:
+                    if job.cancel.wait(0.2):
+                        child.terminate()  # its commits are atomic: a later ingest resumes after the last one
+                        child.wait()
+                        return
+                if child.returncode != 0:  # it said why on stderr, and marked the transcript failed
+                    job.error = f"the transcription ended with status {child.returncode}"
+            finally:
+                self._asr_turn.release()
+        except Exception as e:  # noqa: BLE001 - the audio must never cost the frames; one line says why
+            job.error = one_line(e)
+            print(f"vidmini: warning: {Path(job.source).name}: no transcript ({type(e).__name__}: {job.error}); "
+                  "the frames are not affected", file=sys.stderr, flush=True)
+        finally:
+            with self._lock:  # a failed one stays listed (ended), so that its state says why
+                if self._transcribing.get(job.video_fp) is job and job.error is None:
+                    del self._transcribing[job.video_fp]
+
+    def transcript_state(self, video_fp: str) -> dict:
+        """A video's transcript (by the frames' store's fingerprint): {"state": none | running | incomplete |
+        complete | no_audio | failed, "backend", "covered_until", "segments", "gaps", "error"}."""
+        from vidmini.speech.store import transcript_state
+
+        with self._lock:
+            job = self._transcribing.get(video_fp)
+            running = job is not None and job.thread.is_alive()
+        state = transcript_state(self.root, video_fp, running=running)
+        if job is not None and not running and job.error and state["state"] in ("none", "incomplete"):
+            state = {**state, "state": "failed", "error": job.error}
+        return state
+
+    def transcript(self, video_id: str, start: float | None = None, end: float | None = None,
+                   wait: bool = False) -> list:
+        """A stored video's transcript segments (vidmini.speech.types.Segment) overlapping [start, end]; `wait`:
+        for a transcription running now to end first."""
+        from vidmini.speech.store import TranscriptStore
+
+        fp = video_fp_of(self.get_store(video_id).video_id)
+        if wait:
+            self.wait_transcript(fp)
+        best = TranscriptStore.best(self.root, fp)
+        return best.segments(start, end) if best is not None else []
+
+    def wait_transcript(self, video_fp: str | None = None, timeout: float | None = None) -> None:
+        """Until the transcription of one video (None: every one running) ends."""
+        with self._lock:
+            jobs = [j for fp, j in self._transcribing.items() if video_fp is None or fp == video_fp]
+        for j in jobs:
+            j.thread.join(timeout)
 
     def _ingest(self, source: str, options: IngestOptions, on_progress, cancel, on_store, prefetched) -> IngestResult:
         from vidmini.index.library import LibraryIndex, NotIndexed
@@ -578,6 +708,7 @@ class Library:
                 self._manager.close(video_id)
             self.stores.remove(video_id)
             LibraryIndex(self.root).remove_video(video_id)
+            self._forget_transcripts(video_fp_of(video_id))
             removed = video_id
         with self._lock:
             for j in jobs:
@@ -587,6 +718,19 @@ class Library:
         if source and _inside(Path(source), self.root / UPLOADS) and not self._source_in_use(source):
             Path(source).unlink(missing_ok=True)
         return removed
+
+    def _forget_transcripts(self, video_fp: str) -> None:
+        """A video's transcripts go with its last store (they are shared by every model's store of it)."""
+        from vidmini.speech.store import remove_transcripts
+
+        if any(video_fp_of(i.video_id) == video_fp for i in self.stored()):
+            return
+        with self._lock:
+            job = self._transcribing.get(video_fp)
+        if job is not None:
+            job.cancel.set()
+            job.thread.join(60)
+        remove_transcripts(self.root, video_fp)
 
     def _source_in_use(self, source: str) -> bool:
         return any(i.source == source for i in self.stored())
@@ -624,10 +768,11 @@ class Library:
     def ask(self, video_id: str, question: str, options: AskOptions | None = None,
             cancel: threading.Event | None = None) -> Asking:
         """A question about a stored video; iterate `.text()` for streamed pieces, then `.result()`. Of
-        `options`, the answer's length, sampling, policy and time range apply (the pre-fusion budget is the
-        library's, set when it was made)."""
+        `options`, the answer's length, sampling, policy, time range and heard speech apply (the pre-fusion budget
+        is the library's, set when it was made)."""
         from vidmini.engine.generate import SamplingConfig
         from vidmini.engine.session import Policy
+        from vidmini.service.heard import speech_context
 
         options = options or AskOptions()
         if not question.strip():
@@ -651,7 +796,7 @@ class Library:
                                   stop_ids=self.engine.eos_ids, grammar=grammar)
         try:
             stream = self.manager.ask(key, question, start=options.start, end=options.end, policy=options.policy,
-                                      sampling=sampling, cancel=cancel)
+                                      sampling=sampling, cancel=cancel, speech=speech_context(self, key, options))
         except ValueError as e:  # a bad time range
             raise LibraryError(one_line(e)) from None
         return Asking(self, key, stream, question)
@@ -679,9 +824,12 @@ class Library:
 
     # ---- search -------------------------------------------------------------------------------------------
     def search(self, query: str, video_id: str | None = None, k: int = 10, curve: bool = True) -> SearchResult:
-        """Moments matching a description, best first; for one video also every frame's relevance."""
+        """Moments matching a description, best first, in one list: seen (the frames match), heard (the query's
+        words were said: the transcripts' text search) or both; for one video also every frame's relevance. Works
+        on speech alone when the model cannot embed text (or nothing is indexed) but transcripts match."""
         from vidmini.engine.retrieval import SearchUnavailable
         from vidmini.index.library import NotIndexed
+        from vidmini.index.moments import fuse_moments
 
         if not query.strip():
             raise LibraryError("empty search query")
@@ -689,17 +837,33 @@ class Library:
             raise LibraryError("k must be at least 1")
         if video_id is not None:
             video_id = self.get_store(video_id).video_id
+        moments, times, scores, unseen = [], None, None, None
         try:
             moments = self.searcher.search(query, video_id, k)
-            times = scores = None
             if curve and video_id is not None:
                 vectors = self.searcher.index.frame_vectors(video_id)
                 q = self.engine.retrieval.embed_text([query])[0].numpy()
                 scores = vectors @ q
                 times = self.get_store(video_id).timestamps()
         except (SearchUnavailable, NotIndexed, UnknownVideo) as e:
+            unseen = e
+        try:
+            heard = self.heard_search.search(query, video_id, k * HEARD_PER_RESULT)
+        except UnknownVideo as e:
             raise LibraryError(one_line(e)) from None
-        return SearchResult(query, video_id, moments, times, scores)
+        if unseen is not None and not heard:
+            raise LibraryError(one_line(unseen))
+        return SearchResult(query, video_id, fuse_moments(moments, heard, k), times, scores)
+
+    @property
+    def heard_search(self):
+        """Text search over the transcripts (kept: it rebuilds its corpus only when a transcript changed)."""
+        from vidmini.index.transcripts import TranscriptSearch
+
+        with self._lock:
+            if self._heard is None:
+                self._heard = TranscriptSearch(self.root, self.stores)
+            return self._heard
 
     def scenes(self, video_id: str) -> list[float]:
         from vidmini.index.library import NotIndexed
@@ -749,12 +913,17 @@ class Library:
         from vidmini.summaries.summarize import summarize_session
 
         store = self.get_store(video_id)
+        transcript = self.transcript(store.video_id, wait=True)  # the subtitles, and the JSON's speech
         cuts = self.scenes(store.video_id) if options.mode == "lecture" and self.engine.retrieval is not None else []
+        from vidmini.service.heard import speech_context
+
+        speech = speech_context(self, store.video_id, AskOptions()) if transcript else None
         session = open_store_session(self.engine, store)
         try:
             return summarize_session(session, options, source=source or store.manifest["meta"].get("source", ""),
                                      video_id=store.video_id, duration=store.manifest.get("duration"), cuts=cuts,
-                                     thumbnail=store.thumbnail, on_progress=on_progress)
+                                     thumbnail=store.thumbnail, on_progress=on_progress, transcript=transcript,
+                                     speech=speech)
         finally:
             session.close()
 
@@ -823,8 +992,42 @@ class Library:
         with self._lock:
             for j in self._jobs.values():
                 j.cancel.set()
+            for t in self._transcribing.values():
+                t.cancel.set()
             if self._manager is not None:
                 self._manager.close_all()
+
+
+@dataclass
+class _Transcription:
+    """A transcription running on its own thread (the library's record of it)."""
+
+    video_fp: str
+    source: str
+    options: IngestOptions
+    cancel: threading.Event
+    thread: threading.Thread | None = None
+    error: str | None = None
+
+
+def _transcribed(root: Path, video_fp: str, options: IngestOptions) -> bool:
+    """Whether the video already has the transcript these options ask for (or is known to have no audio)."""
+    from vidmini.speech.store import TranscriptStore
+
+    for t in TranscriptStore.all_for(root, video_fp):
+        if t.no_audio:
+            return True
+        model = Path(options.asr_model).name if options.asr_model else ""
+        if t.complete and t.backend.split("-")[0] == options.asr and model in t.backend \
+                and t.language == options.language:
+            return True
+    return False
+
+
+def video_fp_of(video_id: str) -> str:
+    """The content fingerprint in a stored video's id (`<fingerprint>-<model and sampling hash>`): the key its
+    transcripts are stored under."""
+    return video_id.rsplit("-", 1)[0]
 
 
 def _display_name(name: str) -> str:

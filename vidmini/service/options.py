@@ -8,8 +8,11 @@ from dataclasses import dataclass, replace
 
 from vidmini.common.errors import UsageError
 from vidmini.engine.names import CLIP_REPO, DEFAULT_REPO, DTYPE_NAMES, PROMPT_STYLES, RANDOM_BANNER
+from vidmini.engine.speech_prompt import DEFAULT_SPEECH_TOKENS
 from vidmini.ingest.options import (
+    ASR_BACKENDS,
     BACKENDS,
+    DEFAULT_ASR,
     HWACCELS,
     LIVE_CHUNK_FRAMES,
     MAX_FPS,
@@ -18,7 +21,7 @@ from vidmini.ingest.options import (
     IngestOptions,
 )
 
-__all__ = ["BACKENDS", "CLIP_REPO", "DEFAULT_REPO", "DTYPE_NAMES", "HWACCELS", "LIVE_CHUNK_FRAMES", "MAX_FPS",
+__all__ = ["ASR_BACKENDS", "BACKENDS", "CLIP_REPO", "DEFAULT_ASR", "DEFAULT_REPO", "DTYPE_NAMES", "HWACCELS", "LIVE_CHUNK_FRAMES", "MAX_FPS",
            "MIN_FPS", "MODES", "PROMPT_STYLES", "RANDOM_BANNER", "AskOptions", "IngestOptions", "checked_ingest",
            "user_error_types"]
 
@@ -42,6 +45,8 @@ class AskOptions:
     no_store: bool = False  # decode and encode in memory; store nothing
     max_frames: int | None = None  # with no_store: stop after N frames
     json_schema: dict | None = None  # the answer is a JSON document valid under this schema (llguidance)
+    speech: bool = True  # the transcript's lines of the range go into the prompt as heard speech (when there is one)
+    speech_tokens: int = DEFAULT_SPEECH_TOKENS  # at most this many prompt tokens of heard speech
 
     def check(self) -> AskOptions:
         """Raise UsageError on options no answer can run with; return self."""
@@ -55,6 +60,9 @@ class AskOptions:
             raise UsageError("max-frames must be >= 1")
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise UsageError("json-schema must be a JSON object")
+        if not isinstance(self.speech, bool) or isinstance(self.speech_tokens, bool) \
+                or not isinstance(self.speech_tokens, int) or self.speech_tokens < 0:
+            raise UsageError("speech must be true or false and speech-tokens an integer >= 0")
         return self
 
     def with_range(self, start: str | float | None, end: str | float | None) -> AskOptions:

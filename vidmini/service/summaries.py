@@ -9,11 +9,12 @@ from pathlib import Path
 from vidmini.service.library import Library
 from vidmini.summaries import batch
 from vidmini.summaries.batch import BatchReport
-from vidmini.summaries.formats import FORMATS
+from vidmini.summaries.formats import FORMATS, SUBTITLES
 from vidmini.summaries.summarize import MODES, SummarizeOptions
 from vidmini.summaries.work import BatchOptions
 
-__all__ = ["FORMATS", "MODES", "BatchOptions", "BatchReport", "SummarizeOptions", "batch_library", "run_batch"]
+__all__ = ["FORMATS", "MODES", "SUBTITLES", "BatchOptions", "BatchReport", "SummarizeOptions", "batch_library",
+           "run_batch"]
 
 
 def batch_library(options: BatchOptions, home: str | None = None, device: str | None = None) -> Library:

@@ -16,7 +16,6 @@ manifest that changed on disk since they read it (a second writer, or a removal)
 from __future__ import annotations
 
 import bisect
-import fcntl
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vidmini.common.files import atomic_write, fsync_dir
+from vidmini.common.files import atomic_write, fsync_dir, locked_dir
 from vidmini.common.fingerprint import fingerprint, fingerprint_url
 
 if TYPE_CHECKING:  # the tensor parts import torch and safetensors where they run, so that listing stores does not
@@ -87,15 +86,7 @@ class StoreKey:
 # ---- durable file primitives ----------------------------------------------------------------------------------
 
 
-@contextmanager
-def _locked(path: Path, blocking: bool = True) -> Iterator[None]:
-    """flock on the store folder; the kernel drops it when a killed writer's descriptors close."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        yield
-    finally:
-        os.close(fd)
+_locked = locked_dir  # flock on the store folder
 
 
 def _dump(manifest: dict) -> str:

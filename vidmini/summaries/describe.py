@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # torch-backed: imported where they run, so that `vidmini --h
     import torch
 
     from vidmini.engine.session import VideoSession
+    from vidmini.engine.speech_prompt import SpeechContext
 
 
 class Asker:
@@ -32,25 +33,33 @@ class Asker:
     ids being tracked (the events' answer tokens), not whole vocabularies: a per-second scan for two events with
     the same template asks the model once per second, and a 3-hour scan keeps a few floats per second."""
 
-    def __init__(self, session: VideoSession, policy: str = "auto", track: Sequence[int] = ()) -> None:
-        self.session, self.policy = session, policy
+    def __init__(self, session: VideoSession, policy: str = "auto", track: Sequence[int] = (),
+                 speech: SpeechContext | None = None) -> None:
+        self.session, self.policy, self.speech = session, policy, speech
         self.engine = session.engine
         self.timestamps = session.timestamps
         self.track = set(track)
         self._cache: dict[tuple[str, int, int], dict[int, float]] = {}
         self.questions = 0
+        self.speech_used: list[tuple[float, float, list]] = []  # per answer asked with `heard`: its span, its lines
 
     def _bounds(self, frames: range) -> tuple[float, float]:
         return float(self.timestamps[frames.start]), float(self.timestamps[frames.stop - 1])
 
-    def answer(self, question: str, frames: range, max_new_tokens: int = 32) -> str:
-        """The greedy answer over exactly these frames."""
+    def answer(self, question: str, frames: range, max_new_tokens: int = 32, heard: bool = False) -> str:
+        """The greedy answer over exactly these frames; with `heard`, the speech of their span in the prompt too
+        (when the summary has a transcript to give: `speech`)."""
         start, end = self._bounds(frames)
         from vidmini.engine.generate import SamplingConfig
 
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_ids=self.engine.eos_ids)
         self.questions += 1
-        return self.session.ask(question, start, end, self.policy, sampling, question_times=False).result().text
+        speech = self.speech if heard else None
+        got = self.session.ask(question, start, end, self.policy, sampling, question_times=False,
+                               speech=speech).result()
+        if speech is not None:
+            self.speech_used.append((start, end, list(got.speech)))
+        return got.text
 
     def probs(self, question: str, frames: range) -> torch.Tensor:
         """Softmax of the first answer token's logits over these frames (float32, vocabulary-sized; not cached)."""
@@ -184,12 +193,14 @@ class ModelDescriber:
         topic = re.sub(r"[^\w ]", "", asker.answer(self.topic_q, frames, 12).lower()).strip()
         return Description(text, topic)
 
-    def chapter(self, asker: Asker, frames: range, parts: Sequence[Description], start: float, end: float
-                ) -> tuple[str, list[str]]:
-        title = asker.answer(self.title_q, frames, 16)
+    def chapter(self, asker: Asker, frames: range, parts: Sequence[Description], start: float, end: float,
+                heard: Sequence = ()) -> tuple[str, list[str]]:
+        """Title and two lines from the frames and the window notes, and from what was said in the chapter: the
+        asker puts the span's transcript lines in these two prompts (a lecture is half speech)."""
+        title = asker.answer(self.title_q, frames, 16, heard=True)
         notes = " ".join(p.text for p in parts)
         text = asker.answer(f"Notes on this part, in order: {notes}\nSummarize this part in two short sentences.",
-                            frames, 64)
+                            frames, 64, heard=True)
         return title, two_lines(text)
 
     def overall(self, asker: Asker, frames: range, parts: Sequence[tuple[float, float, Description]]) -> str:
@@ -217,13 +228,20 @@ class DemoWorldDescriber:
         text = f"{background.capitalize()} background, " + (f"the word {word} shown." if word else "no word shown.")
         return Description(text, background, {"background": background, "word": word})
 
-    def chapter(self, asker: Asker, frames: range, parts: Sequence[Description], start: float, end: float
-                ) -> tuple[str, list[str]]:
+    def chapter(self, asker: Asker, frames: range, parts: Sequence[Description], start: float, end: float,
+                heard: Sequence = ()) -> tuple[str, list[str]]:
+        """The demo model was trained without speech, so what was said (`heard`: the transcript's segments in the
+        chapter) is added from the transcript itself: the title names its main spoken words, a line quotes it."""
         background = parts[0].facts["background"]
         words = list(dict.fromkeys(p.facts["word"] for p in parts if p.facts.get("word")))
-        return f"{background.capitalize()} scene", [
-            f"The background is {background} from {clock(start)} to {clock(end)}.",
-            f"Words shown: {', '.join(words)}." if words else "No words shown."]
+        lines = [f"The background is {background} from {clock(start)} to {clock(end)}.",
+                 f"Words shown: {', '.join(words)}." if words else "No words shown."]
+        title = f"{background.capitalize()} scene"
+        said = " ".join(s.text for s in heard if s.text.strip())
+        if said:
+            title += ": " + ", ".join(spoken_keywords(said))
+            lines.append(f"Said: “{said}”")
+        return title, lines
 
     def overall(self, asker: Asker, frames: range, parts: Sequence[tuple[float, float, Description]]) -> str:
         runs: list[list] = []
@@ -236,6 +254,16 @@ class DemoWorldDescriber:
         scenes = "; ".join(f"{bg} {span(a, b, always_range=True)}" for a, b, bg in runs)
         return (f"{len(runs)} background stretch{'es' if len(runs) != 1 else ''}: {scenes}. "
                 + (f"Words shown: {', '.join(words)}." if words else "No words shown."))
+
+
+def spoken_keywords(text: str, k: int = 2) -> list[str]:
+    """The `k` words of `text` most likely to name its subject: stop words dropped, the longest ones, in the order
+    they were said."""
+    from vidmini.index.transcripts import query_terms
+
+    terms = query_terms(text)
+    longest = set(sorted(terms, key=len, reverse=True)[:k])
+    return [t for t in terms if t in longest]
 
 
 def describer_for(engine) -> DemoWorldDescriber | ModelDescriber:

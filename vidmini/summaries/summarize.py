@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vidmini.common.timefmt import clock, span
 from vidmini.summaries.describe import Asker, Description, EventProbe, describer_for, frame_step
+
+if TYPE_CHECKING:
+    from vidmini.engine.speech_prompt import SpeechContext
 
 MODES = ("lecture", "surveillance", "general")
 DEFAULT_WINDOW = {"lecture": 60.0, "general": 60.0, "surveillance": 10.0}
@@ -34,7 +38,7 @@ class Chapter:
     start: float
     end: float
     title: str
-    summary: list[str]  # two lines
+    summary: list[str]  # two lines (a third quotes what was said, where the describer adds it)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class VideoSummary:
     quiet: list[Span] = field(default_factory=list)
     timeline: list[Span] = field(default_factory=list)
     event_queries: list[str] = field(default_factory=list)
+    transcript: list = field(default_factory=list)  # the audio's segments (vidmini.speech.types.Segment), in time order
     thumbnails: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
@@ -80,7 +85,7 @@ def _round(x):
         return round(x, 3)
     if isinstance(x, dict):
         return {k: _round(v) for k, v in x.items()}
-    if isinstance(x, list):
+    if isinstance(x, list | tuple):
         return [_round(v) for v in x]
     return x
 
@@ -143,16 +148,19 @@ def _edge(ts: np.ndarray, i: int, duration: float, side: str) -> float:
 # ---- the modes -----------------------------------------------------------------------------------------------
 def summarize_session(session, opts: SummarizeOptions, *, source: str, video_id: str, duration: float | None,
                       cuts: Sequence[float] = (), thumbnail: Callable[[int], bytes | None] | None = None,
-                      on_progress: Progress | None = None) -> VideoSummary:
+                      on_progress: Progress | None = None, transcript: Sequence = (),
+                      speech: SpeechContext | None = None) -> VideoSummary:
     """Summarize an open `VideoSession`. `cuts`: scene starts from the index (lecture chapters split there);
-    `thumbnail(frame)`: JPEG bytes of a stored frame, for the event log."""
-    asker = Asker(session)
+    `thumbnail(frame)`: JPEG bytes of a stored frame, for the event log; `transcript`: the video's speech
+    segments, carried into the summary (its JSON, and the subtitles), and what each lecture chapter's title and lines
+    are made from besides the frames; `speech`: how the model's prompts get that speech (None: the frames alone)."""
+    asker = Asker(session, speech=speech)
     ts = np.asarray(session.timestamps, dtype=np.float64)
     duration = float(duration) if duration else float(ts[-1] + frame_step(ts))
     describer = describer_for(session.engine)
     name = source.rsplit("/", 1)[-1]
     out = VideoSummary(source, name, video_id, session.engine.name, opts.mode, opts.window_s, duration, len(ts),
-                       "", [], event_queries=list(opts.events))
+                       "", [], event_queries=list(opts.events), transcript=list(transcript))
     report = on_progress or (lambda done, total: None)
     everything = range(len(ts))
     if opts.mode == "surveillance":
@@ -168,7 +176,9 @@ def summarize_session(session, opts: SummarizeOptions, *, source: str, video_id:
     if opts.mode == "lecture":
         for run in _same_topic_runs(described):
             frames = range(run[0][0].frames.start, run[-1][0].frames.stop)
-            title, lines = describer.chapter(asker, frames, [d for _, d in run], run[0][0].start, run[-1][0].end)
+            start, end = run[0][0].start, run[-1][0].end
+            heard = [seg for seg in out.transcript if seg.end > start and seg.start < end]
+            title, lines = describer.chapter(asker, frames, [d for _, d in run], start, end, heard)
             out.chapters.append(Chapter(run[0][0].start, run[-1][0].end, title, lines))
     else:
         out.timeline = list(out.windows)

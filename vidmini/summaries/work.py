@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vidmini.common.errors import one_line
-from vidmini.ingest.options import IngestOptions
+from vidmini.ingest.options import DEFAULT_ASR, IngestOptions
 from vidmini.summaries.formats import render
 from vidmini.summaries.summarize import SummarizeOptions
 
@@ -28,13 +28,24 @@ class BatchOptions:
     dtype: str = "fp32"
     fps: float = 1.0
     backend: str = "pyav"  # the decoder (same frames either way, so not part of `key`)
+    asr: str = DEFAULT_ASR  # the audio's transcript: pocketsphinx | whisper | none
+    asr_model: str | None = None
+    language: str | None = None
+    subtitles: str = "auto"  # srt/vtt: the speech (auto: when there is a transcript) or the summary's cues
+
+    def ingest_options(self) -> IngestOptions:
+        return IngestOptions(fps=self.fps, backend=self.backend, asr=self.asr, asr_model=self.asr_model,
+                             language=self.language)
 
     def key(self) -> str:
         """What makes two runs' outputs the same: a done input run with another key is done again."""
         s = self.summarize
-        return json.dumps({"mode": s.mode, "window": s.window_s, "events": list(s.events), "formats": sorted(self.formats),
-                           "model": self.model or os.environ.get("VIDMINI_MODEL") or "default", "fps": self.fps},
-                          sort_keys=True)
+        key = {"mode": s.mode, "window": s.window_s, "events": list(s.events), "formats": sorted(self.formats),
+               "model": self.model or os.environ.get("VIDMINI_MODEL") or "default", "fps": self.fps}
+        speech = {"asr": self.asr, "asr_model": self.asr_model, "language": self.language, "subtitles": self.subtitles}
+        defaults = {"asr": DEFAULT_ASR, "asr_model": None, "language": None, "subtitles": "auto"}
+        key |= {k: v for k, v in speech.items() if v != defaults[k]}  # runs with the defaults keep their old keys
+        return json.dumps(key, sort_keys=True)
 
 
 @dataclass
@@ -62,7 +73,7 @@ def process_file(library, source: str, stem: str, options: BatchOptions,
     t0 = time.perf_counter()
     frames = on_frames or (lambda phase, done, total: None)
     try:
-        ingested = library.ingest(source, IngestOptions(fps=options.fps, backend=options.backend),
+        ingested = library.ingest(source, options.ingest_options(),
                                   on_progress=lambda p: frames("ingest", p.frames_done, p.total))
         summary = library.summarize(ingested.video_id, options.summarize, source=source,
                                     on_progress=lambda done, total: frames("summarize", done, total))
@@ -76,7 +87,7 @@ def process_file(library, source: str, stem: str, options: BatchOptions,
             rel = f"{stem}.thumbs/{ev.thumbnail}"
             thumbs[rel] = summary.thumbnails[ev.thumbnail]
             ev.thumbnail = rel
-    outputs = {fmt: render(summary, fmt) for fmt in options.formats}
+    outputs = {fmt: render(summary, fmt, options.subtitles) for fmt in options.formats}
     return FileResult(source, stem, True, video_id=ingested.video_id, frames=summary.frames,
                       duration=summary.duration, seconds=time.perf_counter() - t0, outputs=outputs,
                       thumbnails=thumbs, reused_store=ingested.reused)

@@ -467,6 +467,11 @@ def answer_details(row: VideoRow, msg: dict, key: str) -> None:
     links = [(t, None) for t in picks]
     links += [(t, f"▶ {clock(t)} (in answer)") for t in msg.get("text_times", [])]
     links += [(m["start"], f"▶ {span(m['start'], m['end'])} (moment)") for m in msg.get("moments", [])]
+    for h in msg.get("heard", []):  # a question about the speech: the transcript lines that answer it
+        timestamp_button(row.video_id, h["start"], f"{key}-heard-{h['start']:.2f}", f"▶ {clock(h['start'])} heard: "
+                         f"“{h['text']}”")
+    if msg.get("speech"):
+        st.caption(f"the prompt carried {len(msg['speech'])} line(s) of heard speech")
     cols = st.columns(min(len(links), 8) or 1)
     for j, (t, label) in enumerate(links):
         with cols[j % len(cols)]:
@@ -526,7 +531,8 @@ def ask(lib: Library, row: VideoRow, question: str, start: float | None, end: fl
             {"start": a.range.start, "end": a.range.end, "source": a.range.source},
             "timestamps": a.timestamps, "fused": len(a.fused_frames), "policy": a.policy, "ttft_ms": a.ttft_ms,
             "text_times": times_in_question(a.text),
-            "moments": [{"start": m.start, "end": m.end, "score": m.score} for m in got.moments]}
+            "moments": [{"start": m.start, "end": m.end, "score": m.score} for m in got.moments],
+            "heard": list(got.heard), "speech": [line.to_json() for line in a.speech]}
 
 
 def search_tab(lib: Library, row: VideoRow, state: TabState) -> None:
