@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import sqlite3
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from vidmini.watch.alert import Alert
-from vidmini.watch.outbox import DEAD, DELIVERED, PENDING, Outbox, RetryPolicy
+from vidmini.watch.outbox import DB_NAME, DEAD, DELIVERED, PENDING, Outbox, RetryPolicy
 
 T0 = "2026-12-04T10:15:00.250+00:00"
 
@@ -141,3 +144,68 @@ def test_prune_forgets_only_finished_old_alerts(tmp_path):
     clock.t += 100
     assert box.prune(older_than_s=50) == 1
     assert box.state(done.key, "hook") is None and box.state(open_.key, "hook") == PENDING
+
+
+def stream_of_alerts(n: int, first: int = 0, thumb_bytes: int = 6000):
+    """`n` alerts of a busy watch, one a second from `first`, each with an incompressible JPEG-sized thumbnail."""
+    t0 = datetime(2026, 12, 4, 10, 0, tzinfo=UTC)
+    for i in range(first, first + n):
+        yield alert(start=(t0 + timedelta(seconds=i)).isoformat(), thumbnail=os.urandom(thumb_bytes))
+
+
+def test_outbox_file_levels_off_under_a_steady_stream_of_delivered_alerts(tmp_path):
+    """An hour of a watch that alerts 20 times a minute to two sinks, with a 10-minute retention: the database and its
+    WAL on disk stop growing once the retention is full (the rows pruned give their pages back, the WAL is
+    truncated), rather than keeping the high-water mark of every page and WAL frame ever written."""
+    clock = Clock()
+    box = Outbox(tmp_path, ["hook", "mqtt"], clock=clock)
+    retention_s, per_minute = 600, 20
+    sizes, rows = [], []
+    for minute in range(60):
+        for a in stream_of_alerts(per_minute, first=minute * per_minute):
+            assert box.put(a)
+            box.mark_delivered(a.key, "hook")
+            box.mark_delivered(a.key, "mqtt")
+        clock.t += 60
+        box.prune(retention_s)
+        box.compact()
+        sizes.append(box.disk_bytes())
+        rows.append(len(box.alerts()))
+    db, wal = tmp_path / DB_NAME, tmp_path / f"{DB_NAME}-wal"
+    print(f"\noutbox on disk per minute (kB): {[round(b / 1000) for b in sizes]}")
+    assert rows[-1] == rows[30] == per_minute * (retention_s // 60 - 1)  # the retention's worth is kept
+    kept_payload = per_minute * (retention_s // 60) * 8000  # 6000 bytes as base64, and the rest of the row
+    full = max(sizes[10:20])  # the retention just filled
+    assert max(sizes[20:]) <= full * 1.1  # level from then on (page reuse may wobble a little)
+    assert sizes[-1] <= 2.0 * kept_payload  # and in proportion to what is kept
+    assert (not wal.exists()) or wal.stat().st_size == 0  # checkpointed and truncated
+    assert db.stat().st_size <= 2.0 * kept_payload
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+        assert raw.execute("PRAGMA freelist_count").fetchone()[0] <= 16  # free pages went back to the disk
+
+
+def test_an_outbox_made_without_auto_vacuum_is_converted_once_and_then_shrinks(tmp_path):
+    """A database from before the setting (auto_vacuum NONE) with 300 delivered alerts in it: opened, it is
+    VACUUMed into INCREMENTAL mode once, keeping its alerts; from then on pruning gives its pages back."""
+    clock = Clock()
+    db = tmp_path / DB_NAME
+    box = Outbox(tmp_path, ["hook"], clock=clock)
+    alerts = list(stream_of_alerts(300))
+    for a in alerts:
+        box.put(a)
+        box.mark_delivered(a.key, "hook")
+    box.close()
+    with sqlite3.connect(db) as raw:  # made as the earlier code made it
+        raw.execute("PRAGMA auto_vacuum=NONE")
+        raw.execute("VACUUM")
+        assert raw.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    grown = db.stat().st_size
+    box = Outbox(tmp_path, ["hook"], clock=clock)
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    assert [a.key for a in box.alerts()] == [a.key for a in alerts]  # nothing lost in the conversion
+    clock.t += 100
+    assert box.prune(older_than_s=50) == 300
+    box.compact()
+    assert db.stat().st_size < grown / 10

@@ -5,6 +5,7 @@ against. Waits are on conditions with timeouts; the only deliberate sleep is the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -12,12 +13,13 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from watch_helpers import free_port, wait_until
+from watch_helpers import FPS, GOP, GrowingFile, LiveSource, free_port, stamped_encode_args, wait_until
 
 from vidmini.watch.clips import RangeNotRecorded, cut_clip
 from vidmini.watch.recorder import (
@@ -32,6 +34,7 @@ from vidmini.watch.recorder import (
     Backoff,
     Recorder,
     RecorderEvent,
+    read_gaps,
     read_segments,
 )
 
@@ -39,68 +42,6 @@ pytestmark = pytest.mark.skipif(not (shutil.which("ffmpeg") and shutil.which("ff
                                 reason="needs the ffmpeg and ffprobe CLIs")
 
 FAST = Backoff(base_s=0.2, factor=2.0, max_s=1.0, jitter=0.1)
-FPS, GOP = 10, 10  # a keyframe every second
-
-
-def _encode_args(epoch: float) -> list[str]:
-    """testsrc2 in real time, each frame's pts = the wall clock it was made at, minus `epoch`."""
-    return ["-re", "-f", "lavfi", "-i", f"testsrc2=size=160x120:rate={FPS}",
-            "-vf", f"settb=1/90000,setpts=(RTCTIME-{int(epoch * 1e6)})/1000000/TB",
-            "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", str(GOP),
-            "-muxdelay", "0", "-muxpreload", "0", "-f", "mpegts"]
-
-
-class LiveSource:
-    """ffmpeg serving one TCP client on 127.0.0.1:`port`; kill() and start() again keep the port and the epoch."""
-
-    def __init__(self, folder: Path, epoch: float) -> None:
-        self.folder, self.epoch, self.port = folder, epoch, free_port()
-        self.url = f"tcp://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.logs: list[Path] = []
-
-    def start(self) -> None:
-        self.logs.append(self.folder / f"server{len(self.logs)}.log")
-        with open(self.logs[-1], "wb") as log:
-            self.proc = subprocess.Popen(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "info", "-debug_ts",
-                                          *_encode_args(self.epoch), f"{self.url}?listen=1"],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-
-    def first_pts(self, n: int = 0) -> float:
-        """pts (s) of the first packet server n sent: `-debug_ts` logs each packet handed to its muxer."""
-        for line in self.logs[n].read_text(errors="replace").splitlines():
-            if m := re.search(r"muxer <- type:video pkt_pts:-?\d+ pkt_pts_time:(-?[\d.]+)", line):
-                return float(m.group(1))
-        raise AssertionError(f"server {n} logged no packet")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-class GrowingFile:
-    """An ffmpeg writer appending a live MPEG-TS stream to `path` (a new writer appends after the old one)."""
-
-    def __init__(self, path: Path, epoch: float) -> None:
-        self.path, self.epoch = path, epoch
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.path, "ab") as out:
-            self.proc = subprocess.Popen(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error",
-                                          *_encode_args(self.epoch), "-flush_packets", "1", "pipe:1"],
-                                         stdin=subprocess.DEVNULL, stdout=out)
-
-    def stop(self) -> None:
-        """SIGINT: the writer finishes its last packets, then the file stops growing."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @pytest.fixture
@@ -300,6 +241,179 @@ def test_growing_file_followed_through_a_stall(tmp_path, recorders):
     assert after[0].start >= before[-1].end and after[0].start >= gap.end - timedelta(seconds=0.001)
     writer.stop()
     rec.stop()
+
+
+class Pictures:
+    """The decoded pictures of an MPEG-TS file (gray, hashed) with their pts: what a recording holds, comparable with
+    its source frame by frame (stream copy: a recorded frame decodes to the source's picture)."""
+
+    def __init__(self, path: Path) -> None:
+        raw = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path),
+                              "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "gray", "pipe:1"],
+                             capture_output=True, timeout=120, check=True).stdout
+        size = 160 * 120
+        self.hashes = [hashlib.md5(raw[i:i + size]).hexdigest() for i in range(0, len(raw), size)]
+        frames = ffprobe(path, "-select_streams", "v:0", "-show_entries", "frame=pts_time")["frames"]
+        self.pts = [float(f["pts_time"]) for f in frames]
+        assert len(self.pts) == len(self.hashes)
+
+
+def check_recorded_once(source: Path, folder: Path, epoch: float) -> tuple[list[int], list[list[int]]]:
+    """Every recorded picture is one of the source's, none twice, in the source's order; each segment's start is
+    the wall clock its first frame was made at (the source's pts + epoch). Returns the source frame numbers
+    recorded, and per run."""
+    src = Pictures(source)
+    assert len(set(src.hashes)) == len(src.hashes)  # testsrc2's pictures are all different
+    number = {h: i for i, h in enumerate(src.hashes)}
+    recorded, by_run = [], {}
+    for seg in read_segments(folder):
+        got = Pictures(seg.path)
+        unknown = [h for h in got.hashes if h not in number]
+        assert not unknown, f"{seg.file}: {len(unknown)} pictures not in the source (a frame cut short)"
+        frames = [number[h] for h in got.hashes]
+        recorded += frames
+        by_run.setdefault(seg.run, []).extend(frames)
+        made_at = epoch + src.pts[frames[0]]
+        assert abs(seg.start.timestamp() - made_at) < 1.0, (seg, seg.start.timestamp() - made_at)
+    assert len(set(recorded)) == len(recorded), "recorded twice: " + str(
+        sorted({f for f in recorded if recorded.count(f) > 1})[:20])
+    assert recorded == sorted(recorded)
+    return recorded, [by_run[r] for r in sorted(by_run)]
+
+
+@pytest.mark.slow
+def test_growing_file_resumed_after_a_restart_where_recording_got_to(tmp_path):
+    """The service restarts (the recorder is stopped cleanly, a new one opens the same folder) while the file goes
+    on growing: the new recorder reads on from the byte the old one had fed (it is in the folder), so what was
+    written meanwhile is caught up, nothing is recorded twice and the caught-up burst gets the wall clock the
+    frames were made at."""
+    source, folder = tmp_path / "camera.ts", tmp_path / "rec"
+    epoch = time.time() - 100
+    writer = GrowingFile(source, epoch)
+    writer.start()
+    try:
+        wait_until(lambda: source.exists() and source.stat().st_size > 0, 10, "the writer's first bytes")
+        first = Recorder(source, folder, segment_s=2, stall_s=5, backoff=FAST).start()
+        wait_until(lambda: first.stats.segments_closed >= 3, 30, "three closed segments")
+        first.stop()
+        time.sleep(4)  # the service is down; the camera goes on writing
+        second = Recorder(source, folder, segment_s=2, stall_s=5, backoff=FAST).start()
+        wait_until(lambda: second.stats.segments_closed >= 4, 30, "four closed segments after the restart")
+        second.stop()
+    finally:
+        writer.stop()
+    recorded, (run0, run1) = check_recorded_once(source, folder, epoch)
+    missing = run1[0] - run0[-1] - 1
+    assert 0 <= missing <= GOP  # at most the frames from the cut to the next keyframe; the 4 s down caught up
+    assert run1[-1] - run1[0] + 1 >= 4 * 2 * FPS - GOP
+    assert sum(g.duration_s for g in read_gaps(folder)) <= (GOP + 1) / FPS
+
+
+@pytest.mark.slow
+def test_growing_file_resumed_after_the_service_was_killed_nothing_recorded_twice(tmp_path):
+    """The recorder's process is killed outright (SIGKILL, and its ffmpeg with it) while the file grows; a new
+    one resumes from the byte position saved before each piece was handed to ffmpeg: what was in flight is lost
+    (a gap), nothing is recorded twice."""
+    source, folder = tmp_path / "camera.ts", tmp_path / "rec"
+    epoch = time.time() - 100
+    writer = GrowingFile(source, epoch)
+    writer.start()
+    script = ("import sys, time\n"
+              "from vidmini.watch.recorder import Recorder\n"
+              "Recorder(sys.argv[1], sys.argv[2], segment_s=2, stall_s=5).start()\n"
+              "time.sleep(3600)\n")
+    child = None
+    try:
+        wait_until(lambda: source.exists() and source.stat().st_size > 0, 10, "the writer's first bytes")
+        child = subprocess.Popen([sys.executable, "-c", script, str(source), str(folder)])
+        wait_until(lambda: len([s for s in read_segments(folder) if s.duration is not None]) >= 3, 30,
+                   "three closed segments")
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        wait_until(lambda: processes_naming(str(folder)) == [], 10, "its ffmpeg gone with it")
+        time.sleep(3)
+        rec = Recorder(source, folder, segment_s=2, stall_s=5, backoff=FAST).start()
+        wait_until(lambda: rec.stats.segments_closed >= 3, 30, "three closed segments after the restart")
+        rec.stop()
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+        writer.stop()
+    recorded, (run0, run1) = check_recorded_once(source, folder, epoch)
+    assert run1[0] - run0[-1] - 1 <= 2 * FPS + GOP  # lost: what was in flight, up to the next keyframe
+    (gap,) = read_gaps(folder)
+    assert gap.run == 1 and "not running" in gap.reason
+
+
+def test_a_restarted_recorder_reads_a_container_that_cannot_be_joined_midway_from_its_start(tmp_path):
+    """Only MPEG-TS is resumed at the saved byte across restarts: a Matroska file (OBS' default) cannot be demuxed
+    from the middle, so a new recorder reads it from its header again rather than failing on every attempt."""
+    source = tmp_path / "obs.mkv"
+    subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "lavfi",
+                    "-i", f"testsrc2=size=160x120:rate={FPS}", "-t", "3", "-c:v", "libx264", "-preset", "ultrafast",
+                    "-g", str(GOP), str(source)], check=True, timeout=60)
+    folder = tmp_path / "rec"
+    for n in (1, 2):
+        rec = Recorder(source, folder, segment_s=10, stall_s=1, backoff=FAST).start()
+        wait_until(lambda rec=rec: rec.stats.drops == 1, 20, "the file taken in and the stall after it")
+        rec.stop()
+        assert rec.stats.connects == 1, rec.stats  # it recorded (a demuxer joined midway would record nothing)
+        assert [s.run for s in read_segments(folder)] == list(range(n))
+
+
+class UdpCamera:
+    """ffmpeg pushing a stamped stream as UDP datagrams to 127.0.0.1:`port`, whether anyone listens or not."""
+
+    def __init__(self, epoch: float) -> None:
+        self.port = free_port()
+        self.url = f"udp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error",
+                                      *stamped_encode_args(epoch), f"{self.url}?pkt_size=1316"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("camera_on", [False, True], ids=["camera-quiet", "camera-sending"])
+def test_stopping_a_udp_recorder_is_quick_and_leaves_the_last_segment_whole(tmp_path, recorders, camera_on):
+    """ffmpeg waiting in a UDP read does not act on a first SIGINT until a datagram comes (a camera that went quiet:
+    never); stop() still ends it within about a second, and the segment it was writing is closed properly and
+    readable to its last frame."""
+    camera = UdpCamera(time.time() - 100)
+    folder = tmp_path / "rec"
+    try:
+        rec, events = recorders(camera.url, folder, segment_s=4, stall_s=30, backoff=FAST)
+        wait_until(lambda: len(kinds(events, CLOSED)) >= 1, 30, "a closed segment")
+
+        def well_into_a_segment() -> bool:  # so that the one cut short by stop() has a second or two in it
+            current, last_data = rec.current, rec.stats.last_data
+            return current is not None and 1.0 < (last_data - current.start).total_seconds() < 2.5
+
+        wait_until(well_into_a_segment, 10, "a segment a second old")
+        if not camera_on:
+            camera.kill()
+            time.sleep(1.0)  # the recorder's ffmpeg now waits for a datagram that will not come
+        current = rec.current
+        pid = rec.pid
+        began = time.monotonic()
+        rec.stop()
+        took = time.monotonic() - began
+    finally:
+        camera.kill()
+    assert took < 1.5, f"stop() took {took:.2f} s"
+    assert not Path(f"/proc/{pid}").exists() and processes_naming(str(folder)) == []
+    last = rec.segments()[-1]
+    assert last.file == current.file and last.duration is not None and last.duration > 0
+    assert any(e.segment.file == last.file for e in kinds(events, CLOSED))  # listed by ffmpeg: a clean close
+    probed = ffprobe(last.path, "-count_frames", "-select_streams", "v:0",
+                     "-show_entries", "stream=nb_read_frames:format=duration")
+    frames = int(probed["streams"][0]["nb_read_frames"])
+    assert abs(frames - last.duration * FPS) <= 1.5, (frames, last.duration)  # every frame of it decodes
+    assert abs(float(probed["format"]["duration"]) - last.duration) < 0.2
 
 
 def test_retain_by_age_and_by_bytes_never_the_segment_being_written(tmp_path, ten_second_ts, recorders):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 
@@ -102,3 +103,22 @@ def test_restart_delivers_what_was_pending_and_not_what_was_delivered(tmp_path, 
     with dispatcher(tmp_path, hook.url) as again:
         assert again.wait_idle(10)
     assert hook.keys() == [first.key, second.key, third.key]
+
+
+def test_housekeeping_gives_the_space_of_delivered_alerts_back_to_the_disk(tmp_path, receiver):
+    """Alerts with thumbnails delivered to a real receiver: the outbox on disk grows with them; once they are past
+    `keep_done_s` the dispatcher's own housekeeping prunes them and shrinks the file (and its WAL) again."""
+    hook = receiver()
+    alerts = [Alert(watch="door", rule="person", kind="new", confidence=0.8, thumbnail=os.urandom(6000),
+                    start=f"2026-12-04T{10 + minute // 60:02d}:{minute % 60:02d}:00+00:00") for minute in range(200)]
+    with dispatcher(tmp_path, hook.url, keep_done_s=1.0, housekeeping_s=0.2) as d:
+        for a in alerts:
+            assert d.submit(a)
+        assert d.wait_idle(30)
+        grown = d.outbox.disk_bytes()
+        assert grown > 200 * 6000  # the thumbnails are in it
+        wait_until(lambda: d.outbox.alerts() == [] and d.outbox.disk_bytes() < grown / 8, 10,
+                   "every alert pruned and the outbox shrunk")
+        assert d.outbox.counts()["delivered"] == 0
+        assert (tmp_path / "outbox.sqlite3-wal").stat().st_size < 64 * 1024  # truncated (a new commit or two since)
+    assert sorted(hook.keys()) == sorted(a.key for a in alerts)

@@ -94,8 +94,9 @@ class Dispatcher:
 
     `policy` sets retries and dead-lettering; `idle_poll_s` bounds how long a lane sleeps before looking again
     (alerts put by another process, an MQTT sink that came back without waking it).
-    Outbox housekeeping runs every `housekeeping_s`: too-old pending deliveries are dead-lettered, and finished
-    alerts older than `keep_done_s` forgotten (their keys then stop counting as repeats).
+    Outbox housekeeping runs every `housekeeping_s`: too-old pending deliveries are dead-lettered, finished
+    alerts older than `keep_done_s` forgotten (their keys then stop counting as repeats), and the outbox's file
+    compacted (freed pages returned, WAL truncated): its size follows what is kept, it does not creep.
     """
 
     def __init__(self, folder: Path | str, sinks: Sequence[SinkConfig | Sink], policy: RetryPolicy | None = None,
@@ -159,6 +160,7 @@ class Dispatcher:
                 if self.outbox.expire(now):
                     self._progressed()
                 self.outbox.prune(self.keep_done_s, now)
+                self.outbox.compact()  # the space pruned goes back to the disk, the WAL is truncated
         finally:
             self._house_lock.release()
 

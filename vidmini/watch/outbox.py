@@ -5,6 +5,12 @@ process) picks up what is still pending; what was delivered stays delivered.
 
 Deliveries of one event (an alert's `new`, `update`s and `end`) reach a sink in the order they were put: a later
 one waits while an earlier one is pending. Different events don't wait on each other.
+
+Disk stays flat for a watch that runs forever: `prune` forgets finished alerts (and dead-letter rows) past the
+retention, and `compact` (the dispatcher's housekeeping runs both) gives the freed pages back to the file system
+(auto_vacuum=INCREMENTAL; a file made before that setting is VACUUMed once when opened) and truncates the WAL
+(`wal_checkpoint(TRUNCATE)`; between checkpoints `journal_size_limit` caps what a reset WAL keeps). The dead-letter
+log rolls over to one `.1` file past `DEAD_LOG_MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ from vidmini.watch.alert import Alert
 
 DB_NAME = "outbox.sqlite3"
 DEAD_LOG_NAME = "dead-letters.jsonl"
+DEAD_LOG_MAX_BYTES = 8 << 20  # then it becomes dead-letters.jsonl.1 (replacing the one before) and starts anew
+BUSY_TIMEOUT_MS = 30_000  # how long a statement waits for another process' lock
+COMPACT_WAIT_MS = 1_000
+JOURNAL_SIZE_LIMIT = 1 << 20  # bytes a WAL keeps after a checkpoint resets it
+_AUTO_VACUUM_INCREMENTAL = 2
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 
 _SCHEMA = """
@@ -126,12 +137,23 @@ class Outbox:
         self._clock = clock
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.folder / DB_NAME, timeout=30.0, isolation_level=None,
+        self._db = sqlite3.connect(self.folder / DB_NAME, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # WAL + NORMAL may lose the last commits on power loss
         with self._lock:
+            self._set_auto_vacuum()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # WAL + NORMAL may lose the last commits on power loss
+            self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
             self._db.executescript(_SCHEMA)
+
+    def _set_auto_vacuum(self) -> None:
+        """auto_vacuum=INCREMENTAL, so that `compact` can shrink the file. A new database takes it as it is; one made
+        before (tables already there) only through a VACUUM, once (the setting is kept in the file)."""
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == _AUTO_VACUUM_INCREMENTAL:
+            return
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            self._db.execute("VACUUM")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -248,6 +270,11 @@ class Outbox:
         payload = db.execute("SELECT payload FROM alerts WHERE key = ?", (key,)).fetchone()[0]
         line = {"at": now, "key": key, "sink": sink, "attempts": attempts, "reason": reason,
                 "alert": json.loads(payload)}
+        try:
+            if self.dead_log.stat().st_size > DEAD_LOG_MAX_BYTES:
+                os.replace(self.dead_log, self.dead_log.with_name(DEAD_LOG_NAME + ".1"))
+        except FileNotFoundError:
+            pass
         with open(self.dead_log, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
             f.flush()
@@ -263,8 +290,9 @@ class Outbox:
         return [dict(zip(("key", "sink", "at", "attempts", "reason"), r, strict=True)) for r in rows]
 
     def prune(self, older_than_s: float, now: float | None = None) -> int:
-        """Forget alerts older than this whose every delivery is done (delivered or dead); how many. Their keys
-        are then no longer recognised as repeats, so keep this well beyond any re-send a watch may do."""
+        """Forget alerts older than this whose every delivery is done (delivered or dead), and dead-letter rows as
+        old (the dead-letter log keeps them); how many alerts. Their keys are then no longer recognised as repeats,
+        so keep this well beyond any re-send a watch may do. `compact` gives the space back to the disk."""
         now = self._clock() if now is None else now
         with self._tx() as db:
             keys = [k for (k,) in db.execute(
@@ -273,7 +301,32 @@ class Outbox:
                 (now - older_than_s,)).fetchall()]
             db.executemany("DELETE FROM deliveries WHERE key = ?", [(k,) for k in keys])
             db.executemany("DELETE FROM alerts WHERE key = ?", [(k,) for k in keys])
+            db.execute("DELETE FROM dead_letters WHERE at <= ?", (now - older_than_s,))
         return len(keys)
+
+    def compact(self) -> None:
+        """Free pages back to the file system (incremental vacuum) and the WAL checkpointed into the database and
+        truncated to nothing (when no other connection is reading meanwhile; else as far as it can, to be done
+        the next time)."""
+        with self._lock:
+            self._db.executescript("PRAGMA incremental_vacuum;")  # run to the end (one page per step otherwise)
+            # a checkpoint waits for other connections' readers: briefly (puts wait for this lock meanwhile)
+            self._db.execute(f"PRAGMA busy_timeout={COMPACT_WAIT_MS}")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    def disk_bytes(self) -> int:
+        """What the outbox takes on disk: the database, its WAL and shared-memory index, the dead-letter logs."""
+        names = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DEAD_LOG_NAME, DEAD_LOG_NAME + ".1")
+        total = 0
+        for name in names:
+            try:
+                total += (self.folder / name).stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
 
     def close(self) -> None:
         with self._lock:

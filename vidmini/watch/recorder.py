@@ -33,12 +33,19 @@ gaps.jsonl, one line per outage (by the run that ended it; last line wins):
 `retain` rewrites both atomically (temp file + rename), so they also stay compact.
 
 Sources: URLs of `ingest.live.LIVE_SCHEMES` (RTSP over TCP by default, HTTP(S)/HLS, SRT, UDP, TCP, RTMP) and
-devices go to ffmpeg as they are; a local path is a growing file, copied into ffmpeg's stdin like `tail -f`
-from its first byte when the recorder starts (a restarted recorder records it again), resumed at the same byte
-after an outage, and from the start again when it was replaced or truncated.
-Drops: ffmpeg exits (end of stream, error) or reports no new data for `stall_s` -> it gets SIGINT (so it
-finishes the segment cleanly; SIGKILL `KILL_AFTER_S` later; a growing file's ffmpeg first gets EOF on its
-stdin), and after a `Backoff` delay a new ffmpeg connects. `stop()` ends ffmpeg the same way.
+devices go to ffmpeg as they are; a local path is a growing file, copied into ffmpeg's stdin like `tail -f`,
+from its first byte the first time, from the start again when it was replaced or truncated, and otherwise from
+where the copy got to: after an outage, and for MPEG-TS also across restarts (source.json in the folder holds the
+file's identity and the byte position, saved before each piece is handed to ffmpeg, so a recorder killed
+outright loses what was in flight and never records anything twice; a restarted recorder re-reads other
+containers from the start, as they cannot be joined without their header). MPEG-TS is joined and left on a
+frame's first packet (payload_unit_start_indicator): a stop hands ffmpeg the rest of the frame it was in, a start
+in the middle of a frame skips to the next one, so no picture is recorded cut short (the frames up to the next
+keyframe are lost).
+Drops: ffmpeg exits (end of stream, error) or reports no new data for `stall_s` -> it gets SIGINT, and a second
+one `INTERRUPT_AGAIN_S` later if it is still there (blocked in a read), so it finishes the segment cleanly; SIGKILL
+`KILL_AFTER_S` after that; a growing file's ffmpeg first gets EOF on its stdin. After a `Backoff` delay a new
+ffmpeg connects. `stop()` ends ffmpeg the same way.
 """
 
 from __future__ import annotations
@@ -69,12 +76,15 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "segments.jsonl"
 GAPS_NAME = "gaps.jsonl"
+POSITION_NAME = "source.json"  # a growing file: how far it has been read
 LOCK_NAME = ".recorder.lock"
 SEGMENT_PATTERN = "seg-%08d.ts"
 CONNECTING, RECORDING, BACKOFF, STOPPED = "connecting", "recording", "backoff", "stopped"
 OPENED, CLOSED, REVISED, GAP = "opened", "closed", "revised", "gap"
 
 TS_HZ = 90_000  # MPEG-TS time base: the segment muxer logs pts in these ticks
+TS_PACKET = 188
+_TS_SCAN = 4 << 20  # how far to look for a frame's first packet before giving up on finding one
 _REVISE_TOL_S = 0.05  # a better clock estimate rewrites index lines only when it moves them more than this
 
 _OPENED = re.compile(r"segment:'(?P<path>.+)' starts with packet stream:\d+ pts:(?P<pts>-?\d+|NOPTS) ")
@@ -294,6 +304,42 @@ def probe_span(path: Path) -> tuple[float, float]:
     return first, end
 
 
+def _pes_start(data: bytes) -> int | None:
+    """Where in `data` (MPEG-TS) the first packet starting a frame or a table (payload_unit_start_indicator) is, on
+    the 188-byte grid that two sync bytes in a row give; None when there is none, or too little data to tell."""
+    s = 0
+    while True:
+        s = data.find(b"\x47", s)
+        if s < 0 or s + TS_PACKET > len(data):
+            return None
+        if s + TS_PACKET == len(data) or data[s + TS_PACKET] == 0x47:
+            break
+        s += 1
+    for p in range(s, len(data) - TS_PACKET + 1, TS_PACKET):
+        if data[p] != 0x47:
+            return None
+        if data[p + 1] & 0x40:
+            return p
+    return None
+
+
+def _is_ts(path: str | Path) -> bool:
+    """The file starts like MPEG-TS (a sync byte): it can be joined at any frame."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x47"
+    except OSError:
+        return False
+
+
+def read_position(folder: str | Path) -> dict | None:
+    """A growing file's saved read position: {"file", "dev", "ino", "offset"}, or None."""
+    try:
+        return json.loads((Path(folder) / POSITION_NAME).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 class _Clock:
     """Sliding-window minimum of arrival - pts (see the module docstring); O(1) per observation."""
 
@@ -367,7 +413,11 @@ class Recorder:
 
     CLOCK_WINDOW_S = 300.0
     DRAIN_S = 2.0  # a growing file's ffmpeg gets this long to finish after its stdin closed, then SIGINT
-    KILL_AFTER_S = 5.0  # SIGINT, then this long, then SIGKILL
+    # ffmpeg acts on a first SIGINT between packets: one waiting in a read (a UDP source gone quiet) only once a
+    # packet comes. A second signal makes its interrupt callback abort the read; it still finishes the segment
+    # (trailer, list line) as on a first one. A third would make it exit at once, so the next is SIGKILL.
+    INTERRUPT_AGAIN_S = 0.5
+    KILL_AFTER_S = 5.0  # the second SIGINT, then this long, then SIGKILL
 
     def __init__(self, source: str | Path, folder: str | Path, segment_s: float = 60.0, *, stall_s: float = 10.0,
                  backoff: Backoff | None = None, probe_s: float = 1.0, input_args: Sequence[str] = (),
@@ -570,6 +620,10 @@ class Recorder:
         self._next_run = max([s.run for s in segs] + [g.run for g in gaps], default=-1) + 1
         ends = [s.start.timestamp() + (s.duration or 0.0) for s in segs] + [g.end.timestamp() for g in gaps]
         self._outage = (max(ends), "recorder was not running", 0) if ends else None
+        position = read_position(self.folder) if self.is_file else None
+        if position and position.get("file") == self.source and _is_ts(self.source):
+            self._file_id = (int(position["dev"]), int(position["ino"]))
+            self._file_offset = int(position["offset"])
 
     def _set_state(self, state: str) -> None:
         if state != self._state:
@@ -628,7 +682,7 @@ class Recorder:
         for t in helpers:
             t.start()
         interrupted_at: float | None = None  # when the run was told to end (stop or stall)
-        signalled = 0  # escalation: 1 = SIGINT sent, 2 = SIGKILL sent
+        signalled, signalled_at = 0, 0.0  # escalation: 1 = SIGINT sent, 2 = SIGINT again, 3 = SIGKILL
         try:
             while True:
                 try:
@@ -652,17 +706,24 @@ class Recorder:
                     # drop the packet its demuxer holds, and a read on a pipe may not see it anyway)
                     run_done.set()
                 if interrupted_at is not None:
-                    waited = now - interrupted_at
-                    if signalled == 0 and (not self.is_file or waited > self.DRAIN_S):
+                    if signalled == 0 and (not self.is_file or now - interrupted_at > self.DRAIN_S):
                         self._signal(proc, signal.SIGINT)
-                        signalled = 1
-                    elif signalled == 1 and waited > self.DRAIN_S + self.KILL_AFTER_S:
+                        signalled, signalled_at = 1, now
+                    elif signalled == 1 and now - signalled_at > self.INTERRUPT_AGAIN_S:
+                        self._signal(proc, signal.SIGINT)
+                        signalled, signalled_at = 2, now
+                    elif signalled == 2 and now - signalled_at > self.KILL_AFTER_S:
                         self._signal(proc, signal.SIGKILL)
-                        signalled = 2
+                        signalled = 3
         finally:
             run_done.set()
-            if proc.poll() is None and signalled == 0:
-                self._signal(proc, signal.SIGINT)
+            for _ in range(signalled, 2):  # leaving early (an error here): the same two interrupts
+                if proc.poll() is None:
+                    self._signal(proc, signal.SIGINT)
+                    try:
+                        proc.wait(self.INTERRUPT_AGAIN_S)
+                    except subprocess.TimeoutExpired:
+                        pass
             try:
                 code = proc.wait(self.KILL_AFTER_S)
             except subprocess.TimeoutExpired:
@@ -686,7 +747,8 @@ class Recorder:
     def _feed(self, proc: subprocess.Popen, run: _Run, run_done: threading.Event) -> None:
         """Copy the growing file into ffmpeg's stdin from the byte reached before, following it like `tail -f`
         (`ingest.live.FollowFile`, but resumable at a byte and stoppable); close stdin (so ffmpeg finishes the run)
-        after `stall_s` without growth, on stop, or when the file is replaced or truncated under us."""
+        after `stall_s` without growth, on stop, or when the file is replaced or truncated under us. MPEG-TS is
+        joined and left on a frame's first packet (see the module docstring)."""
         path = Path(self.source)
         idle_since = time.monotonic()
         try:
@@ -694,13 +756,21 @@ class Recorder:
                 st = os.fstat(f.fileno())
                 if (st.st_dev, st.st_ino) != self._file_id or st.st_size < self._file_offset:
                     self._file_id, self._file_offset = (st.st_dev, st.st_ino), 0
+                is_ts = f.read(1) == b"\x47"
+                joining = is_ts and self._file_offset > 0  # in the middle of the stream: from a frame's start on
                 f.seek(self._file_offset)
                 while not run_done.is_set():
-                    chunk = f.read(1 << 16)
-                    if chunk:
-                        proc.stdin.write(chunk)
-                        proc.stdin.flush()
-                        self._file_offset += len(chunk)
+                    if joining:
+                        data = f.read(_TS_SCAN)
+                        at = _pes_start(data)
+                        if at is not None or len(data) == _TS_SCAN:  # found (or not TS after all): go on from there
+                            self._file_offset += at or 0
+                            joining = False
+                        f.seek(self._file_offset)
+                        if not joining:
+                            continue
+                    elif chunk := f.read(1 << 16):
+                        self._hand_over(proc, chunk)
                         idle_since = run.last_input = time.monotonic()
                         continue
                     if time.monotonic() - idle_since > self.stall_s:
@@ -713,6 +783,13 @@ class Recorder:
                     if (now_st.st_dev, now_st.st_ino) != self._file_id or now_st.st_size < f.tell():
                         break
                     run_done.wait(0.05)
+                else:
+                    if is_ts and not joining:  # stopped: the rest of the frame being handed over, as far as written
+                        data = f.read(_TS_SCAN)
+                        at = _pes_start(data)
+                        tail = data[:at] if at is not None else (data if len(data) < _TS_SCAN else b"")
+                        if tail:
+                            self._hand_over(proc, tail)
         except OSError as e:  # ffmpeg gone (broken pipe) or the file unreadable: the run ends either way
             log.debug("recorder feed: %s", e)
         finally:
@@ -720,6 +797,22 @@ class Recorder:
                 proc.stdin.close()
             except OSError:
                 pass
+
+    def _hand_over(self, proc: subprocess.Popen, chunk: bytes) -> None:
+        """The position after `chunk` is saved before ffmpeg gets it: a restart never reads anything twice."""
+        self._file_offset += len(chunk)
+        self._save_position()
+        proc.stdin.write(chunk)
+        proc.stdin.flush()
+
+    def _save_position(self) -> None:
+        """Atomically (temp file + rename); not fsynced: it is there for a restarted process, and the page cache
+        outlives a killed one."""
+        dev, ino = self._file_id
+        path = self.folder / POSITION_NAME
+        tmp = path.with_name(f".{POSITION_NAME}.tmp")
+        tmp.write_text(json.dumps({"file": self.source, "dev": dev, "ino": ino, "offset": self._file_offset}))
+        os.replace(tmp, path)
 
     @staticmethod
     def _signal(proc: subprocess.Popen, sig: int) -> None:
