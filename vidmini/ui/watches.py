@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import time
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone, tzinfo
 from urllib.parse import quote
@@ -47,6 +48,7 @@ from vidmini.ui.routes import CLIP_PATH
 
 LIST_POLL_S = 3.0
 LIVE_POLL_S = 2.0
+SUCCESS_SHOWN_S = 15.0  # "watch added" stays this long: the page redraws on its own when alerts come
 STATE_COLOUR = {"recording": "green", "starting": "blue", "connecting": "blue", "backoff": "orange", "paused": "gray",
                 "pausing": "gray", "stopped": "gray", "failed": "red"}
 FORM_KEYS = ("wf-name", "wf-source", "wf-rules", "wf-retain", "wf-fps", "wf-hook", "wf-secret", "wf-mqtt")
@@ -229,9 +231,9 @@ def _add(lib: Library) -> None:
                               s.get("wf-secret", ""), s.get("wf-mqtt", ""))
         add_watch(lib, spec)
     except (WatchError, OSError) as e:
-        s["vm_watch_form"] = ("error", " ".join(str(e).split()))
+        s["vm_watch_form"] = ("error", " ".join(str(e).split()), time.monotonic())
         return
-    s["vm_watch_form"] = ("success", f"watch {spec.name} added: it starts within a few seconds")
+    s["vm_watch_form"] = ("success", f"watch {spec.name} added: it starts within a few seconds", time.monotonic())
     for key in FORM_KEYS:  # a fresh form for the next one
         s[key] = FORM_DEFAULTS.get(key, "")
 
@@ -258,10 +260,12 @@ def add_form(lib: Library) -> None:
         g.text_input("MQTT broker (optional)", key="wf-mqtt", placeholder="broker.local:1883")
         st.form_submit_button("Add watch", on_click=_add, args=(lib,))
     got = st.session_state.get("vm_watch_form")
-    if got:  # an error stays until the next submit (the page is redrawn when alerts come); a success shows once
-        getattr(st, got[0])(got[1])
-        if got[0] == "success":
+    if got:  # an error stays until the next submit; a success for SUCCESS_SHOWN_S, however often the page redraws
+        kind, text, since = got
+        if kind == "success" and time.monotonic() - since > SUCCESS_SHOWN_S:
             del st.session_state["vm_watch_form"]
+        else:
+            getattr(st, kind)(text)
 
 
 # ---- asking about a watch -----------------------------------------------------------------------------------
