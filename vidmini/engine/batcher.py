@@ -13,7 +13,8 @@ engine's `DecodeBatcher`, whose one thread repeats a step:
    computed as it always was;
 3. each sequence chooses its next token from its row of logits with its own `DecodeState` — the same code
    `generate.decode` runs (greedy, temperature/top-p with its own seeded generator, its own grammar, stop ids,
-   `max_new_tokens`, log-probs) — and hands the `TokenEvent` to its consumer's queue; finished ones leave.
+   `max_new_tokens`, log-probs) — and hands the `TokenEvent` to its consumer's queue; finished ones leave. The
+   log-softmax of every row and the greedy argmax are computed once for the batch and handed to each.
 
 Sequences join and leave between steps. Batched matrix products may differ from batch-1 ones in the last bits
 of a float (the kernels block differently), so a greedy answer equals its lone answer unless two candidates tie
@@ -117,10 +118,11 @@ class DecodeSequence:
     def ended(self) -> bool:
         return self._ended
 
-    def advance(self, logits: torch.Tensor) -> bool:
-        """Choose the next token from (V,) `logits` and hand it to the consumer; True when a step must follow."""
+    def advance(self, logits: torch.Tensor, logp: torch.Tensor | None = None, argmax: int | None = None) -> bool:
+        """Choose the next token from (V,) `logits` (`logp`, `argmax`: that row's, computed for the whole batch;
+        see `DecodeState.next_event`) and hand it to the consumer; True when a step must follow."""
         try:
-            event = self.state.next_event(logits)
+            event = self.state.next_event(logits, logp, argmax)
         except Exception as e:  # noqa: BLE001 - e.g. a grammar refusing a token: this answer fails, not the batch
             self.end(e)
             return False
@@ -377,7 +379,7 @@ class DecodeBatcher:
                     ids = torch.tensor([[seq.token]], device=model.device)
                     rows = [prefill(model, model.embed(ids), seq.cache)]
                 else:
-                    rows = list(decode_step(model, [s.token for s in batch], [s.cache for s in batch]))
+                    rows = decode_step(model, [s.token for s in batch], [s.cache for s in batch])
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: these answers fail, the thread goes on
             for seq in batch:
                 seq.end(e)
@@ -388,7 +390,11 @@ class DecodeBatcher:
         self.batch_sizes[len(batch)] += 1
         self.batched_steps += len(batch) > 1
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
-        going_on = [seq for seq, row in zip(batch, rows, strict=True) if seq.advance(row)]
+        if len(batch) == 1:
+            going_on = batch if batch[0].advance(rows[0]) else []
+        else:  # one log-softmax and one argmax for the whole batch, not one per answer
+            logps, best = torch.log_softmax(rows.float(), dim=-1), rows.argmax(dim=-1).tolist()
+            going_on = [seq for b, seq in enumerate(batch) if seq.advance(rows[b], logps[b], best[b])]
         self.step_s += time.perf_counter() - t0
         self._done_step(going_on, counted=True)
 

@@ -95,15 +95,22 @@ class DecodeState:
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
 
-    def next_event(self, logits: torch.Tensor) -> TokenEvent | None:
+    def next_event(self, logits: torch.Tensor, logp: torch.Tensor | None = None,
+                   argmax: int | None = None) -> TokenEvent | None:
         """The token chosen from (V,) `logits`, or None when the answer ends here. After an event, `finished`
-        says whether it was the last one (no forward step for it is needed)."""
+        says whether it was the last one (no forward step for it is needed). A caller choosing for a batch may
+        pass what it computed for all rows at once: `logp`, the row's log-softmax, and `argmax`, its best id
+        (used only by a greedy answer without a grammar)."""
         cfg, grammar = self.cfg, self.cfg.grammar
         if self.finished or self.step >= cfg.max_new_tokens or self.cancelled or (grammar is not None and grammar.done):
             self.finished = True
             return None
-        token = _choose(logits if grammar is None else grammar.mask(logits), cfg, self.gen)
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        if argmax is not None and grammar is None and cfg.temperature == 0:
+            token = int(argmax)
+        else:
+            token = _choose(logits if grammar is None else grammar.mask(logits), cfg, self.gen)
+        if logp is None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
         top: list[tuple[int, float]] = []
         if cfg.logprobs:
             values, ids = logp.topk(cfg.logprobs)
