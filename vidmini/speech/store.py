@@ -19,20 +19,19 @@ import hashlib
 import json
 import re
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from vidmini.common.files import atomic_write, fsync_dir, locked_dir
 from vidmini.speech.types import Segment, Word
-from vidmini.store.video_store import StoreConflict, StoreMismatch
+from vidmini.store.manifest import MANIFEST, ManifestFolder
+from vidmini.store.video_store import StoreMismatch
 
 __all__ = ["NO_AUDIO", "TRANSCRIPTS", "TranscriptStore", "remove_transcripts", "transcript_name",
            "transcript_state"]
 
 FORMAT_VERSION = 1
 TRANSCRIPTS = "transcripts"
-MANIFEST = "manifest.json"
 WINDOWS = "windows"
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -65,13 +64,15 @@ def _dump(data: dict) -> str:
     return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False)
 
 
-class TranscriptStore:
-    """A handle on one transcript folder: `open` to write (cleans up after a killed run), `load` to read."""
+class TranscriptStore(ManifestFolder):
+    """A handle on one transcript folder: `open` to write (cleans up after a killed run), `load` to read. The
+    manifest changes only through `_commit` (`store.manifest.ManifestFolder`)."""
+
+    KIND = "transcript"
+    _dump = staticmethod(_dump)  # the transcript's text is kept as said (not \u-escaped)
 
     def __init__(self, path: Path, text: str) -> None:
-        self._path = Path(path)
-        self._text = text  # the manifest as on disk: compared before every commit
-        self._m = json.loads(text)
+        super().__init__(path, text)
         self._cache: dict[str, list[Segment]] = {}  # window file name + sha → its segments
 
     # ---- opening ------------------------------------------------------------------------------------------------
@@ -159,35 +160,7 @@ class TranscriptStore:
                 if f.name.endswith(".tmp") or f.name.split(".")[0] not in listed:
                     shutil.rmtree(f) if f.is_dir() else f.unlink()
 
-    @contextmanager
-    def _commit(self) -> Iterator[dict]:
-        """Under the folder lock: check the disk still holds what this handle read, yield a copy to change, then
-        replace the manifest; an exception inside leaves both as they were."""
-        if not self._path.is_dir():
-            raise StoreConflict(f"transcript {self._path} was removed")
-        with locked_dir(self._path):
-            try:
-                on_disk = (self._path / MANIFEST).read_text()
-            except FileNotFoundError:
-                raise StoreConflict(f"transcript {self._path} was removed") from None
-            if on_disk != self._text:
-                raise StoreConflict(f"transcript {self._path} was changed by another writer; reopen it")
-            new = json.loads(self._text)
-            yield new
-            text = _dump(new)
-            atomic_write(self._path / MANIFEST, text)
-            self._text, self._m = text, json.loads(text)
-
     # ---- state --------------------------------------------------------------------------------------------------
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def manifest(self) -> dict:
-        """A copy: change the transcript through its methods."""
-        return json.loads(self._text)
-
     @property
     def backend(self) -> str:
         return self._m["backend"]

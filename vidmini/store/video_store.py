@@ -24,7 +24,6 @@ import shutil
 import struct
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +32,7 @@ import numpy as np
 
 from vidmini.common.files import atomic_write, fsync_dir, locked_dir
 from vidmini.common.fingerprint import fingerprint, fingerprint_url
+from vidmini.store.manifest import MANIFEST, ManifestFolder, StoreConflict, dump_manifest
 
 if TYPE_CHECKING:  # the tensor parts import torch and safetensors where they run, so that listing stores does not
     import torch
@@ -41,7 +41,6 @@ __all__ = ["StoreCatalog", "StoreConflict", "StoreInfo", "StoreKey", "StoreMisma
            "atomic_write", "fingerprint", "fingerprint_url"]
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 RUN_LOG = "runs.jsonl"
 NON_COMPARED = frozenset({RUN_LOG})  # files that may differ between a resumed and an uninterrupted ingest
 RESERVED = frozenset({"timestamps", "pts", "embeddings"})
@@ -51,10 +50,6 @@ _SAFE_FP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 class StoreMismatch(ValueError):
     """The folder for this key holds a store of another video, model or sampling (or a newer format)."""
-
-
-class StoreConflict(RuntimeError):
-    """The store changed on disk under this handle: another writer, or it was removed."""
 
 
 class UnknownVideo(KeyError):
@@ -89,10 +84,6 @@ class StoreKey:
 _locked = locked_dir  # flock on the store folder
 
 
-def _dump(manifest: dict) -> str:
-    return json.dumps(manifest, indent=1, sort_keys=True)
-
-
 def _pack_thumbs(thumbs: Sequence[bytes]) -> bytes:
     return struct.pack(f"<I{len(thumbs)}I", len(thumbs), *(len(b) for b in thumbs)) + b"".join(thumbs)
 
@@ -113,13 +104,9 @@ def _as_float64(values: Sequence[float] | np.ndarray) -> torch.Tensor:
 
 
 # ---- one store ------------------------------------------------------------------------------------------------
-class VideoStore:
-    """A handle on one store folder; `open` for writing (it cleans up after killed runs), `load_existing` to read."""
-
-    def __init__(self, path: Path, text: str) -> None:
-        self._path = Path(path)
-        self._text = text  # the manifest exactly as on disk: compared before every commit
-        self._m = json.loads(text)
+class VideoStore(ManifestFolder):
+    """A handle on one store folder; `open` for writing (it cleans up after killed runs), `load_existing` to read.
+    The manifest changes only through `_commit` (`store.manifest.ManifestFolder`)."""
 
     # ---- opening --------------------------------------------------------------------------------------------
     @classmethod
@@ -137,7 +124,7 @@ class VideoStore:
                 manifest = {"version": FORMAT_VERSION, "video_id": key.video_id, "key": asdict(key),
                             "meta": meta, "schema": None, "thumbnails": None, "chunks": [], "frames": 0,
                             "complete": False, "gaps": [], "duration": None, "failed": None, "extra": {}}
-                text = _dump(manifest)  # fails here, before anything is written, on non-JSON meta
+                text = dump_manifest(manifest)  # fails here, before anything is written, on non-JSON meta
                 for sub in ("chunks", "thumbs"):
                     (path / sub).mkdir(exist_ok=True)
                 fsync_dir(path)
@@ -178,39 +165,10 @@ class VideoStore:
                     if f.name.endswith(".tmp") or f.name.split(".")[0] not in listed:
                         shutil.rmtree(f) if f.is_dir() else f.unlink()
 
-    @contextmanager
-    def _commit(self) -> Iterator[dict]:
-        """Under the folder lock: check the disk still holds what this handle read, yield a copy to change,
-        then replace the manifest. An exception inside leaves the manifest and the handle as they were (at most an
-        unlisted chunk file stays, which the next append overwrites and the next open deletes)."""
-        if not self._path.is_dir():
-            raise StoreConflict(f"store {self._path} was removed")
-        with _locked(self._path):
-            try:
-                on_disk = (self._path / MANIFEST).read_text()
-            except FileNotFoundError:
-                raise StoreConflict(f"store {self._path} was removed") from None
-            if on_disk != self._text:
-                raise StoreConflict(f"store {self._path} was changed by another writer; reopen it")
-            new = json.loads(self._text)
-            yield new
-            text = _dump(new)
-            atomic_write(self._path / MANIFEST, text.encode())
-            self._text, self._m = text, json.loads(text)
-
     # ---- state ----------------------------------------------------------------------------------------------
-    @property
-    def path(self) -> Path:
-        return self._path
-
     @property
     def video_id(self) -> str:
         return self._m["video_id"]
-
-    @property
-    def manifest(self) -> dict:
-        """A copy: change the store through its methods, not this dict."""
-        return json.loads(self._text)
 
     @property
     def committed_frames(self) -> int:
