@@ -144,21 +144,33 @@ def open_container(source, timeout_s: float = OPEN_TIMEOUT_S, hwaccel: str | Non
         raise SourceUnreachable(f"{name}: {one_line(e)}") from None
 
 
-def pick_stream(container, stream: int | None, name: str):
-    """The chosen video stream: by container index, else FFmpeg's "best" video stream."""
-    videos = list(container.streams.video)
-    if not videos:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
-        raise NotAVideo(f"{name}: no video stream (streams: {', '.join(kinds)})")
+def choose_stream(container, kind: str, stream: int | None):
+    """The chosen stream of `kind` ("video", "audio"): by container index, else FFmpeg's "best" one; None when the
+    file has none. LookupError (naming the indexes there are) when `stream` is not one of them."""
+    found = list(getattr(container.streams, kind))
+    if not found:
+        return None
     if stream is None:
         try:
-            return container.streams.best("video") or videos[0]
+            return container.streams.best(kind) or found[0]
         except Exception:  # noqa: BLE001 - best() may fail on exotic inputs
-            return videos[0]
-    for s in videos:
+            return found[0]
+    for s in found:
         if s.index == stream:
             return s
-    raise NotAVideo(f"{name}: no video stream with index {stream} (video streams: {[s.index for s in videos]})")
+    raise LookupError(f"no {kind} stream with index {stream} ({kind} streams: {[s.index for s in found]})")
+
+
+def pick_stream(container, stream: int | None, name: str):
+    """The chosen video stream: by container index, else FFmpeg's "best" video stream."""
+    try:
+        chosen = choose_stream(container, "video", stream)
+    except LookupError as e:
+        raise NotAVideo(f"{name}: {e}") from None
+    if chosen is None:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise NotAVideo(f"{name}: no video stream (streams: {', '.join(kinds)})")
+    return chosen
 
 
 def check_decodable(vs, name: str) -> None:

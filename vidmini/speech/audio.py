@@ -28,7 +28,7 @@ import av
 import numpy as np
 
 from vidmini.ingest.errors import IngestError, one_line
-from vidmini.ingest.probe import codec_name, open_container, probe, source_name
+from vidmini.ingest.probe import choose_stream, codec_name, open_container, probe, source_name
 from vidmini.speech.types import SAMPLE_RATE, AudioWindow
 
 log = logging.getLogger(__name__)
@@ -80,18 +80,11 @@ def clock_origin(path) -> float | None:
 
 
 def _pick_audio(container, stream: int | None, name: str):
-    audios = list(container.streams.audio)
-    if not audios:
-        return None
-    if stream is None:
-        try:
-            return container.streams.best("audio") or audios[0]
-        except Exception:  # noqa: BLE001 - best() may fail on exotic inputs
-            return audios[0]
-    for s in audios:
-        if s.index == stream:
-            return s
-    raise AudioError(f"{name}: no audio stream with index {stream} (audio streams: {[s.index for s in audios]})")
+    """The chosen audio stream (as `ingest.probe.choose_stream` picks), or None when the file has none."""
+    try:
+        return choose_stream(container, "audio", stream)
+    except LookupError as e:
+        raise AudioError(f"{name}: {e}") from None
 
 
 def _stream_start(a) -> float | None:
