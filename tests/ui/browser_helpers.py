@@ -24,23 +24,39 @@ REPO = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(os.environ.get("VIDMINI_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
 
-if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip("Debian's chromium and chromium-driver are not installed (`make sysdeps` installs them)",
-                allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
+try:  # importable without them: a module whose tests need no browser still runs (`need_browser` skips)
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys  # noqa: F401 - for the tests that type
+except ImportError:
+    webdriver = None
+    WebDriverException = Exception
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def need_browser(module: bool = False) -> None:
+    """Skip (the whole module with `module`) unless Debian's Chromium, its driver, selenium and ffmpeg are here."""
+    reason = None
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        reason = "Debian's chromium and chromium-driver are not installed (`make sysdeps` installs them)"
+    elif webdriver is None:
+        reason = "selenium is not installed (pip install -e '.[dev]')"
+    elif shutil.which("ffmpeg") is None:
+        reason = "ffmpeg is not installed (`make sysdeps`)"
+    if reason is not None:
+        pytest.skip(reason, allow_module_level=module)
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def shot(driver, name: str) -> Path:
+    """A screenshot, `<name>.png` in ARTIFACTS."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     driver.save_screenshot(str(path))
@@ -142,8 +158,10 @@ def form_button(driver, label: str):
 
 
 @contextmanager
-def streamlit_app(home: Path, extra_env: dict | None = None) -> Iterator[str]:
-    """The app serving `home` (its $VIDMINI_HOME) on a free port: yields its URL; the log is kept as an artifact."""
+def streamlit_app(home: Path, extra_env: dict | None = None, log_name: str = "server.log",
+                  stop_s: float = 15.0) -> Iterator[str]:
+    """The app serving `home` (its $VIDMINI_HOME) on a free port: yields its URL; the log is kept as an artifact
+    (`log_name`). Stopped with SIGTERM, killed after `stop_s`."""
     port = free_port()
     env = {**os.environ, "VIDMINI_HOME": str(home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra_env or {})}
     env.pop("VIDMINI_MODEL", None)
@@ -168,26 +186,29 @@ def streamlit_app(home: Path, extra_env: dict | None = None) -> Iterator[str]:
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=stop_s)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(home / "server.log", ARTIFACTS / "server.log")
+        shutil.copy(home / "server.log", ARTIFACTS / log_name)
 
 
 @contextmanager
-def chromium() -> Iterator:
-    """Headless Chromium, as the probe starts it (no background networking), in a fresh profile."""
+def chromium(window: str = "1400,1100", extra_args: tuple[str, ...] = (), timezone: str | None = None) -> Iterator:
+    """Headless Chromium, as the probe starts it (no background networking), in a fresh profile; `timezone`:
+    the zone the page sees."""
     profile = tempfile.mkdtemp(prefix="vidmini-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1100"):
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={window}", *extra_args):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
     try:
+        if timezone is not None:
+            driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": timezone})
         yield driver
     finally:
         driver.quit()

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from browser_helpers import (
     By,
+    Keys,
     button,
     chromium,
     click,
     form_button,
+    need_browser,
     row_for,
     shot,
     still,
@@ -28,11 +30,11 @@ from browser_helpers import (
     upload,
     wait_for,
 )
-from selenium.webdriver.common.keys import Keys
 
 SECONDS = 30
 
 pytestmark = pytest.mark.slow
+need_browser(module=True)
 
 
 def whole_video_question():

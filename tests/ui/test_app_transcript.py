@@ -14,22 +14,24 @@ import pytest
 from browser_helpers import (
     REPO,
     By,
+    Keys,
     button,
     chromium,
     click,
     form_button,
+    need_browser,
     row_for,
     shot,
     streamlit_app,
     tab,
     wait_for,
 )
-from selenium.webdriver.common.keys import Keys
 
 sys.path.insert(0, str(REPO / "tests" / "speech"))
 from speech_media import have_tools, make_speech_video  # noqa: E402
 
 pytestmark = pytest.mark.slow
+need_browser(module=True)
 
 if not have_tools():
     pytest.skip("espeak-ng or ffmpeg is missing (`make sysdeps` installs them)", allow_module_level=True)

@@ -17,50 +17,19 @@ fields made into a watch or one line of error, pause/resume/remove, the alert fe
 from __future__ import annotations
 
 import io
-import os
 import re
-import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import browser_helpers
 import pytest
+from browser_helpers import By, Keys, button, chromium, click, free_port, need_browser, streamlit_app
 
-REPO = Path(__file__).resolve().parents[2]
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-ARTIFACTS = Path(os.environ.get("VIDMINI_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
 ZONE = "Asia/Kolkata"
-
-try:
-    from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-except ImportError:  # the browser test skips; the service-level tests below it still run
-    webdriver = None
-
-
-def need_browser() -> None:
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (`make sysdeps` installs them)")
-    if webdriver is None:
-        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg is not installed (`make sysdeps`)")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,111 +55,24 @@ def camera():
 def server(tmp_path_factory):
     need_browser()
     home = tmp_path_factory.mktemp("watch-app-home")
-    port = free_port()
-    env = {**os.environ, "VIDMINI_HOME": str(home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("VIDMINI_MODEL", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the app did not start:\n" + (home / "server.log").read_text())
-            time.sleep(0.5)
+    # the watch's ffmpeg dies with the app (the recorder's children follow their parent)
+    with streamlit_app(home, log_name="watches-server.log", stop_s=20) as url:
         yield url, home
-    finally:
-        proc.terminate()  # the watch's ffmpeg dies with the app (the recorder's children follow their parent)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(home / "server.log", ARTIFACTS / "watches-server.log")
 
 
 @pytest.fixture(scope="module")
 def browser():
     need_browser()
-    profile = tempfile.mkdtemp(prefix="vidmini-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1500,1400",
-                "--autoplay-policy=no-user-gesture-required"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    try:
-        driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ZONE})
+    with chromium("1500,1400", ("--autoplay-policy=no-user-gesture-required",), timezone=ZONE) as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def shot(driver, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"watches-{name}.png"
-    driver.save_screenshot(str(path))
-    return path
+    return browser_helpers.shot(driver, f"watches-{name}")
 
 
 def wait_for(driver, what: str, check, timeout: float = 30.0, step: float = 0.25):
-    """Poll `check()` until it returns something truthy; a screenshot and the page text on failure."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            got = check()
-            if got:
-                return got
-        except WebDriverException as e:  # an element replaced by a rerun in between
-            last = e
-        time.sleep(step)
-    shot(driver, "failed-" + re.sub(r"\W+", "-", what))
-    body = driver.find_element(By.TAG_NAME, "body").text
-    raise AssertionError(f"timed out waiting for {what} ({last!r}); page text:\n{body[-3000:]}")
-
-
-SETTLE = """arguments[0].scrollIntoView({block: "nearest"});
-const r = arguments[0].getBoundingClientRect(); return [r.x, r.y, r.width, r.height];"""
-
-
-def click(driver, what: str, find, timeout: float = 30.0) -> None:
-    """Click once, as a person does, on an element that stays the same at the same place for 0.3 s (the lists
-    here redraw themselves every few seconds: a click they lose fails the test, no retry)."""
-    seen = {}
-
-    def settled():
-        element = find()
-        if not element or not (element.is_displayed() and element.is_enabled()):
-            seen.clear()
-            return None
-        where = (element.id, tuple(round(v) for v in driver.execute_script(SETTLE, element)))
-        if seen.get("where") == where:
-            return element
-        seen["where"] = where
-        return None
-
-    element = wait_for(driver, what, settled, timeout=timeout, step=0.3)
-    ActionChains(driver).move_to_element(element).click_and_hold().pause(0.1).release().perform()
-
-
-def button(scope, label: str):
-    for b in scope.find_elements(By.TAG_NAME, "button"):
-        if b.text.strip() == label and b.is_enabled():
-            return b
-    return None
+    return browser_helpers.wait_for(driver, what, check, timeout, step)
 
 
 def watch_row(driver, name: str):
