@@ -195,6 +195,40 @@ def test_two_tabs_asking_at_once_each_get_their_own_answer(lib, world):
     assert together == alone
 
 
+def test_a_lagging_stream_gets_the_tokens_that_queued_up_in_one_chunk(lib, world):
+    """The HTTP service's streamed answer (`api.server._generation`): while its reader is busy the answer goes
+    on, and what queued up comes out as one piece, not a piece per token; the pieces still join to the answer."""
+    from vidmini.api.server import _generation
+
+    video_id, _ = world
+    schema = {"type": "object", "required": ["note"], "additionalProperties": False,
+              "properties": {"note": {"type": "string"}}}
+    options = AskOptions(max_new_tokens=40, json_schema=schema)
+    alone = lib.answer(video_id, "Describe what happens in this video.", options)
+    assert len(alone.answer.token_ids) == 40
+
+    async def read(lagging: bool) -> tuple[list[str], str]:
+        asking = lib.ask(video_id, "Describe what happens in this video.", options)
+        pieces, result = [], None
+        async for kind, value in _generation(asking, []):
+            if kind == "piece":
+                pieces.append(value)
+                if lagging and len(pieces) == 1:  # busy until the whole answer has been chosen
+                    for _ in range(600):
+                        if asking._stream._done:
+                            break
+                        await asyncio.sleep(0.05)
+            else:
+                result = value[1]
+        return pieces, result.text
+
+    prompt_pieces, text = asyncio.run(read(lagging=False))
+    lag_pieces, lag_text = asyncio.run(read(lagging=True))
+    assert text == lag_text == alone.text
+    assert "".join(lag_pieces).strip() == "".join(prompt_pieces).strip() == alone.text
+    assert len(lag_pieces) == 2  # the first piece, then everything that queued while it was being "written"
+
+
 def test_bad_questions_are_readable_errors(lib, world):
     video_id, _ = world
     with pytest.raises(LibraryError, match="empty question"):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from vidmini.common.errors import one_line
+from vidmini.engine.detokenize import IncrementalDetokenizer
 from vidmini.service.options import AskOptions, IngestOptions, checked_ingest
 from vidmini.store.video_store import StoreCatalog, StoreInfo, UnknownVideo
 
@@ -178,16 +179,20 @@ class Asking:
         self._result: AskResult | None = None
 
     def text(self) -> Iterator[str]:
-        """Answer text in pieces: the decoded text so far, minus what was already given."""
+        """Answer text in pieces as tokens are chosen; joined (and stripped) they are the answer's text."""
         tok = self._library.engine.tokenizer
-        ids: list[int] = []
-        shown = ""
+        detok = IncrementalDetokenizer(lambda ids: tok.decode(ids, skip_special_tokens=True))
+        started = False
         for ev in self._stream:
-            ids.append(ev.token_id)
-            now = tok.decode(ids, skip_special_tokens=True)
-            if len(now) > len(shown) and now.startswith(shown):
-                piece, shown = now[len(shown):], now
-                yield piece if len(shown) > len(piece) else piece.lstrip()
+            piece = detok.push(ev.token_id)
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                yield piece
+        tail = detok.flush()
+        if tail and (started or tail.strip()):
+            yield tail if started else tail.lstrip()
 
     def cancel(self) -> None:
         self._stream.cancel()
