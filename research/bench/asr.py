@@ -5,11 +5,18 @@ about 10 minutes of espeak-ng speech (lecture-like: runs of sentences, pauses be
   python -m research.bench.asr --whisper openai/whisper-small --device cuda
   python -m research.bench.asr --ingest              # also: `vidmini ingest` of a 720p lecture video, with and
                                                      # without its audio (the issue's bound: audio adds <= 30 %)
+  python -m research.bench.asr --asr-workers 1 2     # also: the whole transcription (decode, VAD, PocketSphinx,
+                                                     # commits) with 1 and with 2 worker processes
 
 RTF = processing seconds / audio seconds (below 1: faster than real time), wall clock and, since the 2-core
 machine is shared, this process's CPU seconds too (the load average is printed before and after). "keywords" counts the script's
 keywords recognized within 1 s of when they were spoken. Whisper runs only from a local folder or the Hugging
 Face cache (nothing is downloaded); without one it is reported as skipped. Prints a Markdown table last.
+
+With --asr-workers, `speech.ingest.run_transcription` transcribes the same file into a fresh transcript store
+once per worker count (1: in this process, as before; N > 1: a `RecognizerPool` of N spawned workers, their
+start-up included): wall RTF, and CPU RTF counting this process and its workers, and whether every count made
+the same transcript files (it must: windows are committed in order).
 """
 
 from __future__ import annotations
@@ -142,7 +149,11 @@ def main() -> None:
                          "--asr none and with PocketSphinx")
     ap.add_argument("--asr-only", action=argparse.BooleanOptionalAction, default=True,
                     help="the per-stage real-time factors (--no-asr-only with --ingest: only the ingest table)")
+    ap.add_argument("--asr-workers", type=int, nargs="+", default=[], metavar="N",
+                    help="also time the whole PocketSphinx transcription with each of these worker counts")
     args = ap.parse_args()
+    if any(n < 1 for n in args.asr_workers):
+        raise SystemExit("--asr-workers: each count must be >= 1")
     if shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None:
         raise SystemExit("needs espeak-ng and ffmpeg on PATH (make sysdeps)")
     print(f"# {platform.node()}: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
@@ -191,6 +202,7 @@ def main() -> None:
                   f"keywords {heard}/{len(truth)}")
         if model is None:
             print("whisper: skipped (no Whisper model in the local Hugging Face cache; pass --whisper PATH)")
+        worker_rows = [transcribe_with_workers(path, n, args.window, Path(tmp), truth) for n in args.asr_workers]
 
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
     print()
@@ -205,6 +217,78 @@ def main() -> None:
         total = (decode.wall + vad.wall + asr.wall) / audio_s
         print(f"| {name} | {device} | {t_load:.1f} | {asr.wall:.1f} | {asr.wall / audio_s:.3f} | "
               f"{asr.cpu / audio_s:.3f} | {total:.3f} | {heard}/{len(truth)} |")
+    if worker_rows:
+        print_workers(worker_rows, audio_s, len(truth))
+
+
+class TreeClock:
+    """Wall seconds of a `with` block and the CPU seconds of this process and of the children it waited for in
+    it (a pool's workers are joined when it closes)."""
+
+    @staticmethod
+    def _cpu() -> float:
+        import resource
+
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def __enter__(self):
+        self.t0, self.c0 = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.t0, self._cpu() - self.c0
+
+
+def transcribe_with_workers(path: Path, workers: int, window_s: float, tmp: Path, truth: list[tuple[str, float]]
+                            ) -> tuple[int, TreeClock, int, str]:
+    """`run_transcription` of `path` with PocketSphinx on `workers` processes (1: this one), into a fresh store:
+    (workers, its clock, keywords heard, a digest of the transcript's files)."""
+    import hashlib
+
+    from vidmini.speech.ingest import run_transcription
+    from vidmini.speech.parallel import BackendSpec, RecognizerPool
+    from vidmini.speech.store import TranscriptStore
+
+    spec = BackendSpec("pocketsphinx")  # as the ingest runs it: no language asked for
+    threads = torch.get_num_threads()
+    with TreeClock() as clock:
+        if workers == 1:  # as the transcription child runs it: torch (the VAD) on one thread
+            torch.set_num_threads(1)
+            try:
+                backend = spec.make()
+                store = TranscriptStore.open(tmp / f"workers-{workers}", "bench000000000001", backend.name, None,
+                                             window_s, source=str(path))
+                result = run_transcription(str(path), store, backend)
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            with RecognizerPool(spec, workers) as pool:
+                store = TranscriptStore.open(tmp / f"workers-{workers}", "bench000000000001", pool.name, None,
+                                             window_s, source=str(path))
+                result = run_transcription(str(path), store, pool)
+    assert result.state == "complete", result
+    words = [w for seg in store.segments() for w in seg.words]
+    heard = sum(any(w.text.strip(" .,!?").lower() == k and abs(w.start - at) <= 1.0 for w in words)
+                for k, at in truth)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in store.path.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(store.path)).encode() + b"\0" + f.read_bytes())
+    print(f"pocketsphinx, {workers} worker(s): {clock.wall:.1f} s wall, CPU {clock.cpu:.1f} s, "
+          f"{result.segments} segments, keywords {heard}/{len(truth)}", flush=True)
+    return workers, clock, heard, digest.hexdigest()[:12]
+
+
+def print_workers(rows: list[tuple[int, TreeClock, int, str]], audio_s: float, keywords: int) -> None:
+    base = rows[0][1].wall
+    print()
+    print(f"| whole transcription (PocketSphinx, {audio_s:.0f} s of audio) | wall (s) | RTF wall | RTF CPU "
+          f"| speed-up | keywords heard | transcript |")
+    print("|---|---|---|---|---|---|---|")
+    for workers, clock, heard, digest in rows:
+        same = "same" if digest == rows[0][3] else "DIFFERENT"
+        print(f"| {workers} worker{'s' if workers > 1 else ''} | {clock.wall:.1f} | {clock.wall / audio_s:.3f} | "
+              f"{clock.cpu / audio_s:.3f} | {base / clock.wall:.2f}x | {heard}/{keywords} | {digest} ({same}) |")
 
 
 def lecture_video(audio: Path, seconds: float, out: Path) -> Path:

@@ -17,6 +17,9 @@ from vidmini.service.options import IngestOptions
     (["--asr", "pocketsphinx", "--language", "de"], "English model only"),
     (["--language", "12"], "language must be a language code"),
     (["--no-audio", "--language", "en"], "--language applies to a transcript"),
+    (["--asr", "whisper"], "--asr whisper needs --asr-model"),
+    (["--asr", "whisper", "--language", "de"], "--asr whisper needs --asr-model"),
+    (["--asr-workers", "0"], "--asr-workers must be >= 1"),
 ])
 @pytest.mark.parametrize("command", ["ingest", "ask", "summarize"])
 def test_bad_audio_flags_are_one_line_and_exit_2(command, flags, why, tmp_path, capsys, monkeypatch):
@@ -37,6 +40,7 @@ def test_ingest_options_check_the_audio_fields():
     assert IngestOptions(asr="pocketsphinx", language="en-US").check()
     assert IngestOptions(asr="none").check()
     for bad, why in [({"asr": "vosk"}, "asr must be"), ({"asr_model": "m"}, "for the whisper backend"),
+                     ({"asr": "whisper"}, "asr whisper needs an ASR model"), ({"asr_workers": 0}, "asr-workers"),
                      ({"language": "english!"}, "language code"), ({"language": "fr"}, "English model only")]:
         with pytest.raises(ValueError, match=why):
             IngestOptions(**bad).check()

@@ -78,8 +78,9 @@ PATHS: dict[str, dict] = {
                      "live": {"type": "boolean", "default": False}, "fps": {"type": "number", "default": 1.0},
                      "asr": {"enum": ["pocketsphinx", "whisper", "none"], "default": "pocketsphinx",
                              "description": "the recognizer that transcribes a file's audio beside its frames"},
-                     "asr_model": {"type": "string", "description": "whisper: a model folder under a media root, "
-                                                                    "or a Hugging Face id in the server's cache"},
+                     "asr_model": {"type": "string", "description": "whisper (required with it): a model folder "
+                                                                    "under a media root, or a Hugging Face id in the "
+                                                                    "server's cache"},
                      "language": {"type": "string", "description": "the spoken language, e.g. en"},
                      "no_audio": {"type": "boolean", "default": False, "description": "no transcript"}}}),
                  "responses": {"202": _ok("the ingest job", {"$ref": "#/components/schemas/Job"}),

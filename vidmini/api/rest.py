@@ -135,6 +135,9 @@ class LibraryRoutes:
             asr = "whisper"
             if model.startswith(("/", "~", ".")):  # a server folder: only under a media root, like the videos
                 model = str(self.api.allowed_path(model))
+        elif asr == "whisper":  # refused now: queued, its frames would be stored without it
+            raise ApiError(400, "asr whisper needs asr_model: a model folder under a media root or a Hugging Face "
+                           "id already in the server's cache (nothing is downloaded)", param="asr_model")
         return {"asr": "none" if no_audio else (asr or DEFAULT_ASR), "asr_model": model, "language": language}
 
     async def upload(self, request: Request) -> Response:

@@ -18,6 +18,13 @@ ASR_WINDOW_S = 30.0  # seconds of audio transcribed and committed at a time
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 
 
+def check_asr_workers(workers: int | None) -> int | None:
+    """`workers` if it is None (the recognizer's default) or an int >= 1; ValueError, one line, otherwise."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"asr-workers must be an integer >= 1, got {workers!r}")
+    return workers
+
+
 @dataclass
 class IngestOptions:
     fps: float = 1.0
@@ -33,6 +40,8 @@ class IngestOptions:
     asr: str = DEFAULT_ASR  # the audio track's transcript, beside the frames: pocketsphinx | whisper | none
     asr_model: str | None = None  # whisper: a local folder or a Hugging Face id in the local cache
     language: str | None = None  # the spoken language (e.g. "en"); None: the recognizer's default or detection
+    asr_workers: int | None = None  # processes recognizing audio windows at once; None: a core each for
+    # pocketsphinx, 1 for whisper (`speech.parallel.default_workers`); 1: the transcription's own process only
 
     def check(self) -> IngestOptions:
         """Raise ValueError (one line, for a person) on options no ingest can run with; return self."""
@@ -53,6 +62,10 @@ class IngestOptions:
             raise ValueError(f"asr must be one of {', '.join(ASR_BACKENDS)}, got {self.asr!r}")
         if self.asr_model is not None and self.asr != "whisper":
             raise ValueError(f"an ASR model is for the whisper backend, not {self.asr}")
+        if self.asr == "whisper" and not self.asr_model:  # refused now, not after the frames are stored
+            raise ValueError("asr whisper needs an ASR model: a local folder or a Hugging Face id already in the "
+                             "local cache (nothing is downloaded)")
+        check_asr_workers(self.asr_workers)
         if self.language is not None:
             if not isinstance(self.language, str) or not _LANGUAGE.fullmatch(self.language):
                 raise ValueError(f"language must be a language code such as en or de, got {self.language!r}")

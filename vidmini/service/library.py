@@ -477,7 +477,7 @@ class Library:
                     TranscriptStore.open(self.root, job.video_fp, NO_AUDIO, source=job.source).mark_no_audio()
                     return
                 child = start_child(self.root, job.video_fp, job.source, o.asr, o.asr_model, o.language,
-                                    self.device if o.asr == "whisper" else "cpu", ASR_WINDOW_S)
+                                    self.device if o.asr == "whisper" else "cpu", ASR_WINDOW_S, o.asr_workers)
                 while child.poll() is None:
                     if job.cancel.wait(0.2):
                         child.terminate()  # its commits are atomic: a later ingest resumes after the last one

@@ -2,8 +2,10 @@
 
 silero-vad ships its model in the wheel (`silero_vad.jit`, run by torch; torchaudio is not needed: audio comes
 from `speech.audio`). The model is loaded once per process, on first use. It carries recurrent state between
-its 32 ms chunks, so one `speech_spans` call runs at a time (a lock). A call costs about 1 % of the audio's
-duration on the 2-core CPU, after the first, which also pays TorchScript's one-time optimization (seconds).
+its 32 ms chunks, so one `speech_spans` call runs at a time (a lock), and every call starts from a reset state:
+a window's spans never depend on the windows before it (which worker process saw which windows, or whether a
+run was resumed, cannot change them). A call costs about 1 % of the audio's duration on the 2-core CPU, after
+the first, which also pays TorchScript's one-time optimization (seconds).
 
 Spans are padded a little (the recognizer hears the onset and the tail), spans closer than `merge_gap_s` are
 joined (fewer, longer recognizer calls with context), and none is longer than `max_span_s`, so one ASR call
@@ -50,6 +52,7 @@ def speech_times(samples: np.ndarray, threshold: float = 0.5, min_speech_s: floa
     model = load_model()
     audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     with _run_lock, torch.inference_mode():
+        model.reset_states()  # silero's get_speech_timestamps resets it too; this window must not rely on that
         found = get_speech_timestamps(audio, model, threshold=threshold, sampling_rate=SAMPLE_RATE,
                                       min_speech_duration_ms=int(min_speech_s * 1000),
                                       min_silence_duration_ms=int(min_silence_s * 1000),

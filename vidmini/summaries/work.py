@@ -32,10 +32,11 @@ class BatchOptions:
     asr_model: str | None = None
     language: str | None = None
     subtitles: str = "auto"  # srt/vtt: the speech (auto: when there is a transcript) or the summary's cues
+    asr_workers: int | None = None  # how fast the transcript is made, not what it says: not part of `key`
 
     def ingest_options(self) -> IngestOptions:
         return IngestOptions(fps=self.fps, backend=self.backend, asr=self.asr, asr_model=self.asr_model,
-                             language=self.language)
+                             language=self.language, asr_workers=self.asr_workers)
 
     def key(self) -> str:
         """What makes two runs' outputs the same: a done input run with another key is done again."""
