@@ -10,8 +10,9 @@ every video is asked once before timing). Answers are held to a JSON schema with
 `max_tokens` (default 48), so every answer decodes the same number of tokens (the demo model would otherwise stop
 after a word or two and the table would measure prefill). A round: every client asks one question at the same
 moment; the round's wall time covers all of them. Prints a table: per client count, aggregate completion
-tokens/s (tokens of all answers / wall time of the rounds), p50/p95 time to first token, and the speed-up of the
-aggregate over one client. The in-process table adds the decoder's own rate: tokens decoded in batched steps per
+tokens/s (tokens of all answers / wall time of the rounds), p50/p95 time to first token, the speed-up of the
+aggregate over one client, and the CPU seconds the server and the clients (this process) used meanwhile: on a
+2-core machine both share the cores, so the clients' own streaming work is part of the wall time. The in-process table adds the decoder's own rate: tokens decoded in batched steps per
 second spent in those steps (the batcher's counters), i.e. decoding without the questions' fusion and prefill. A second table asks the same questions through the service in the bench's own process
 (no HTTP, no server): the engine's share, with the decode batcher's step counts and batch sizes.
 """
@@ -46,6 +47,12 @@ def timed_rounds(rounds: int, calls: list[tuple], target) -> float:
             th.join()
         wall += time.perf_counter() - t
     return wall
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -104,23 +111,26 @@ def main() -> None:
             for max_tokens in args.max_tokens:
                 for n in args.clients:
                     results: list = []
+                    server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
                     wall = timed_rounds(args.rounds, [(ids[i], results, max_tokens) for i in range(n)], ask)
+                    server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
                     ttfts = [r[0] for r in results]
                     tokens = sum(r[1] for r in results)
                     rows.append((max_tokens, n, tokens / wall, statistics.median(ttfts), percentile(ttfts, 0.95),
-                                 tokens, wall))
+                                 tokens, wall, server_cpu, client_cpu))
         finally:
             server.terminate()
             server.wait(timeout=30)
         engine_rows = in_process(Path(tmp, "home"), ids, args) if args.in_process else []
     print(f"{videos_needed} videos of {args.seconds} s (1 fps), {args.rounds} rounds, answers held to a JSON schema")
     print("| answer tokens | clients | aggregate tokens/s | vs 1 client | p50 first token ms | p95 first token ms "
-          "| tokens | wall s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for max_tokens, n, rate, p50, p95, tokens, wall in rows:
+          "| tokens | wall s | server CPU s | clients' CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for max_tokens, n, rate, p50, p95, tokens, wall, server_cpu, client_cpu in rows:
         one = next((r[2] for r in rows if r[0] == max_tokens and r[1] == 1), None)
         speed = f"{rate / one:.2f}x" if one else "-"
-        print(f"| {max_tokens} | {n} | {rate:.1f} | {speed} | {p50:.1f} | {p95:.1f} | {tokens} | {wall:.2f} |")
+        print(f"| {max_tokens} | {n} | {rate:.1f} | {speed} | {p50:.1f} | {p95:.1f} | {tokens} | {wall:.2f} "
+              f"| {server_cpu:.2f} | {client_cpu:.2f} |")
     if engine_rows:
         print("\nthe same questions in-process (`Library.answer` from N threads, no HTTP): the engine's own share")
         print("| answer tokens | clients | aggregate tokens/s | vs 1 client | decode steps | mean batch | max batch "

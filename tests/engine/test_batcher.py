@@ -633,3 +633,80 @@ def test_decode_steps_use_their_own_thread_count_and_never_run_beside_a_prefill(
     with pytest.raises(ValueError, match="step_threads"):
         DecodeBatcher(model, step_threads=0)
     batcher.close()
+
+
+def test_choosing_for_a_batch_gives_what_each_answer_chooses_alone(tiny_videos):
+    """`generate.choose_events` (the batched choice the decode thread makes) against `DecodeState.next_event`
+    row by row, over many steps of random logits: greedy, greedy held to a JSON schema, seeded top-p sampling,
+    log-probs of several sizes, a stop id, a cancelled answer and one whose grammar fails, side by side."""
+    from vidmini.engine.generate import DecodeState, choose_events
+
+    engine = tiny_videos[0]
+    tok, stops = engine.tokenizer, engine.eos_ids
+    vocab = engine.model.lm_head.out_features
+    stop = next(iter(stops)) if stops else 0
+
+    class Refusing:  # a grammar that breaks on its third token
+        done = False
+
+        def __init__(self) -> None:
+            self.n = 0
+
+        def allowed(self, v: int) -> torch.Tensor:
+            return torch.ones(v, dtype=torch.bool)
+
+        def mask(self, logits: torch.Tensor) -> torch.Tensor:
+            return logits
+
+        def advance(self, token: int) -> None:
+            self.n += 1
+            if self.n == 3:
+                raise RuntimeError("refused")
+
+    def configs() -> list[SamplingConfig]:
+        return [SamplingConfig(max_new_tokens=40),
+                SamplingConfig(max_new_tokens=40, logprobs=3),
+                SamplingConfig(max_new_tokens=40, grammar=JsonConstraint(tok, SCHEMA, stops), stop_ids=tuple(stops)),
+                SamplingConfig(max_new_tokens=40, logprobs=5, grammar=JsonConstraint(tok, SCHEMA, stops),
+                               stop_ids=tuple(stops)),
+                SamplingConfig(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=11, logprobs=2),
+                SamplingConfig(max_new_tokens=40, temperature=1.2, seed=5),
+                SamplingConfig(max_new_tokens=7),
+                SamplingConfig(max_new_tokens=40, grammar=Refusing()),
+                SamplingConfig(max_new_tokens=40, stop_ids=(stop,))]
+
+    cancel = threading.Event()
+    batched = [DecodeState(c, cancel if i == 1 else None) for i, c in enumerate(configs())]
+    alone = [DecodeState(c) for c in configs()]
+    gen = torch.Generator().manual_seed(0)
+    seen_errors = 0
+    for step in range(40):
+        logits = torch.randn(len(batched), vocab, generator=gen) * 3
+        if step == 5:
+            logits[-1, stop] = 100.0  # the stop id wins: that answer ends
+        if step == 9:
+            cancel.set()
+        got = choose_events(batched, logits)
+        for b, (state, event) in enumerate(zip(alone, got, strict=True)):
+            if b == 1 and step >= 9:
+                state.finished = True  # cancelled with the batch
+            try:
+                want = state.next_event(logits[b])
+            except RuntimeError as e:
+                assert isinstance(event, RuntimeError) and str(event) == str(e)
+                seen_errors += 1
+                state.finished = batched[b].finished = True
+                continue
+            if want is None:
+                assert event is None
+                continue
+            assert event is not None and not isinstance(event, BaseException)
+            assert event.token_id == want.token_id
+            assert event.logprob == pytest.approx(want.logprob, abs=1e-6)
+            assert [i for i, _ in event.top] == [i for i, _ in want.top]
+            assert [v for _, v in event.top] == pytest.approx([v for _, v in want.top], abs=1e-6)
+            assert batched[b].finished == state.finished
+    assert seen_errors == 1
+    assert [s.step for s in batched] == [s.step for s in alone]
+    assert alone[6].step == 7 and alone[8].step == 5 and alone[1].step == 9  # max tokens, stop id, cancelled
+    assert all(s.step > 5 for s in (alone[2], alone[3]))  # JSON answers ran past the first tokens

@@ -14,7 +14,8 @@ engine's `DecodeBatcher`, whose one thread repeats a step:
 3. each sequence chooses its next token from its row of logits with its own `DecodeState` — the same code
    `generate.decode` runs (greedy, temperature/top-p with its own seeded generator, its own grammar, stop ids,
    `max_new_tokens`, log-probs) — and hands the `TokenEvent` to its consumer's queue; finished ones leave. The
-   log-softmax of every row and the greedy argmax are computed once for the batch and handed to each.
+   tensor work of that choice (log-softmax, grammar masks, argmax, log-probs) runs once for the whole batch
+   (`generate.choose_events`), the same operations row by row.
 
 Sequences join and leave between steps. Batched matrix products may differ from batch-1 ones in the last bits
 of a float (the kernels block differently), so a greedy answer equals its lone answer unless two candidates tie
@@ -40,7 +41,14 @@ from contextlib import contextmanager
 
 import torch
 
-from vidmini.engine.generate import DecodeState, SamplingConfig, TokenEvent, decode_step, prefill
+from vidmini.engine.generate import (
+    DecodeState,
+    SamplingConfig,
+    TokenEvent,
+    choose_events,
+    decode_step,
+    prefill,
+)
 from vidmini.engine.llama import KVCache
 from vidmini.engine.model import LlavaMiniModel
 
@@ -118,13 +126,20 @@ class DecodeSequence:
     def ended(self) -> bool:
         return self._ended
 
-    def advance(self, logits: torch.Tensor, logp: torch.Tensor | None = None, argmax: int | None = None) -> bool:
-        """Choose the next token from (V,) `logits` (`logp`, `argmax`: that row's, computed for the whole batch;
-        see `DecodeState.next_event`) and hand it to the consumer; True when a step must follow."""
+    def advance(self, logits: torch.Tensor) -> bool:
+        """Choose the next token from (V,) `logits` alone and hand it to the consumer; True when a step must
+        follow."""
         try:
-            event = self.state.next_event(logits, logp, argmax)
+            event = self.state.next_event(logits)
         except Exception as e:  # noqa: BLE001 - e.g. a grammar refusing a token: this answer fails, not the batch
-            self.end(e)
+            event = e
+        return self.deliver(event)
+
+    def deliver(self, event: TokenEvent | BaseException | None) -> bool:
+        """Hand the chosen token to the consumer (None: the answer ended before one; an error: it failed); True
+        when a step must follow."""
+        if isinstance(event, BaseException):
+            self.end(event)
             return False
         if event is None:
             self.end()
@@ -175,8 +190,9 @@ class DecodeBatcher:
 
     Counters for benchmarks and tests: `steps` (forward steps run), `tokens` (positions run, summed over the
     batch), `batched_steps` (steps with more than one sequence), `max_batch_seen`, `batch_sizes` (a Counter of
-    batch size → steps), `step_s` (seconds spent in steps); `reset_stats()` zeroes them. `in_flight` is the
-    number of sequences active or waiting to join.
+    batch size → steps), `step_s` (seconds spent in steps), `choose_s` (of which choosing the tokens and handing
+    them over, after the forwards); `reset_stats()` zeroes them. `in_flight` is the number of sequences active or
+    waiting to join.
 
     Prefills first. While a question is being fused and prefilled (`prefilling()`, entered before it waits for
     the session lock), decoding waits, at most `max_prefill_stall_s` at a time: the questions asked together
@@ -217,7 +233,7 @@ class DecodeBatcher:
     def reset_stats(self) -> None:
         self.steps = self.tokens = self.batched_steps = self.max_batch_seen = 0
         self.batch_sizes: Counter[int] = Counter()
-        self.step_s = self.stall_s = 0.0
+        self.step_s = self.stall_s = self.choose_s = 0.0
 
     @contextmanager
     def prefilling(self) -> Iterator[None]:
@@ -390,12 +406,15 @@ class DecodeBatcher:
         self.batch_sizes[len(batch)] += 1
         self.batched_steps += len(batch) > 1
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        t1 = time.perf_counter()
         if len(batch) == 1:
             going_on = batch if batch[0].advance(rows[0]) else []
-        else:  # one log-softmax and one argmax for the whole batch, not one per answer
-            logps, best = torch.log_softmax(rows.float(), dim=-1), rows.argmax(dim=-1).tolist()
-            going_on = [seq for b, seq in enumerate(batch) if seq.advance(rows[b], logps[b], best[b])]
-        self.step_s += time.perf_counter() - t0
+        else:  # the tensor work of choosing done once for the batch, not once per answer
+            events = choose_events([seq.state for seq in batch], rows)
+            going_on = [seq for seq, event in zip(batch, events, strict=True) if seq.deliver(event)]
+        t2 = time.perf_counter()
+        self.step_s += t2 - t0
+        self.choose_s += t2 - t1
         self._done_step(going_on, counted=True)
 
     def _done_step(self, going_on: list[DecodeSequence], counted: bool = False) -> None:

@@ -95,16 +95,23 @@ class DecodeState:
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
 
-    def next_event(self, logits: torch.Tensor, logp: torch.Tensor | None = None,
-                   argmax: int | None = None) -> TokenEvent | None:
-        """The token chosen from (V,) `logits`, or None when the answer ends here. After an event, `finished`
-        says whether it was the last one (no forward step for it is needed). A caller choosing for a batch may
-        pass what it computed for all rows at once: `logp`, the row's log-softmax, and `argmax`, its best id
-        (used only by a greedy answer without a grammar)."""
+    def ends_here(self) -> bool:
+        """True (and `finished` set) when the answer ends before another token: it is finished, has
+        `max_new_tokens`, was cancelled, or its grammar can take no more."""
         cfg, grammar = self.cfg, self.cfg.grammar
         if self.finished or self.step >= cfg.max_new_tokens or self.cancelled or (grammar is not None and grammar.done):
             self.finished = True
+        return self.finished
+
+    def next_event(self, logits: torch.Tensor, logp: torch.Tensor | None = None,
+                   argmax: int | None = None) -> TokenEvent | None:
+        """The token chosen from (V,) `logits`, or None when the answer ends here. After an event, `finished`
+        says whether it was the last one (no forward step for it is needed). A caller that has them may pass
+        `logp`, the row's log-softmax, and `argmax`, its best id (used only by a greedy answer without a
+        grammar); `choose_events` does the same for a whole batch."""
+        if self.ends_here():
             return None
+        cfg, grammar = self.cfg, self.cfg.grammar
         if argmax is not None and grammar is None and cfg.temperature == 0:
             token = int(argmax)
         else:
@@ -115,6 +122,11 @@ class DecodeState:
         if cfg.logprobs:
             values, ids = logp.topk(cfg.logprobs)
             top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return self.take(token, float(logp[token]), top)
+
+    def take(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent | None:
+        """The chosen `token` as the answer's next event (None: it is a stop id, and the answer ends)."""
+        cfg, grammar = self.cfg, self.cfg.grammar
         if token in cfg.stop_ids:
             self.finished = True
             return None
@@ -122,7 +134,60 @@ class DecodeState:
             grammar.advance(token)
         self.step += 1
         self.finished = self.step == cfg.max_new_tokens or (grammar is not None and grammar.done)
-        return TokenEvent(token, float(logp[token]), top, time.perf_counter() - self.t0)
+        return TokenEvent(token, logprob, top, time.perf_counter() - self.t0)
+
+
+def choose_events(states: Sequence[DecodeState], logits: torch.Tensor) -> list[TokenEvent | BaseException | None]:
+    """For a batch: what `states[b].next_event(logits[b])` gives, for every b, with the tensor work done once
+    for the whole (B, V) batch rather than once per answer: one log-softmax, the greedy answers' grammar masks
+    stacked and applied in one call, one argmax, one gather of the chosen tokens' log-probs, one top-k. A
+    sampled answer chooses alone (its own seeded generator). An answer whose grammar fails gets the error in
+    its place; the others are not affected."""
+    out: list[TokenEvent | BaseException | None] = [None] * len(states)
+    live = [b for b, st in enumerate(states) if not st.ends_here()]
+    if not live:
+        return out
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tokens = logits.argmax(dim=-1)
+    masked = [b for b in live if states[b].cfg.temperature == 0 and states[b].cfg.grammar is not None]
+    if masked:
+        try:
+            allowed = torch.stack([states[b].cfg.grammar.allowed(logits.shape[-1]) for b in masked]).to(logits.device)
+        except Exception:  # noqa: BLE001 - a grammar that fails: each of these answers chooses (and fails) alone
+            masked = []
+        else:
+            rows = torch.tensor(masked, device=logits.device)
+            tokens[rows] = logits[rows].masked_fill(~allowed, float("-inf")).argmax(dim=-1)
+    chosen: dict[int, int] = {}
+    for b in live:
+        st = states[b]
+        if st.cfg.temperature == 0 and (st.cfg.grammar is None or b in masked):
+            continue
+        try:
+            chosen[b] = _choose(logits[b] if st.cfg.grammar is None else st.cfg.grammar.mask(logits[b]), st.cfg,
+                                st.gen)
+        except Exception as e:  # noqa: BLE001 - this answer fails, not the batch
+            out[b] = e
+    live = [b for b in live if out[b] is None]
+    picked = tokens.tolist()
+    for b, token in chosen.items():
+        picked[b] = token
+    index = torch.tensor(live, device=logits.device)
+    logprobs = logp[index, torch.tensor([picked[b] for b in live], device=logits.device)].tolist()
+    top_k = max((states[b].cfg.logprobs for b in live), default=0)
+    tops: dict[int, list[tuple[int, float]]] = {}
+    if top_k:
+        values, ids = logp[index].topk(top_k, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+        for j, b in enumerate(live):
+            k = states[b].cfg.logprobs
+            tops[b] = [(int(i), float(v)) for i, v in zip(ids[j][:k], values[j][:k], strict=True)] if k else []
+    for j, b in enumerate(live):
+        try:
+            out[b] = states[b].take(int(picked[b]), float(logprobs[j]), tops.get(b, []))
+        except Exception as e:  # noqa: BLE001 - e.g. a grammar refusing the token: this answer fails
+            out[b] = e
+    return out
 
 
 @torch.no_grad()
