@@ -710,3 +710,67 @@ def test_choosing_for_a_batch_gives_what_each_answer_chooses_alone(tiny_videos):
     assert [s.step for s in batched] == [s.step for s in alone]
     assert alone[6].step == 7 and alone[8].step == 5 and alone[1].step == 9  # max tokens, stop id, cancelled
     assert all(s.step > 5 for s in (alone[2], alone[3]))  # JSON answers ran past the first tokens
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_a_pooled_step_equals_the_per_answer_step_and_writes_back_the_same_caches(tiny_videos, impl):
+    """`decode_step_pooled` over a `DecodePool` of caches of different lengths against `decode_step` over the
+    caches themselves, for several steps (the pool growing past its room): the same logits (to float rounding),
+    and after `write_back` each cache holds what the per-answer steps wrote, at the same length."""
+    from vidmini.engine.generate import decode_step_pooled
+    from vidmini.engine.llama import DecodePool
+
+    engine = tiny_videos[0]
+    model = engine.model
+    model.attn_impl = impl
+    gen = torch.Generator().manual_seed(3)
+    lengths = [5, 40, 17, 1]
+    caches = []
+    for n in lengths:
+        cache = allocate_cache(model, n + 2)
+        cache.keys.copy_(torch.randn(cache.keys.shape, generator=gen))
+        cache.values.copy_(torch.randn(cache.values.shape, generator=gen))
+        cache.length = n
+        caches.append(cache)
+    twins = []
+    for c in caches:
+        twin = allocate_cache(model, c.capacity)
+        twin.keys.copy_(c.keys)
+        twin.values.copy_(c.values)
+        twin.length = c.length
+        twins.append(twin)
+    pool = DecodePool.gather(caches, room=2)
+    with torch.no_grad():
+        for step in range(6):
+            tokens = [(7 * step + b) % model.lm_head.out_features for b in range(len(caches))]
+            pooled = decode_step_pooled(model, tokens, pool)
+            alone = decode_step(model, tokens, twins)
+            torch.testing.assert_close(pooled, alone, rtol=1e-4, atol=1e-4)
+    assert [c.length for c in caches] == lengths  # untouched while pooled
+    pool.write_back([0, 1, 3])  # row 2 "ended": its cache is not written
+    for b in (0, 1, 3):
+        n = lengths[b] + 6
+        assert caches[b].length == twins[b].length == n
+        torch.testing.assert_close(caches[b].keys[:, :, :, :n], twins[b].keys[:, :, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[b].values[:, :, :, :n], twins[b].values[:, :, :, :n], rtol=1e-5, atol=1e-5)
+    assert caches[2].length == lengths[2]
+    model.attn_impl = "sdpa"
+
+
+def test_answers_decoded_per_answer_without_a_pool_equal_the_pooled_ones(tiny):
+    """The batcher with `pool_bytes=0` (attention per answer over its own cache, as for a batch too large to
+    copy) gives the same greedy answers as with the pool, both equal to the answers asked alone."""
+    engine = tiny.engine
+    jobs = tiny_greedy_jobs(engine)[:4]
+    alone = [job.ask(tiny).result().token_ids for job in jobs]
+    results = {}
+    for budget in (0, 64 << 20):
+        engine.batcher.pool_bytes = budget
+        engine.batcher.reset_stats()
+        runners = [Runner(job.ask(tiny)).start() for job in jobs]
+        for r in runners:
+            assert r.done.wait(WAIT_S) and r.error is None, r.error
+        results[budget] = [r.ids for r in runners]
+        assert engine.batcher.batched_steps > 0
+    engine.batcher.pool_bytes = 64 << 20
+    assert results[0] == results[64 << 20] == alone

@@ -6,11 +6,15 @@ engine's `DecodeBatcher`, whose one thread repeats a step:
 
 1. sequences waiting to join are admitted (up to `max_batch` in flight); those whose consumer cancelled or went
    away leave now, giving their cache back;
-2. ONE forward for every remaining sequence's last token (`generate.decode_step`: embedding, norms, q/k/v and
-   output projections, MLP and lm_head batched over the B rows; attention per sequence over its own KV cache,
-   at its own length and positions, the same `attention` call one sequence alone makes). With a single
-   sequence the step is exactly the lone path (`generate.prefill` of one token), so an answer asked alone is
-   computed as it always was;
+2. ONE forward for every remaining sequence's last token: embedding, norms, q/k/v and output projections, MLP
+   and lm_head batched over the B rows, each row at its own length and positions. Attention: when the batch's
+   keys/values fit in `pool_bytes`, over a `DecodePool` — the batch's caches copied side by side once, when the
+   batch changes, then one masked attention call per layer for all rows (`generate.decode_step_pooled`); the
+   positions decoded there go back into each answer's own cache when the batch changes again and it goes on.
+   Otherwise per sequence over its own cache (`generate.decode_step`), with no copy. On a CPU a step of a small
+   model is op-dispatch bound, and the pool replaces B calls per layer with one. With a single sequence the
+   step is exactly the lone path (`generate.prefill` of one token), so an answer asked alone is computed as it
+   always was;
 3. each sequence chooses its next token from its row of logits with its own `DecodeState` — the same code
    `generate.decode` runs (greedy, temperature/top-p with its own seeded generator, its own grammar, stop ids,
    `max_new_tokens`, log-probs) — and hands the `TokenEvent` to its consumer's queue; finished ones leave. The
@@ -23,9 +27,10 @@ to ~1e-6; tests/engine/test_batcher.py checks that they match.
 
 Thread-safety. This thread is the only one running decode steps; prefills of new questions run on request
 threads, one at a time with the steps (each holds `compute`: two forwards side by side would share the cores
-and their OpenMP teams would wait on each other). Even side by side it would be safe: a forward pass reads the model's parameters and writes only the cache it
-is given (no module keeps state between calls; the rotary tables are computed per call), and a cache is used by
-one thread at a time — the asking thread until it hands the sequence over, then this one until the answer ends.
+and their OpenMP teams would wait on each other). Even side by side it would be safe: a forward pass reads the
+model's parameters and writes only the cache it is given (no module keeps state between calls; the rotary
+tables are computed per call), and a cache is used by one thread at a time — the asking thread until it hands
+the sequence over, then this one until the answer ends (the pool is this thread's alone).
 """
 
 from __future__ import annotations
@@ -47,9 +52,10 @@ from vidmini.engine.generate import (
     TokenEvent,
     choose_events,
     decode_step,
+    decode_step_pooled,
     prefill,
 )
-from vidmini.engine.llama import KVCache
+from vidmini.engine.llama import DecodePool, KVCache
 from vidmini.engine.model import LlavaMiniModel
 
 __all__ = ["DecodeBatcher", "DecodeSequence"]
@@ -58,6 +64,8 @@ DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_PREFILL_STALL_S = 0.5  # decoding waits for questions being prefilled at most this long at a time
 SMALL_LLM_BYTES = 256 << 20  # a CPU decode step over an LLM this small is op-dispatch bound: one intra-op thread
 IDLE_EXIT_S = 2.0  # the decode thread ends after this long with nothing to do (a new answer starts it again)
+DEFAULT_POOL_BYTES = 64 << 20  # a batch whose keys/values fit in this is stepped over a `DecodePool` copy
+POOL_ROOM = 64  # positions a pool has beyond its longest row when gathered (it grows by doubling)
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # batchers that may have a thread, closed at exit
@@ -77,6 +85,7 @@ def _after_fork_in_child() -> None:
         batcher._cond = threading.Condition()
         batcher._waiting, batcher._active, batcher._thread, batcher._allowed = deque(), [], None, None
         batcher._closing, batcher._prefilling, batcher._stall_since = False, 0, None
+        batcher._pool, batcher._pooled = None, []
         batcher.compute = threading.Lock()
 
 
@@ -205,9 +214,15 @@ class DecodeBatcher:
     fails the answers in flight and stops the thread (at exit; a later answer starts it again)."""
 
     def __init__(self, model: LlavaMiniModel, max_batch: int = DEFAULT_MAX_BATCH, idle_s: float = IDLE_EXIT_S,
-                 max_prefill_stall_s: float = DEFAULT_MAX_PREFILL_STALL_S, step_threads: int | None = None) -> None:
+                 max_prefill_stall_s: float = DEFAULT_MAX_PREFILL_STALL_S, step_threads: int | None = None,
+                 pool_bytes: int = DEFAULT_POOL_BYTES) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if pool_bytes < 0:
+            raise ValueError("pool_bytes must be >= 0")
+        self.pool_bytes = pool_bytes
+        self._pool: DecodePool | None = None
+        self._pooled: list[DecodeSequence] = []  # the pool's rows, in order
         if step_threads is not None and step_threads < 1:
             raise ValueError("step_threads must be >= 1")
         self.step_threads = step_threads if step_threads is not None else default_step_threads(model)
@@ -323,6 +338,7 @@ class DecodeBatcher:
                 while True:
                     leaving = self._admit()
                     if leaving is None:
+                        self._drop_pool()  # every answer has ended: only the memory goes
                         return
                     self._step(leaving)
         except BaseException as e:  # a bug here must not leave consumers waiting forever
@@ -391,11 +407,12 @@ class DecodeBatcher:
         try:
             with self.compute:
                 if len(batch) == 1:  # exactly the lone path
+                    self._drop_pool()
                     seq = batch[0]
                     ids = torch.tensor([[seq.token]], device=model.device)
                     rows = [prefill(model, model.embed(ids), seq.cache)]
                 else:
-                    rows = decode_step(model, [s.token for s in batch], [s.cache for s in batch])
+                    rows = self._batched_forward(batch)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: these answers fail, the thread goes on
             for seq in batch:
                 seq.end(e)
@@ -416,6 +433,27 @@ class DecodeBatcher:
         self.step_s += t2 - t0
         self.choose_s += t2 - t1
         self._done_step(going_on, counted=True)
+
+    def _batched_forward(self, batch: list[DecodeSequence]) -> torch.Tensor:
+        """(B, V) logits of one step for `batch`: over a `DecodePool` of its caches when they fit in `pool_bytes`
+        (gathered when the batch changes, kept while it stays the same), else over the caches themselves."""
+        tokens = [s.token for s in batch]
+        same = len(batch) == len(self._pooled) and all(a is b for a, b in zip(batch, self._pooled, strict=True))
+        if not same:
+            self._drop_pool()
+            caches = [s.cache for s in batch]
+            if self.pool_bytes and DecodePool.nbytes_for(caches, POOL_ROOM) <= self.pool_bytes:
+                self._pool, self._pooled = DecodePool.gather(caches, POOL_ROOM), list(batch)
+        if self._pool is None:
+            return decode_step(self.model, tokens, [s.cache for s in batch])
+        return decode_step_pooled(self.model, tokens, self._pool)
+
+    def _drop_pool(self) -> None:
+        """Give the pooled answers that go on their positions back (into their own caches) and drop the pool.
+        An answer that ended has given its cache back already: nothing is written to it."""
+        if self._pool is not None:
+            self._pool.write_back([b for b, seq in enumerate(self._pooled) if not seq.ended])
+        self._pool, self._pooled = None, []
 
     def _done_step(self, going_on: list[DecodeSequence], counted: bool = False) -> None:
         with self._cond:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vidmini.engine.llama import KVCache, run_stack, run_step
+from vidmini.engine.llama import DecodePool, KVCache, run_stack, run_step, run_step_pooled
 from vidmini.engine.model import LlavaMiniModel
 
 
@@ -200,6 +200,17 @@ def decode_step(model: LlavaMiniModel, tokens: Sequence[int], caches: Sequence[K
     positions = torch.tensor([[c.length] for c in caches], device=model.device)
     cos, sin = model.rope(positions)
     hidden = run_step(model.model.layers, model.embed(ids).to(model.dtype), cos, sin, caches, impl=model.attn_impl)
+    return model.logits(hidden[:, -1])
+
+
+@torch.no_grad()
+def decode_step_pooled(model: LlavaMiniModel, tokens: Sequence[int], pool: DecodePool) -> torch.Tensor:
+    """`decode_step` over a `DecodePool`: token b runs after row b's `pool.lengths[b]` positions; (B, V) logits.
+    The same dense parts; attention is one masked call per layer for the whole batch."""
+    ids = torch.tensor([[int(t)] for t in tokens], device=model.device)
+    positions = torch.tensor([[n] for n in pool.lengths], device=model.device)
+    cos, sin = model.rope(positions)
+    hidden = run_step_pooled(model.model.layers, model.embed(ids).to(model.dtype), cos, sin, pool)
     return model.logits(hidden[:, -1])
 
 

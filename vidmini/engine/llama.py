@@ -173,3 +173,94 @@ def run_step(
     for cache in caches:
         cache.length += 1
     return x
+
+
+@dataclass
+class DecodePool:
+    """The keys/values of a batch of answers side by side, (layers, B, Hkv, capacity, D), row b filled to
+    `lengths[b]`: a decode step then writes and attends for the whole batch with one call per layer, instead of
+    one per answer (`run_step`'s loop), which is what a step of a small model on a CPU spends its time on.
+
+    The rows are copies: `gather` takes them from the answers' own batch-1 caches, `write_back` returns the
+    positions added since (`base[b]` on) to each cache, which is then whole again (its `length` is set). The
+    caches' own `length`s are not advanced while their answers decode here."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: list[int]
+    base: list[int]
+    caches: list[KVCache]
+
+    @classmethod
+    def gather(cls, caches: list[KVCache], room: int) -> DecodePool:
+        """A pool of `caches` (batch-1 each) with `room` positions beyond the longest."""
+        layers, _, kv_heads, _, head_dim = caches[0].keys.shape
+        lengths = [c.length for c in caches]
+        shape = (layers, len(caches), kv_heads, max(lengths) + room, head_dim)
+        keys = caches[0].keys.new_zeros(shape)
+        values = caches[0].values.new_zeros(shape)
+        for b, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
+            keys[:, b, :, :n] = cache.keys[:, 0, :, :n]
+            values[:, b, :, :n] = cache.values[:, 0, :, :n]
+        return cls(keys, values, lengths, list(lengths), list(caches))
+
+    @staticmethod
+    def nbytes_for(caches: list[KVCache], room: int) -> int:
+        """What `gather(caches, room)` would allocate."""
+        layers, _, kv_heads, _, head_dim = caches[0].keys.shape
+        positions = len(caches) * (max(c.length for c in caches) + room)
+        return 2 * layers * kv_heads * head_dim * positions * caches[0].keys.element_size()
+
+    def ensure_capacity(self, needed: int) -> None:
+        if needed <= self.keys.shape[3]:
+            return
+        longest = max(self.lengths)
+        shape = (*self.keys.shape[:3], max(needed, 2 * self.keys.shape[3]), self.keys.shape[4])
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(shape)
+            new[:, :, :, :longest] = old[:, :, :, :longest]
+            setattr(self, name, new)
+
+    def write_back(self, rows: list[int] | None = None) -> None:
+        """Copy row b's positions from `base[b]` on into its own cache (for each b in `rows`, default all)."""
+        for b in range(len(self.caches)) if rows is None else rows:
+            cache, start, end = self.caches[b], self.base[b], self.lengths[b]
+            cache.ensure_capacity(end)
+            if end > start:
+                cache.keys[:, 0, :, start:end] = self.keys[:, b, :, start:end]
+                cache.values[:, 0, :, start:end] = self.values[:, b, :, start:end]
+            cache.length = self.base[b] = end
+
+
+def run_step_pooled(
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pool: DecodePool,
+) -> torch.Tensor:
+    """One new position for each row of `pool`: row b of `x` (B, 1, d), rotated by row b of `cos`/`sin` (its
+    position is `pool.lengths[b]`), is appended to row b and attends over that row's positions only (a mask
+    hides the rest of the padded rows). Per layer one write and one attention call for the whole batch."""
+    b = x.shape[0]
+    if b != len(pool.lengths) or x.shape[1] != 1:
+        raise ValueError(f"run_step_pooled takes one position per row: x {tuple(x.shape)}, {len(pool.lengths)} rows")
+    pool.ensure_capacity(max(pool.lengths) + 1)
+    span = max(pool.lengths) + 1
+    device = x.device
+    rows = torch.arange(b, device=device)
+    at = torch.tensor(pool.lengths, device=device)
+    mask = (torch.arange(span, device=device)[None] <= at[:, None])[:, None, None]  # (B, 1, 1, span)
+    for i, layer in enumerate(layers):
+        q, k, v = project_qkv(layer, x, cos, sin)
+        keys, values = pool.keys[i], pool.values[i]
+        keys[rows, :, at] = k[:, :, 0]
+        values[rows, :, at] = v[:, :, 0]
+        kv_heads, head_dim = keys.shape[1], keys.shape[3]
+        groups = q.shape[1] // kv_heads
+        folded = q.reshape(b, kv_heads, groups, head_dim)  # a KV head's query heads as its query rows
+        out = F.scaled_dot_product_attention(folded, keys[:, :, :span], values[:, :, :span], attn_mask=mask)
+        x = finish_layer(layer, x, out.reshape(b, kv_heads * groups, 1, head_dim))
+    pool.lengths = [n + 1 for n in pool.lengths]
+    return x
