@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -196,7 +198,7 @@ def test_whisper_without_a_model_is_refused_before_the_frames(videos, tmp_path, 
 
 @needs_media
 @needs_model
-def test_rest_refuses_whisper_without_a_model_with_400(videos, tmp_path):
+def test_rest_refuses_whisper_without_a_model_and_bad_worker_counts_with_400(videos, tmp_path):
     from fixtures.serve_helpers import start_server, stop
 
     video = media.make_speech_video(videos, "mp4_aac_16k_mono").path
@@ -208,7 +210,21 @@ def test_rest_refuses_whisper_without_a_model_with_400(videos, tmp_path):
             status, reply = _call(base, "POST", "/v1/videos", {"source": str(video), **body})
             assert status == 400 and reply["error"]["param"] == "asr_model", reply
             assert "asr whisper needs asr_model" in reply["error"]["message"], reply
+        cores = len(os.sched_getaffinity(0))
+        for workers in (0, -1, "2", 2.5, True, cores + 1):
+            status, reply = _call(base, "POST", "/v1/videos", {"source": str(video), "asr_workers": workers})
+            assert status == 400 and reply["error"]["param"] == "asr_workers", (workers, reply)
+            assert f"from 1 to {cores}" in reply["error"]["message"], reply
         assert _call(base, "GET", "/v1/videos")[1]["data"] == [] and _call(base, "GET", "/v1/jobs")[1]["data"] == []
+        remote = subprocess.run([sys.executable, "-m", "vidmini.cli.main", "summarize", str(video), "--server", base,
+                                 "--asr-workers", str(cores + 1)], capture_output=True, text=True, env=env,
+                                timeout=120)  # the CLI hands the count to the server, which refuses it
+        failed = [line for line in remote.stderr.splitlines() if "vidmini: failed:" in line]
+        assert remote.returncode != 0 and len(failed) == 1, remote.stderr
+        assert "answered 400: asr_workers must be an integer from 1" in failed[0], remote.stderr
+        schema = _call(base, "GET", "/openapi.json")[1]
+        add = schema["paths"]["/v1/videos"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert add["properties"]["asr_workers"]["minimum"] == 1
     finally:
         stop(proc)
 

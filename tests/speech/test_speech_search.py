@@ -208,7 +208,8 @@ def test_rest_adds_with_audio_options_and_searches_speech(spoken, tmp_path):
                             ({"no_audio": True, "asr": "whisper"}, "no_audio"), ({"no_audio": "yes"}, "no_audio")]:
             refused = _call(base, "POST", "/v1/videos", {"source": source, **body})
             assert refused[0] == 400 and refused[1]["error"]["param"] == param, refused
-        status, job = _call(base, "POST", "/v1/videos", {"source": source, "asr": "pocketsphinx", "language": "en"})
+        status, job = _call(base, "POST", "/v1/videos", {"source": source, "asr": "pocketsphinx", "language": "en",
+                                                         "asr_workers": 1})
         assert status == 202, job
         deadline = time.time() + 240
         while True:

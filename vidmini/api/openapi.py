@@ -82,7 +82,10 @@ PATHS: dict[str, dict] = {
                                                                     "under a media root, or a Hugging Face id in the "
                                                                     "server's cache"},
                      "language": {"type": "string", "description": "the spoken language, e.g. en"},
-                     "no_audio": {"type": "boolean", "default": False, "description": "no transcript"}}}),
+                     "no_audio": {"type": "boolean", "default": False, "description": "no transcript"},
+                     "asr_workers": {"type": "integer", "minimum": 1, "description": "worker processes that "
+                                     "recognize audio windows at once, at most the server's cores (default: one "
+                                     "per core for pocketsphinx, 1 for whisper)"}}}),
                  "responses": {"202": _ok("the ingest job", {"$ref": "#/components/schemas/Job"}),
                                **_errors(400, *AUTH, 403, 404, 503)}}},
     "/v1/videos/upload": {"post": {

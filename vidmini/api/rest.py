@@ -81,7 +81,8 @@ class LibraryRoutes:
 
     # ---- adding -----------------------------------------------------------------------------------------------
     async def add(self, request: Request) -> Response:
-        """POST /v1/videos {"source", "live"?, "fps"?, "asr"?, "asr_model"?, "language"?, "no_audio"?}: queue a
+        """POST /v1/videos {"source", "live"?, "fps"?, "asr"?, "asr_model"?, "language"?, "no_audio"?,
+        "asr_workers"?}: queue a
         server file (under a media root) or a stream; a file's audio is transcribed beside its frames."""
         body = await json_body(request)
         source = body.get("source")
@@ -115,8 +116,18 @@ class LibraryRoutes:
             raise ApiError(400, message, param=param) from None
 
     def _speech_options(self, body: dict) -> dict:
-        """`asr`, `asr_model` and `language` from a body's "asr", "asr_model", "language" and "no_audio"."""
+        """`asr`, `asr_model`, `language` and `asr_workers` from a body's "asr", "asr_model", "language",
+        "no_audio" and "asr_workers" (at most the server's usable cores: a client does not choose how many
+        processes the server starts beyond that)."""
+        from vidmini.speech.parallel import usable_cores
+
         asr, model, language = body.get("asr"), body.get("asr_model"), body.get("language")
+        workers = body.get("asr_workers")
+        cores = usable_cores()
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                    or not 1 <= workers <= cores):
+            raise ApiError(400, f"asr_workers must be an integer from 1 to {cores} (the server's cores)",
+                           param="asr_workers")
         no_audio = body.get("no_audio", False)
         if not isinstance(no_audio, bool):
             raise ApiError(400, "no_audio must be true or false", param="no_audio")
@@ -138,7 +149,8 @@ class LibraryRoutes:
         elif asr == "whisper":  # refused now: queued, its frames would be stored without it
             raise ApiError(400, "asr whisper needs asr_model: a model folder under a media root or a Hugging Face "
                            "id already in the server's cache (nothing is downloaded)", param="asr_model")
-        return {"asr": "none" if no_audio else (asr or DEFAULT_ASR), "asr_model": model, "language": language}
+        return {"asr": "none" if no_audio else (asr or DEFAULT_ASR), "asr_model": model, "language": language,
+                "asr_workers": workers}
 
     async def upload(self, request: Request) -> Response:
         """POST /v1/videos/upload?filename=NAME, the file as the raw body: streamed to disk, then queued."""

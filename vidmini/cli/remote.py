@@ -176,6 +176,8 @@ class RemoteLibrary:
             body = {"source": source, "fps": options.fps, "asr": options.asr, "language": options.language}
             if options.asr_model is not None:
                 body["asr_model"] = options.asr_model  # a path on the server
+            if options.asr_workers is not None:
+                body["asr_workers"] = options.asr_workers
             return self.service._call("POST", "/v1/videos", body)
         except ServerError as e:
             if e.status not in (403, 404):  # 403: not under a media root; 404: not on the server's disk
