@@ -410,6 +410,18 @@ class Library:
         options = checked_ingest(options or IngestOptions())
         prefetched = None
         heard = self._start_transcription(source, options, cancel)  # the video's fingerprint, or None
+        following: list[str] = []  # a live recording's transcript, once started
+        if heard is None and options.live and options.asr != "none" and Path(source).is_file():
+            # A recording still being written: its video's fingerprint is known once its first frames are
+            # stored; its transcript follows the file from then on, beside the frames.
+            then = on_store
+
+            def on_store(video_id: str) -> None:
+                if not following:
+                    fp = self._start_transcription(source, options, cancel, live_fp=video_fp_of(video_id))
+                    following.append(fp or "")
+                if then is not None:
+                    then(video_id)
         if not self.model_loaded and not options.live and Path(source).is_file():
             from vidmini.engine.load import frame_side_hint
             from vidmini.ingest.prefetch import PrefetchedFrames
@@ -420,6 +432,8 @@ class Library:
         finally:
             if prefetched is not None:
                 prefetched.close()
+        if heard is None and following and following[0]:
+            heard = following[0]
         if heard is not None:
             if wait_transcript:
                 self.wait_transcript(heard)
@@ -427,18 +441,21 @@ class Library:
         return result
 
     # ---- the audio's transcript -----------------------------------------------------------------------------
-    def _start_transcription(self, source: str, options: IngestOptions, cancel: threading.Event | None
-                             ) -> str | None:
+    def _start_transcription(self, source: str, options: IngestOptions, cancel: threading.Event | None,
+                             live_fp: str | None = None) -> str | None:
         """Transcribe a local file's audio on a thread of its own, unless it is transcribed already or being
-        transcribed now; returns the video's fingerprint (None: no transcript for a stream, a growing file, or
-        `asr` none)."""
+        transcribed now; returns the video's fingerprint (None: no transcript for a stream URL, or `asr` none).
+        A growing file (`options.live`) is transcribed only given its live video's fingerprint (`live_fp`): its
+        audio is then read as the file grows."""
         from vidmini.common.fingerprint import fingerprint
         from vidmini.ingest.live import is_stream_url
 
-        if options.asr == "none" or options.live or is_stream_url(source) or not Path(source).is_file():
+        if options.asr == "none" or is_stream_url(source) or not Path(source).is_file():
+            return None
+        if options.live and live_fp is None:
             return None
         try:
-            fp = fingerprint(source)
+            fp = live_fp or fingerprint(source)
         except OSError:
             return None  # the frames' ingest reports the unreadable file
         if _transcribed(self.root, fp, options):
@@ -447,7 +464,8 @@ class Library:
             running = self._transcribing.get(fp)
             if running is not None and running.thread.is_alive():
                 return fp
-            job = _Transcription(fp, str(source), options, cancel or threading.Event())
+            job = _Transcription(fp, str(source), options, cancel or threading.Event(),
+                                 follow_idle_s=options.idle_timeout if options.live else None)
             job.thread = threading.Thread(target=self._transcribe, args=(job,), name="vidmini-asr", daemon=True)
             self._transcribing[fp] = job
             job.thread.start()
@@ -456,7 +474,8 @@ class Library:
     def _transcribe(self, job: _Transcription) -> None:
         """One video's transcription, watched from its own thread: the recognizer runs in a child process at a
         lower priority (it holds the interpreter lock while it decodes; here it would stall the frames).
-        Transcriptions run one at a time: the cores are the frames' first."""
+        Transcriptions of stored files run one at a time: the cores are the frames' first. A recording still
+        being written does not take that turn: it lasts as long as the recording, at the pace of its audio."""
         o = job.options
         try:
             from vidmini.ingest.errors import IngestError
@@ -465,7 +484,8 @@ class Library:
             from vidmini.speech.ingest import start_child
             from vidmini.speech.store import NO_AUDIO, TranscriptStore
 
-            while not self._asr_turn.acquire(timeout=0.2):
+            turn = self._asr_turn if job.follow_idle_s is None else threading.Lock()
+            while not turn.acquire(timeout=0.2):
                 if job.cancel.is_set():
                     return
             try:
@@ -477,7 +497,8 @@ class Library:
                     TranscriptStore.open(self.root, job.video_fp, NO_AUDIO, source=job.source).mark_no_audio()
                     return
                 child = start_child(self.root, job.video_fp, job.source, o.asr, o.asr_model, o.language,
-                                    self.device if o.asr == "whisper" else "cpu", ASR_WINDOW_S, o.asr_workers)
+                                    self.device if o.asr == "whisper" else "cpu", ASR_WINDOW_S, o.asr_workers,
+                                    job.follow_idle_s)
                 while child.poll() is None:
                     if job.cancel.wait(0.2):
                         child.terminate()  # its commits are atomic: a later ingest resumes after the last one
@@ -486,7 +507,7 @@ class Library:
                 if child.returncode != 0:  # it said why on stderr, and marked the transcript failed
                     job.error = f"the transcription ended with status {child.returncode}"
             finally:
-                self._asr_turn.release()
+                turn.release()
         except Exception as e:  # noqa: BLE001 - the audio must never cost the frames; one line says why
             job.error = one_line(e)
             print(f"vidmini: warning: {Path(job.source).name}: no transcript ({type(e).__name__}: {job.error}); "
@@ -1013,6 +1034,7 @@ class _Transcription:
     cancel: threading.Event
     thread: threading.Thread | None = None
     error: str | None = None
+    follow_idle_s: float | None = None  # a recording still being written, read as it grows
 
 
 def _transcribed(root: Path, video_fp: str, options: IngestOptions) -> bool:

@@ -74,13 +74,16 @@ def _one_by_one(windows: Iterable[AudioWindow], backend: AsrBackend, language: s
 def run_transcription(path: str, store: TranscriptStore, backend: AsrBackend | RecognizerPool,
                       language: str | None = None, window_s: float | None = None,
                       progress: Callable[[TranscriptProgress], None] | None = None,
-                      cancel: threading.Event | None = None, warn: Callable[[str], None] | None = None
-                      ) -> TranscriptResult:
+                      cancel: threading.Event | None = None, warn: Callable[[str], None] | None = None,
+                      follow_idle_s: float | None = None) -> TranscriptResult:
     """Transcribe `path`'s audio into `store` from its first uncommitted window on. `backend`: a recognizer
     here, or a `RecognizerPool` of worker processes (the audio is decoded and committed here either way).
     `window_s` defaults to the store's own (a resume continues its windows); `warn(line)` (default: stderr)
-    hears of a broken stream."""
-    from vidmini.speech.audio import AudioError, audio_windows, probe_audio
+    hears of a broken stream. `follow_idle_s`: `path` is a recording still being written (a live ingest):
+    it is read as it grows (`ingest.live.FollowFile`), each window committed once its audio has arrived, until
+    the file has not grown for that many seconds."""
+    from vidmini.ingest.live import FollowFile
+    from vidmini.speech.audio import AudioError, audio_windows, clock_origin, probe_audio
     from vidmini.speech.parallel import RecognizerPool
 
     say = warn or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -92,14 +95,21 @@ def run_transcription(path: str, store: TranscriptStore, backend: AsrBackend | R
     if info is None:
         store.mark_no_audio()
         return TranscriptResult("no_audio", store.backend, str(store.path), 0.0, 0)
-    duration = _track_end(info)
+    duration = _track_end(info) if follow_idle_s is None else None  # a growing file's header knows no end
     language = language if language is not None else store.language
     window = float(window_s or store.window_s)
     done = 0
     # From the start even on a resume: decoding is cheap next to recognition, and a decoder started part-way (a
     # seek) gives samples that differ slightly, words then too; from the start, a resumed transcript ends
     # byte-identical to an uninterrupted one. Windows committed before the run that was stopped are skipped.
-    windows = (w for w in audio_windows(path, start=0.0, window_s=window) if w.end > resumed_from + 1e-3)
+    reader = None
+    if follow_idle_s is not None:  # the clock origin from the file as it is now; the audio as it comes
+        origin = clock_origin(path)
+        reader = FollowFile(path, idle_timeout=follow_idle_s)
+        source = audio_windows(reader, start=0.0, window_s=window, origin=origin)
+    else:
+        source = audio_windows(path, start=0.0, window_s=window)
+    windows = (w for w in source if w.end > resumed_from + 1e-3)
     if isinstance(backend, RecognizerPool):
         recognized = backend.recognize(windows, language, cancel)
     else:
@@ -116,6 +126,9 @@ def run_transcription(path: str, store: TranscriptStore, backend: AsrBackend | R
         for a, b in gaps:
             store.record_gap(a, b if b is not None else duration, one_line(e))
         say(f"vidmini: warning: {one_line(e)}; the transcript skips it, the frames are not affected")
+    finally:
+        if reader is not None:
+            reader.close()
     if cancel is not None and cancel.is_set():
         return TranscriptResult("cancelled", store.backend, str(store.path), store.covered_until, done, resumed_from)
     store.mark_complete(duration)
@@ -146,21 +159,24 @@ def plan_file_workers(source: str, kind: str, workers: int | None, window_s: flo
 
 def transcribe_file(root: str | Path, video_fp: str, source: str, kind: str, model: str | None = None,
                     language: str | None = None, device: str = "cpu", window_s: float = 30.0,
-                    workers: int | None = None, cancel: threading.Event | None = None) -> TranscriptResult:
+                    workers: int | None = None, cancel: threading.Event | None = None,
+                    follow_idle_s: float | None = None) -> TranscriptResult:
     """Load the recognizer of `kind` and transcribe `source` into its transcript under `root` (the child's work;
     a failure marks the transcript failed and is re-raised). `workers` > 1: that many worker processes
-    recognize windows at once (`plan_file_workers`; 1: all in this process); a set `cancel` stops the run
-    between commits."""
+    recognize windows at once (`plan_file_workers`; 1: all in this process; a followed recording, whose audio
+    comes in real time, gets 1 unless asked); a set `cancel` stops the run between commits; `follow_idle_s`:
+    see `run_transcription`."""
     from vidmini.speech.parallel import BackendSpec, RecognizerPool
 
     spec = BackendSpec(kind, model, language, device)
-    workers = plan_file_workers(source, kind, workers, window_s)
+    workers = 1 if follow_idle_s is not None and workers is None else plan_file_workers(source, kind, workers,
+                                                                                         window_s)
     if workers == 1:
-        return _transcribe_with(root, video_fp, source, spec.make(), language, window_s, cancel)
+        return _transcribe_with(root, video_fp, source, spec.make(), language, window_s, cancel, follow_idle_s)
     pool = RecognizerPool(spec, workers)
     ended = False
     try:
-        result = _transcribe_with(root, video_fp, source, pool, language, window_s, cancel)
+        result = _transcribe_with(root, video_fp, source, pool, language, window_s, cancel, follow_idle_s)
         ended = result.state != "cancelled"
         return result
     finally:
@@ -168,11 +184,12 @@ def transcribe_file(root: str | Path, video_fp: str, source: str, kind: str, mod
 
 
 def _transcribe_with(root: str | Path, video_fp: str, source: str, backend: AsrBackend | RecognizerPool,
-                     language: str | None, window_s: float, cancel: threading.Event | None) -> TranscriptResult:
+                     language: str | None, window_s: float, cancel: threading.Event | None,
+                     follow_idle_s: float | None = None) -> TranscriptResult:
     """`run_transcription` into the transcript `backend`'s name says; a failure is recorded in it."""
     store = TranscriptStore.open(root, video_fp, backend.name, language, window_s, source=source)
     try:
-        return run_transcription(source, store, backend, language, cancel=cancel)
+        return run_transcription(source, store, backend, language, cancel=cancel, follow_idle_s=follow_idle_s)
     except Exception as e:
         store.refresh()
         if not store.complete:
@@ -182,7 +199,7 @@ def _transcribe_with(root: str | Path, video_fp: str, source: str, backend: AsrB
 
 def start_child(root: str | Path, video_fp: str, source: str, kind: str, model: str | None = None,
                 language: str | None = None, device: str = "cpu", window_s: float = 30.0,
-                workers: int | None = None) -> subprocess.Popen:
+                workers: int | None = None, follow_idle_s: float | None = None) -> subprocess.Popen:
     """`transcribe_file` in a child process (its stderr is this process's: the one-line warnings show there).
     Stop it with terminate(): a killed transcription resumes where its commits stopped. Its worker processes
     (`workers`, None: the backend's default) inherit its lower priority and its one-thread math settings."""
@@ -193,6 +210,8 @@ def start_child(root: str | Path, video_fp: str, source: str, kind: str, model: 
             "--window-s", repr(float(window_s))]
     if workers is not None:
         args += ["--asr-workers", str(int(workers))]
+    if follow_idle_s is not None:
+        args += ["--follow-idle", repr(float(follow_idle_s))]
     if model is not None:
         args += ["--asr-model", model]
     if language is not None:
@@ -226,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--asr-workers", type=int, default=None, metavar="N",
                    help="worker processes recognizing windows at once (default: one per core for pocketsphinx, "
                         "1 for whisper; 1: all in this process)")
+    p.add_argument("--follow-idle", type=float, default=None, metavar="S",
+                   help="the source is a recording still being written: read it as it grows, until it has not "
+                        "grown for S seconds")
     args = p.parse_args(argv)
     if args.asr_workers is not None and args.asr_workers < 1:
         print(f"vidmini: error: --asr-workers must be >= 1, got {args.asr_workers}", file=sys.stderr, flush=True)
@@ -237,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     stop = threading.Event()
     try:
-        workers = plan_file_workers(args.source, args.asr, args.asr_workers, args.window_s)
+        workers = 1 if args.follow_idle is not None and args.asr_workers is None else \
+            plan_file_workers(args.source, args.asr, args.asr_workers, args.window_s)
         if workers > 1:  # terminate() stops the workers too (killed, they would linger until they notice)
             signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
         result = transcribe_file(args.root, args.video_fp, args.source, args.asr, args.asr_model, args.language,
-                                 args.device, args.window_s, workers, stop)
+                                 args.device, args.window_s, workers, stop, args.follow_idle)
     except Exception as e:  # noqa: BLE001 - one line, as every face reports
         print(f"vidmini: warning: {Path(args.source).name}: no transcript ({type(e).__name__}: {one_line(e)}); "
               "the frames are not affected", file=sys.stderr, flush=True)
