@@ -229,6 +229,34 @@ def test_a_lagging_stream_gets_the_tokens_that_queued_up_in_one_chunk(lib, world
     assert len(lag_pieces) == 2  # the first piece, then everything that queued while it was being "written"
 
 
+def test_a_streamed_answer_sends_its_first_piece_at_once_then_at_most_one_chunk_per_interval(lib, world):
+    """`api.server._generation` paces a stream: the first piece as soon as it is chosen, then the pieces that
+    came meanwhile at most once per `interval_s` (fewer writes and client-side parses; still 50 a second)."""
+    from vidmini.api.server import STREAM_INTERVAL_S, _generation
+
+    video_id, _ = world
+    schema = {"type": "object", "required": ["note"], "additionalProperties": False,
+              "properties": {"note": {"type": "string"}}}
+    options = AskOptions(max_new_tokens=60, json_schema=schema)
+    alone = lib.answer(video_id, "Describe what happens in this video.", options)
+
+    async def read(interval_s: float) -> tuple[list[str], list[float]]:
+        loop = asyncio.get_running_loop()
+        asking = lib.ask(video_id, "Describe what happens in this video.", options)
+        pieces, times = [], []
+        async for kind, value in _generation(asking, [], interval_s):
+            if kind == "piece":
+                pieces.append(value)
+                times.append(loop.time())
+        return pieces, times
+
+    paced, times = asyncio.run(read(STREAM_INTERVAL_S))
+    every, _ = asyncio.run(read(0.0))
+    assert "".join(paced).strip() == "".join(every).strip() == alone.text
+    assert len(times) > 2 and all(b - a >= STREAM_INTERVAL_S - 2e-3 for a, b in zip(times, times[1:], strict=False))
+    assert len(paced) <= len(every)
+
+
 def test_bad_questions_are_readable_errors(lib, world):
     video_id, _ = world
     with pytest.raises(LibraryError, match="empty question"):
