@@ -217,7 +217,8 @@ def test_rest_refuses_whisper_without_a_model_and_bad_worker_counts_with_400(vid
             assert f"from 1 to {cores}" in reply["error"]["message"], reply
         assert _call(base, "GET", "/v1/videos")[1]["data"] == [] and _call(base, "GET", "/v1/jobs")[1]["data"] == []
         remote = subprocess.run([sys.executable, "-m", "vidmini.cli.main", "summarize", str(video), "--server", base,
-                                 "--asr-workers", str(cores + 1)], capture_output=True, text=True, env=env,
+                                 "--out", str(tmp_path / "out"), "--asr-workers", str(cores + 1)],
+                                capture_output=True, text=True, env=env, cwd=tmp_path,
                                 timeout=120)  # the CLI hands the count to the server, which refuses it
         failed = [line for line in remote.stderr.splitlines() if "vidmini: failed:" in line]
         assert remote.returncode != 0 and len(failed) == 1, remote.stderr
