@@ -119,7 +119,7 @@ class LibraryRoutes:
         """`asr`, `asr_model`, `language` and `asr_workers` from a body's "asr", "asr_model", "language",
         "no_audio" and "asr_workers" (at most the server's usable cores: a client does not choose how many
         processes the server starts beyond that)."""
-        from vidmini.speech.parallel import usable_cores
+        from vidmini.common.cores import usable_cores
 
         asr, model, language = body.get("asr"), body.get("asr_model"), body.get("language")
         workers = body.get("asr_workers")

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from vidmini.common.cores import usable_cores
 from vidmini.ingest.options import check_asr_workers
 from vidmini.speech.types import AsrBackend, AudioWindow, Segment
 
@@ -43,14 +44,6 @@ class BackendSpec:
         from vidmini.speech.backends import make_backend
 
         return make_backend(self.kind, model=self.model, language=self.language, device=self.device)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container's or taskset's limit, not the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def default_workers(kind: str) -> int:
