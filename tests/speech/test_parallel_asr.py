@@ -12,8 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -199,7 +197,7 @@ def test_whisper_without_a_model_is_refused_before_the_frames(videos, tmp_path, 
 @needs_media
 @needs_model
 def test_rest_refuses_whisper_without_a_model_and_bad_worker_counts_with_400(videos, tmp_path):
-    from fixtures.serve_helpers import start_server, stop
+    from fixtures.serve_helpers import call_json, start_server, stop
 
     video = media.make_speech_video(videos, "mp4_aac_16k_mono").path
     env = {**os.environ, "VIDMINI_HOME": str(tmp_path / "home")}
@@ -207,15 +205,15 @@ def test_rest_refuses_whisper_without_a_model_and_bad_worker_counts_with_400(vid
     proc, base = start_server(["--media-root", str(videos)], env)
     try:
         for body in ({"asr": "whisper"}, {"asr": "whisper", "language": "de"}):
-            status, reply = _call(base, "POST", "/v1/videos", {"source": str(video), **body})
+            status, reply = call_json(base, "POST", "/v1/videos", {"source": str(video), **body})
             assert status == 400 and reply["error"]["param"] == "asr_model", reply
             assert "asr whisper needs asr_model" in reply["error"]["message"], reply
         cores = len(os.sched_getaffinity(0))
         for workers in (0, -1, "2", 2.5, True, cores + 1):
-            status, reply = _call(base, "POST", "/v1/videos", {"source": str(video), "asr_workers": workers})
+            status, reply = call_json(base, "POST", "/v1/videos", {"source": str(video), "asr_workers": workers})
             assert status == 400 and reply["error"]["param"] == "asr_workers", (workers, reply)
             assert f"from 1 to {cores}" in reply["error"]["message"], reply
-        assert _call(base, "GET", "/v1/videos")[1]["data"] == [] and _call(base, "GET", "/v1/jobs")[1]["data"] == []
+        assert call_json(base, "GET", "/v1/videos")[1]["data"] == [] and call_json(base, "GET", "/v1/jobs")[1]["data"] == []
         remote = subprocess.run([sys.executable, "-m", "vidmini.cli.main", "summarize", str(video), "--server", base,
                                  "--out", str(tmp_path / "out"), "--asr-workers", str(cores + 1)],
                                 capture_output=True, text=True, env=env, cwd=tmp_path,
@@ -223,18 +221,8 @@ def test_rest_refuses_whisper_without_a_model_and_bad_worker_counts_with_400(vid
         failed = [line for line in remote.stderr.splitlines() if "vidmini: failed:" in line]
         assert remote.returncode != 0 and len(failed) == 1, remote.stderr
         assert "answered 400: asr_workers must be an integer from 1" in failed[0], remote.stderr
-        schema = _call(base, "GET", "/openapi.json")[1]
+        schema = call_json(base, "GET", "/openapi.json")[1]
         add = schema["paths"]["/v1/videos"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert add["properties"]["asr_workers"]["minimum"] == 1
     finally:
         stop(proc)
-
-
-def _call(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(base + path, method=method, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import speech_media as media
@@ -196,7 +194,7 @@ def test_mcp_search_moments_says_heard(spoken):
 @needs_media
 @needs_model
 def test_rest_adds_with_audio_options_and_searches_speech(spoken, tmp_path):
-    from fixtures.serve_helpers import start_server, stop
+    from fixtures.serve_helpers import call_json, start_server, stop
 
     home = tmp_path / "home"
     env = {**os.environ, "VIDMINI_HOME": str(home)}
@@ -206,33 +204,23 @@ def test_rest_adds_with_audio_options_and_searches_speech(spoken, tmp_path):
         source = str(spoken["video"].path)
         for body, param in [({"asr": "vosk"}, "asr"), ({"asr": "pocketsphinx", "language": "de"}, "language"),
                             ({"no_audio": True, "asr": "whisper"}, "no_audio"), ({"no_audio": "yes"}, "no_audio")]:
-            refused = _call(base, "POST", "/v1/videos", {"source": source, **body})
+            refused = call_json(base, "POST", "/v1/videos", {"source": source, **body})
             assert refused[0] == 400 and refused[1]["error"]["param"] == param, refused
-        status, job = _call(base, "POST", "/v1/videos", {"source": source, "asr": "pocketsphinx", "language": "en",
+        status, job = call_json(base, "POST", "/v1/videos", {"source": source, "asr": "pocketsphinx", "language": "en",
                                                          "asr_workers": 1})
         assert status == 202, job
         deadline = time.time() + 240
         while True:
-            _, job = _call(base, "GET", f"/v1/jobs/{job['id']}")
-            video = _call(base, "GET", f"/v1/videos/{job['video_id']}")[1] if job["video_id"] else {}
+            _, job = call_json(base, "GET", f"/v1/jobs/{job['id']}")
+            video = call_json(base, "GET", f"/v1/videos/{job['video_id']}")[1] if job["video_id"] else {}
             if job["status"] not in ("queued", "ingesting") and video.get("transcript") not in ("running", "none"):
                 break
             assert time.time() < deadline, (job, video)
             time.sleep(0.3)
         assert job["status"] == "ready" and video["transcript"] == "complete", (job, video)
         truth = spoken["video"].words[0]
-        status, found = _call(base, "GET", f"/v1/search?q={truth.word}&video_id={job['video_id']}&k=3")
+        status, found = call_json(base, "GET", f"/v1/search?q={truth.word}&video_id={job['video_id']}&k=3")
         assert status == 200, found
         assert_heard_at(found["data"], truth.word, truth.start)
     finally:
         stop(proc)
-
-
-def _call(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(base + path, method=method, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
