@@ -223,14 +223,6 @@ def start_child(root: str | Path, video_fp: str, source: str, kind: str, model: 
     return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A transcription outlives nothing: when the process that started it is gone, stop (what is committed stays,
-    and a later ingest resumes from there)."""
-    while os.getppid() == parent:
-        threading.Event().wait(1.0)
-    os._exit(3)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vidmini.speech.ingest", description="transcribe one video's audio "
                                 "into its transcript store (run by the service beside the frames' ingest)")
@@ -256,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(CHILD_NICENESS)  # before the workers start: they inherit it
     except OSError:
         pass
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    from vidmini.speech.parallel import exit_with_parent
+
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     stop = threading.Event()
     try:
         workers = 1 if args.follow_idle is not None and args.asr_workers is None else \

@@ -66,8 +66,10 @@ _backend: AsrBackend | None = None
 _load_error: BaseException | None = None
 
 
-def _exit_with_parent(parent: int) -> None:
-    """An orphaned worker stops (its parent, killed, will never collect its windows)."""
+def exit_with_parent(parent: int) -> None:
+    """Stop this process once `parent` is gone (run on a daemon thread): an orphaned worker's windows would
+    never be collected, an orphaned transcription has nobody to report to (what is committed stays, and a later
+    ingest resumes from there)."""
     while os.getppid() == parent:
         threading.Event().wait(PARENT_CHECK_S)
     os._exit(3)
@@ -78,7 +80,7 @@ def _init_worker(spec: BackendSpec, parent: int) -> None:
     as the exception it is (an initializer's own exception would only break the pool, message lost)."""
     global _backend, _load_error
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per worker: the pool is the parallelism
     try:
         from vidmini.speech import vad
