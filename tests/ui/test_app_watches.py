@@ -159,6 +159,19 @@ def test_add_a_watch_see_it_live_an_alert_in_the_feed_pause_and_remove(server, b
     assert "added" in d.find_element(By.TAG_NAME, "body").text
     assert field(d, "Name").get_attribute("value") == ""  # a fresh form for the next one
 
+    # while the list redraws the starting watch's changing state and numbers, the form below it stays put: a
+    # button that moves as it is pressed takes the click somewhere else
+    form = next(f for f in d.find_elements(By.CSS_SELECTOR, "[data-testid='stForm']") if button(f, "Add watch"))
+    tops, start = set(), time.monotonic()
+    while time.monotonic() - start < 20:
+        tops.add(round(d.execute_script("return arguments[0].getBoundingClientRect().top", form)))
+        row = watch_row(d, "door")
+        if time.monotonic() - start > 8 and row is not None and "recording" in row.text and \
+                re.search(r"\b([2-9]|\d\d+) frames judged", row.text):
+            break
+        time.sleep(0.1)
+    assert len(tops) == 1, f"the form moved while the list redrew: {sorted(tops)}"
+
     # a bad retention: one line of error, nothing added (the values stay for the person to fix)
     type_into(d, "Name", "porch")
     type_into(d, "Source URL", "udp://127.0.0.1:9")
@@ -234,6 +247,8 @@ def test_add_a_watch_see_it_live_an_alert_in_the_feed_pause_and_remove(server, b
     assert abs(d.execute_script("return arguments[0].duration", player) - 3.0) < 0.5
     d.execute_script("arguments[0].muted = true; arguments[0].play();", player)
     wait_for(d, "the clip playing", lambda: d.execute_script("return arguments[0].currentTime", player) > 0.3)
+    time.sleep(2.5 * 2.0)  # the feed redraws itself every 2 s: the same player plays on, never reset or replaced
+    assert d.execute_script("return arguments[0].isConnected && arguments[0].currentTime", player) > 1.0
     shot(d, "2-alerts")
 
     # pause: the runner stops, the row says so and offers Resume; then remove it and everything it recorded

@@ -6,9 +6,9 @@ The watches run in this process on the app's Library. Standalone (`streamlit run
 `start_watches` (every run of the page; or `watches_lifespan` from the server's start) starts the manager once
 (`run_watches`). Inside `vidmini serve --app` ($VIDMINI_APP_IN_SERVE set) the serve command runs them, or not with
 `--no-watches`: the page only shows the manager it started on the same Library (`running_watches`).
-Two fragments redraw themselves: the list every `LIST_POLL_S` and the live frames every `LIVE_POLL_S` (their
-buttons rerun only their fragment); the alert feed is drawn again, with the page, only when the alerts changed
-(`alert_watch`). Times are shown in the browser's time zone (`st.context.timezone`).
+Three fragments redraw themselves: the list every `LIST_POLL_S`, the live frames and the alert feed every
+`LIVE_POLL_S` (their buttons rerun only their fragment). Nothing here reruns the whole page on its own: a click
+or a form submit made while the page itself started a full rerun could be lost. Times are shown in the browser's time zone (`st.context.timezone`).
 "Ask about a watch" asks a question over a span of a watch's recording (`ask_watch`): the span's ends typed as
 durations back from now ('10m', '2h ago') or date-times, one without a zone read in the browser's zone.
 """
@@ -48,7 +48,7 @@ from vidmini.ui.routes import CLIP_PATH
 
 LIST_POLL_S = 3.0
 LIVE_POLL_S = 2.0
-SUCCESS_SHOWN_S = 15.0  # "watch added" stays this long: the page redraws on its own when alerts come
+SUCCESS_SHOWN_S = 15.0  # "watch added" stays this long, however often the page is drawn again
 STATE_COLOUR = {"recording": "green", "starting": "blue", "connecting": "blue", "backoff": "orange", "paused": "gray",
                 "pausing": "gray", "stopped": "gray", "failed": "red"}
 FORM_KEYS = ("wf-name", "wf-source", "wf-rules", "wf-retain", "wf-fps", "wf-hook", "wf-secret", "wf-mqtt")
@@ -169,6 +169,23 @@ def _retention(row: WatchRow) -> str:
     return " / ".join(bits) or "-"
 
 
+ROW_LINE = ("white-space:nowrap;overflow:hidden;text-overflow:ellipsis;font-size:0.875rem;line-height:1.5;"
+            "opacity:0.65")
+
+
+def row_lines(row: WatchRow) -> str:
+    """A watch's source and numbers, a line each that never wraps (cut with an ellipsis, whole in its tooltip):
+    the row keeps its height while the numbers change every few seconds, so nothing below it moves under a
+    pointer about to click."""
+    lines = [f"{row.source} · {row.fps:g} fps · keeps {_retention(row)}"
+             + (f" · alerts to {', '.join(row.sinks)}" if row.sinks else ""),
+             f"{row.frames} frames judged · {row.alerts} alerts",
+             f"last frame {local_time(row.last_frame)}",
+             f"{human_bytes(row.disk_bytes)} on disk · {row.segments} segments · {row.gaps} outages"]
+    return "".join(f'<div class="vm-watch-line" style="{ROW_LINE}" title="{html.escape(line)}">{html.escape(line)}'
+                   "</div>" for line in lines)
+
+
 def watch_row(lib: Library, row: WatchRow) -> None:
     """One watch: its buttons at the top right (drawn first, so they stay put while its numbers change)."""
     confirm = st.session_state.get("vm_watch_remove") == row.name
@@ -192,12 +209,7 @@ def watch_row(lib: Library, row: WatchRow) -> None:
             colour = STATE_COLOUR.get(row.state, "gray")
             opened = " ".join(f":orange-badge[open · {_md(e)}]" for e in row.open_events)
             st.markdown(f"**{_md(row.name)}** :{colour}-badge[{row.state}] {opened}")
-            st.caption(f"{_md(row.source)} · {row.fps:g} fps · keeps {_retention(row)}"
-                       + (f" · alerts to {_md(', '.join(row.sinks))}" if row.sinks else ""))
-            st.caption(f"{row.frames} frames judged · last frame {local_time(row.last_frame)} · {row.alerts} alerts"
-                       f" · {human_bytes(row.disk_bytes)} on disk"
-                       + (f" · {row.segments} segments" if row.segments else "")
-                       + (f" · {row.gaps} outages" if row.gaps else ""))
+            st.html(row_lines(row))
             st.caption("rules: " + ("; ".join(_md(r) for r in row.rules) if row.rules else "none (recording only)"))
             if confirm:
                 st.warning(f"Remove {_md(row.name)} and everything it recorded (segments, clips, alerts)?")
@@ -416,23 +428,21 @@ def alert_html(lib: Library, alert) -> str:
 
 
 def alert_feed(lib: Library) -> None:
-    """Drawn with the page (not every few seconds: its thumbnails are not sent again and again); `alert_watch`
-    asks for the page again when the alerts changed."""
-    st.session_state["vm_alerts_drawn"] = alerts_version(lib)  # before reading: a change in between shows next time
-    alerts = recent_alerts(lib, ALERTS_SHOWN)
-    if not alerts:
+    """The feed, in a fragment that redraws only itself every `LIVE_POLL_S`: an alert arriving never reruns the
+    whole page (a full rerun started by the page itself can swallow a click or a form submit made at that
+    moment). The feed is one HTML block, rebuilt only when `alerts_version` changed; the same block sent again
+    is a cached reference (Streamlit's message cache), so the thumbnails are not sent every few seconds."""
+    version = alerts_version(lib)  # before reading: a change in between shows next time
+    drawn = st.session_state.get("vm_alert_feed")
+    if drawn is None or drawn[0] != version:
+        alerts = recent_alerts(lib, ALERTS_SHOWN)
+        drawn = (version, "".join(alert_html(lib, alert) for alert in alerts))
+        st.session_state["vm_alert_feed"] = drawn
+    if not drawn[1]:
         st.caption("no alerts yet")
         return
     st.caption(f"newest first · times in {_md(zone_label())}")
-    for alert in alerts:
-        st.html(alert_html(lib, alert))
-
-
-@st.fragment(run_every=LIVE_POLL_S)
-def alert_watch(lib: Library) -> None:
-    """Draws nothing; the whole page again when the alerts changed since the feed was drawn."""
-    if alerts_version(lib) != st.session_state.get("vm_alerts_drawn"):
-        st.rerun(scope="app")
+    st.html(f'<div class="vm-alerts">{drawn[1]}</div>')
 
 
 # ---- the page ---------------------------------------------------------------------------------------------------
@@ -450,5 +460,4 @@ def watches_page(lib: Library) -> None:
         st.subheader("Live")
         st.fragment(live_view, run_every=LIVE_POLL_S)(lib)
         st.subheader("Alerts")
-        alert_feed(lib)
-        alert_watch(lib)
+        st.fragment(alert_feed, run_every=LIVE_POLL_S)(lib)
