@@ -75,6 +75,10 @@ def wait_for(driver, what: str, check, timeout: float = 30.0, step: float = 0.25
     return browser_helpers.wait_for(driver, what, check, timeout, step)
 
 
+NEWEST_FRAME = """const f = Array.from(document.querySelectorAll('.vm-live .vm-live-frame')).pop();
+return f ? [f.querySelector('img').naturalWidth, f.dataset.time, f.innerText.trim()] : null;"""
+
+
 def watch_row(driver, name: str):
     rows = driver.find_elements(By.CSS_SELECTOR, f".st-key-watch-{name}")
     return rows[0] if rows else None
@@ -187,13 +191,13 @@ def test_add_a_watch_see_it_live_an_alert_in_the_feed_pause_and_remove(server, b
     wait_for(d, "the watch recording and judging frames",
              lambda: (r := watch_row(d, "door")) is not None and "recording" in r.text
              and re.search(r"\b([1-9]\d*) frames judged", r.text) and r, timeout=60)
-    frames = wait_for(d, "live frames", lambda: d.find_elements(By.CSS_SELECTOR, ".vm-live .vm-live-frame img"))
-    assert d.execute_script("return arguments[0].naturalWidth", frames[-1]) > 0
-    newest = d.find_elements(By.CSS_SELECTOR, ".vm-live .vm-live-frame")[-1]
-    taken = newest.get_attribute("data-time")
+    # the live view is drawn again every 2 s: the newest frame read in one look, not element by element
+    width, taken, caption = wait_for(d, "a live frame drawn", lambda: (got := d.execute_script(NEWEST_FRAME)) and
+                                     got[0] > 0 and got)
     assert abs((datetime.now(UTC) - datetime.fromisoformat(taken)).total_seconds()) < 60, taken
-    assert newest.text.strip() == local(taken, "%H:%M:%S"), (newest.text, taken)  # shown in the browser's zone
-    shown = re.search(r"last frame (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", watch_row(d, "door").text).group(1)
+    assert caption == local(taken, "%H:%M:%S"), (caption, taken)  # shown in the browser's zone
+    shown = wait_for(d, "the row's last frame", lambda: re.search(
+        r"last frame (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", watch_row(d, "door").text)).group(1)
     last = datetime.strptime(shown, "%Y-%m-%d %H:%M:%S").replace(tzinfo=ZoneInfo(ZONE))
     assert abs((datetime.now(UTC) - last).total_seconds()) < 60, shown  # in the browser's zone, not UTC
     shot(d, "1-live")
