@@ -8,7 +8,8 @@ The watches run in this process on the app's Library. Standalone (`streamlit run
 `--no-watches`: the page only shows the manager it started on the same Library (`running_watches`).
 Three fragments redraw themselves: the list every `LIST_POLL_S`, the live frames and the alert feed every
 `LIVE_POLL_S` (their buttons rerun only their fragment). Nothing here reruns the whole page on its own: a click
-or a form submit made while the page itself started a full rerun could be lost. Times are shown in the browser's time zone (`st.context.timezone`).
+or a form submit made while the page itself started a full rerun could be lost. Times are shown in the
+browser's time zone (`st.context.timezone`).
 "Ask about a watch" asks a question over a span of a watch's recording (`ask_watch`): the span's ends typed as
 durations back from now ('10m', '2h ago') or date-times, one without a zone read in the browser's zone.
 """
