@@ -213,16 +213,22 @@ class Camera:
 
     ENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-tune", "zerolatency", "-g", "4"]
 
-    def __init__(self, video: Path, protocol: str = "tcp", copy: bool = False) -> None:
-        """`copy`: `video` is already what the camera sends (e.g. made by `Camera.encode`): sent as it is."""
+    def __init__(self, video: Path, protocol: str = "tcp", copy: bool = False, start: bool = True) -> None:
+        """`copy`: `video` is already what the camera sends (e.g. made by `Camera.encode`): sent as it is.
+        `start=False`: the address is known now, the camera starts sending at `start()`."""
         self.port = free_port()
         self.url = f"{protocol}://127.0.0.1:{self.port}"
         out = f"{self.url}?listen=1" if protocol == "tcp" else f"{self.url}?pkt_size=1316"
         codec = ["-c", "copy"] if copy else self.ENCODE
-        self.proc = subprocess.Popen(
-            ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re", "-i", str(video), *codec,
-             "-muxdelay", "0", "-muxpreload", "0", "-f", "mpegts", out],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.command = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re", "-i", str(video), *codec,
+                        "-muxdelay", "0", "-muxpreload", "0", "-f", "mpegts", out]
+        self.proc: subprocess.Popen | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
 
     @classmethod
     def encode(cls, video: Path, out: Path) -> Path:
@@ -235,7 +241,7 @@ class Camera:
         self.proc.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
 

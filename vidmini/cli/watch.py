@@ -176,17 +176,23 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     seq = 0
     print(f"watching {len(manager.folders.names())} watch(es); Ctrl-C to stop", file=sys.stderr)
+
+    def print_new() -> None:
+        nonlocal seq
+        for number, alert in manager.feed.since(seq):
+            seq = number
+            print(f"{alert.watch}  {alert.kind:6}  {alert.rule}  {alert.start}"
+                  + (f" → {alert.end}" if alert.end else ""), flush=True)
+
     try:
         while not done.is_set():
             manager.feed.wait(seq, 0.5)
-            for number, alert in manager.feed.since(seq):
-                seq = number
-                print(f"{alert.watch}  {alert.kind:6}  {alert.rule}  {alert.start}"
-                      + (f" → {alert.end}" if alert.end else ""), flush=True)
+            print_new()
     except KeyboardInterrupt:
         pass
     finally:
-        manager.close()
+        manager.close()  # the runners stop; what they made meanwhile is printed too, so nothing made goes unsaid
+        print_new()
         lib.close()
     return 0
 
