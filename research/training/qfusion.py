@@ -357,6 +357,7 @@ class QFusionConfig:
     keep_weight: float = 1.0  # c' held to its value before the stage
     bag_weight: float = 1.0
     every: int = 100
+    eval_bags: int = 96  # held-out bags per family in each score
     embed_scale: float = 40.0  # question-only embedding rows start this much larger (pre-fusion drowns them)
     embed_lr_mult: float = 10.0
     route_weight: float = 0.0  # the asked-colour head at a presence question's kind word (0: no such head)
@@ -570,12 +571,12 @@ class QuestionFusion:
 def run_question_fusion(model: LlavaMiniModel, tok, videos: list, held: list, normalize, cfg: QFusionConfig,
                         rng: np.random.Generator, log=lambda row: None, name: str = "qfusion") -> None:
     stage = QuestionFusion(model, tok, videos, held, normalize, cfg, rng)
-    tqdm.write(f"question fusion step 0: held-out (frame, bag) accuracy {stage.evaluate()}")
+    tqdm.write(f"question fusion step 0: held-out (frame, bag) accuracy {stage.evaluate(cfg.eval_bags)}")
     bar = tqdm(range(cfg.steps), desc="question fusion", dynamic_ncols=True)
     for step in bar:
         row = stage.step(step)
         if (step + 1) % cfg.every == 0 or step + 1 == cfg.steps:
-            row["held_out"] = stage.evaluate()
+            row["held_out"] = stage.evaluate(cfg.eval_bags)
             tqdm.write(f"question fusion step {step + 1}: held-out (frame, bag) accuracy {row['held_out']}")
         log({"stage": name, "step": step, **row})
         bar.set_postfix(loss=row["loss"])

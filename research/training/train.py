@@ -138,6 +138,8 @@ class TrainConfig:
     binding_steps: int = 1000  # a second question-fusion layer where a presence question's kind word reads its
     binding_videos: int = 1500  # colour word (0: none), then stage 2 continued for `binding_stage2_steps` ("2c")
     binding_stage2_steps: int = 800
+    held_out_s: int = 60  # the held-out videos' length (tests cut it and `eval_bags`: the scores are only logged)
+    eval_bags: int = 96  # held-out bags per family in each question-fusion score
     bf16: bool = False  # bfloat16 autocast for the training passes (weights and optimizer stay float32)
     threads: int = 0
 
@@ -939,8 +941,9 @@ def stage2_retrieval(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
 
 
 def held_out_videos(cfg: TrainConfig, spec: DemoSpec) -> list[Video]:
-    """The three 60-s videos every stage's held-out heads are scored on (never trained on)."""
-    return [load_video(TRAIN_SEED_BASE + cfg.seed * 100_000 + 90_000 + i, 60, spec.image_size) for i in range(3)]
+    """The three videos (60 s by default) every stage's held-out heads are scored on (never trained on)."""
+    return [load_video(TRAIN_SEED_BASE + cfg.seed * 100_000 + 90_000 + i, cfg.held_out_s, spec.image_size)
+            for i in range(3)]
 
 
 def stage_binding(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
@@ -962,7 +965,7 @@ def stage_binding(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
     held = held_out_videos(cfg, spec)
     add_prefusion_layer(model)
     run_question_fusion(model, tok, short, held, normalize,
-                        QFusionConfig(steps=cfg.binding_steps, lr=cfg.qfusion_lr, every=200, embed_scale=1.0,
+                        QFusionConfig(steps=cfg.binding_steps, lr=cfg.qfusion_lr, every=200, eval_bags=cfg.eval_bags, embed_scale=1.0,
                                       embed_lr_mult=1.0, route_weight=1.0, route_attention_weight=1.0),
                         rng, log, name="binding")
     del short
@@ -1133,7 +1136,7 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     stage1(model, clip, probes, tok, short, cfg, log, rng)
     add_prefusion_layer(model)
     run_question_fusion(model, tok, short[: cfg.qfusion_videos], held_out, normalize,
-                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr, every=300), rng, log)
+                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr, every=300, eval_bags=cfg.eval_bags), rng, log)
     del short
     lo, hi = cfg.long_video_s
     long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
@@ -1169,7 +1172,8 @@ def main(argv: list[str] | None = None) -> None:
                  "retrieval_videos", "stage1_per_family", "stage0_steps", "stage0_batch", "stage1_steps", "qfusion_steps",
                  "stage2_questions",
                  "qfusion_videos", "stage2_steps",
-                 "stage1_batch", "stage2_batch", "search_steps", "search_batch", "search_videos", "threads"):
+                 "stage1_batch", "stage2_batch", "search_steps", "search_batch", "search_videos", "held_out_s",
+                 "eval_bags", "threads"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "qfusion_lr", "stage2_lr", "seen_weight", "search_lr", "presence_weight", "bag_weight",
                  "retrieval_weight", "retrieval_lr", "retrieval_stage_weight"):

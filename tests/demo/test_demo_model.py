@@ -121,7 +121,7 @@ def test_training_script_is_seeded_and_writes_the_reference_format(tmp_path):
     cfg = dict(videos=4, video_s=(20, 30), long_videos=2, long_video_s=(30, 40), stage0_steps=2, stage0_batch=8,
                stage1_steps=3, qfusion_steps=2, qfusion_videos=4, stage2_steps=2, stage1_batch=4, stage2_batch=2,
                search_steps=2, search_batch=8, search_videos=2, retrieval_steps=2, retrieval_videos=1, binding_steps=2,
-               binding_videos=2, binding_stage2_steps=2)
+               binding_videos=2, binding_stage2_steps=2, held_out_s=12, eval_bags=8)
     a = train(tmp_path / "a", TrainConfig(seed=3, **cfg))
     b = train(tmp_path / "b", TrainConfig(seed=3, **cfg))
     c = train(tmp_path / "c", TrainConfig(seed=4, **cfg))
