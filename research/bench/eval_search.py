@@ -73,7 +73,9 @@ def run_cli(argv: list[str]) -> dict:
 
 
 def evaluate(seed: int, n: int, workdir: Path, model: str | None = None, min_s: int = 60, max_s: int = 240,
-             log=print) -> list[Found]:
+             log=print, fps: int = 24) -> list[Found]:
+    """`n` queries over videos of `min_s`..`max_s` s rendered at `fps` (the same worlds at any fps: ingest samples
+    whole seconds, so a test renders fewer frames)."""
     os.environ["VIDMINI_HOME"] = str(workdir / "home")
     rng = np.random.default_rng([seed, 11])
     found: list[Found] = []
@@ -84,7 +86,7 @@ def evaluate(seed: int, n: int, workdir: Path, model: str | None = None, min_s: 
             break
         vseed = int(np.random.SeedSequence([seed, 1000 + i]).generate_state(1)[0]) % TRAIN_SEED_BASE
         duration = int(rng.integers(min_s, max_s + 1))
-        timeline = generate_timeline(vseed, duration)
+        timeline = generate_timeline(vseed, duration, fps=fps)
         path = write_video(timeline, workdir / f"search-{i}.mp4")
         video_id = run_cli(["ingest", str(path), "--json", *model_args])["id"]
         pool = queries_for(timeline, duration)

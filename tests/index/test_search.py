@@ -228,7 +228,7 @@ def test_search_slice_of_the_evaluation_finds_the_right_segment(tmp_path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    found = module.evaluate(seed=5, n=30, workdir=tmp_path, min_s=60, max_s=150, log=lambda m: None)
+    found = module.evaluate(seed=5, n=30, workdir=tmp_path, min_s=60, max_s=150, log=lambda m: None, fps=4)
     assert len(found) == 30
     recall = np.mean([f.hit for f in found])
     assert recall >= 0.9, [(f.query.text, f.moments[:2]) for f in found if not f.hit]
