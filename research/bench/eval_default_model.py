@@ -53,7 +53,8 @@ def video_seeds(seed: int, count: int) -> list[int]:
 
 
 def evaluate(seed: int, n: int, model: str | None, workdir: Path, min_s: int = 60, max_s: int = 600,
-             log=print) -> list[Result]:
+             log=print, fps: int = 24) -> list[Result]:
+    """`n` questions over videos rendered at `fps` (the same worlds at any fps: ingest reads whole seconds)."""
     engine = open_engine(choose_model(model))
     rng = np.random.default_rng([seed, 7])
     want = -(-n // len(FAMILIES))  # questions per family
@@ -64,7 +65,7 @@ def evaluate(seed: int, n: int, model: str | None, workdir: Path, min_s: int = 6
         if all(len(by_family[f]) >= want for f in FAMILIES):
             break
         duration = int(rng.integers(min_s, max_s + 1))
-        timeline = generate_timeline(vseed, duration)
+        timeline = generate_timeline(vseed, duration, fps=fps)
         path = write_video(timeline, workdir / f"eval-{i}.mp4")
         t0 = time.perf_counter()
         ingested = run_ingest(str(path), engine, workdir / "store", IngestOptions(fps=1.0, mode="exact"))

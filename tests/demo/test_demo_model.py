@@ -101,7 +101,7 @@ def test_sixty_question_slice_of_the_evaluation():
     """The real product path (mp4 on disk → 1 fps decode → encode → store → answer) on held-out videos."""
     ev = load_eval_module()
     results = ev.evaluate(seed=11, n=60, model=str(SHIPPED_MODEL_DIR), workdir=_tmp(), min_s=60, max_s=150,
-                          log=lambda m: None)
+                          log=lambda m: None, fps=4)
     assert len(results) == 60 and {r.family for r in results} == set(ev.FAMILIES)
     accuracy = sum(r.correct for r in results) / len(results)
     assert accuracy >= 0.8, [(r.question, r.expected, r.got) for r in results if not r.correct]
