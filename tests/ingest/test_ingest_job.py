@@ -91,23 +91,30 @@ def test_killed_ingest_resumes_to_the_same_store(ckpt, tmp_path):
                     "-c:v", "libx264", "-g", "20", "-pix_fmt", "yuv420p", str(video)], check=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
-    def run(root: Path, kill_after: float | None = None) -> None:
+    def run(root: Path, kill_at_chunk: int | None = None) -> None:
+        """The ingest in its own process; SIGKILLed as soon as `kill_at_chunk` chunks are on disk (mid-ingest,
+        however long the start-up takes: the 24 frames make 12 chunks)."""
         proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(ckpt), str(video), str(root)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if kill_after is not None:
-            time.sleep(kill_after)
+        if kill_at_chunk is not None:
+            deadline = time.monotonic() + 240
+            while len(list(root.rglob("chunk-*.safetensors"))) < kill_at_chunk:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.005)
             proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
-        if kill_after is None:
+        if kill_at_chunk is None:
             assert proc.returncode == 0, err.decode()[-2000:]
+        else:
+            assert proc.returncode == -signal.SIGKILL and b"done" not in out  # killed before the ingest ended
 
     clean = tmp_path / "clean"
     run(clean)
     expected = tree_bytes(clean)
+    assert len(list(clean.rglob("chunk-*.safetensors"))) == 12
     for seed in (1, 2, 3):
         root = tmp_path / f"killed{seed}"
-        delay = random.Random(seed).uniform(3.0, 7.0)  # start-up takes ~3 s; kills land mid-ingest
-        run(root, kill_after=delay)
+        run(root, kill_at_chunk=random.Random(seed).randint(1, 10))
         run(root)
         assert tree_bytes(root) == expected, f"seed {seed}"
 
