@@ -143,6 +143,11 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast for the training passes (weights and optimizer stay float32)
     threads: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("held_out_s", "eval_bags"):  # refused before hours of training, not at the first score
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 # ---- data ---------------------------------------------------------------------------------------------------
 @dataclass

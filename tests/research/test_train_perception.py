@@ -128,3 +128,13 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_before_any_work(monkeypatch, tmp_p
     with pytest.raises(Stop), warnings.catch_warnings():  # no warning where bfloat16 is native
         warnings.simplefilter("error")
         train_mod.train(tmp_path / "m2", train_mod.TrainConfig(bf16=True))
+
+
+@pytest.mark.parametrize("name", ["held_out_s", "eval_bags"])
+def test_held_out_settings_below_one_are_refused_before_training(name):
+    from research.training.train import TrainConfig, main
+
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+        TrainConfig(**{name: 0})
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got -3"):
+        main(["--out", "/nonexistent/never-written", f"--{name.replace('_', '-')}", "-3"])
