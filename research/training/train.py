@@ -138,7 +138,7 @@ class TrainConfig:
     binding_steps: int = 1000  # a second question-fusion layer where a presence question's kind word reads its
     binding_videos: int = 1500  # colour word (0: none), then stage 2 continued for `binding_stage2_steps` ("2c")
     binding_stage2_steps: int = 800
-    held_out_s: int = 60  # the held-out videos' length (tests cut it and `eval_bags`: the scores are only logged)
+    held_out_s: int = 60  # the held-out videos' length; tests shorten it and `eval_bags` (the scores are only logged)
     eval_bags: int = 96  # held-out bags per family in each question-fusion score
     bf16: bool = False  # bfloat16 autocast for the training passes (weights and optimizer stay float32)
     threads: int = 0
@@ -970,8 +970,9 @@ def stage_binding(model, tok, cfg: TrainConfig, spec: DemoSpec, log) -> None:
     held = held_out_videos(cfg, spec)
     add_prefusion_layer(model)
     run_question_fusion(model, tok, short, held, normalize,
-                        QFusionConfig(steps=cfg.binding_steps, lr=cfg.qfusion_lr, every=200, eval_bags=cfg.eval_bags, embed_scale=1.0,
-                                      embed_lr_mult=1.0, route_weight=1.0, route_attention_weight=1.0),
+                        QFusionConfig(steps=cfg.binding_steps, lr=cfg.qfusion_lr, every=200, eval_bags=cfg.eval_bags,
+                                      embed_scale=1.0, embed_lr_mult=1.0, route_weight=1.0,
+                                      route_attention_weight=1.0),
                         rng, log, name="binding")
     del short
     lo, hi = cfg.long_video_s
@@ -1141,7 +1142,8 @@ def train(out: Path, cfg: TrainConfig, spec: DemoSpec | None = None) -> Path:
     stage1(model, clip, probes, tok, short, cfg, log, rng)
     add_prefusion_layer(model)
     run_question_fusion(model, tok, short[: cfg.qfusion_videos], held_out, normalize,
-                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr, every=300, eval_bags=cfg.eval_bags), rng, log)
+                        QFusionConfig(steps=cfg.qfusion_steps, lr=cfg.qfusion_lr, every=300, eval_bags=cfg.eval_bags),
+                        rng, log)
     del short
     lo, hi = cfg.long_video_s
     long = [load_video(s, int(rng.integers(lo, hi + 1)), spec.image_size)
